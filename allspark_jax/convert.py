@@ -1,0 +1,167 @@
+"""Conversion between Flax variables and the official PyTorch state dicts.
+
+Flax module names mirror the release's, so a parameter's PyTorch name follows from its Flax path
+by a few renames (`block1_0` -> `block1.0`, `allspark` -> `decoder.allspark`, ...) and its value by a
+layout change (Dense kernels (in, out) <-> Linear weights (out, in); conv kernels (kh, kw, in, out) <->
+(out, in, kh, kw)). Import is strict: a missing key, an unexpected key or a wrong shape is an error
+that lists every offending key.
+
+Supported sources (`load_variables`):
+  * official AllSpark training checkpoints (`latest.pth`/`best.pth`: a dict whose `model` entry is
+    the DDP state dict, keys prefixed `module.`);
+  * plain state dicts (`.pth` or `.npz`, keys as in the release, optionally `module.`-prefixed);
+  * SegFormer ImageNet-pretrained encoders (`mit_b0.pth` ... `mit_b5.pth`) via `load_pretrained_encoder`
+    (encoder keys without prefix; the classifier `head.*` is ignored).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Mapping
+
+import flax
+import numpy as np
+
+from allspark_jax import pth
+
+# Flax top-level module -> prefix of the release's state dict.
+_TOP = {"backbone": "backbone", "allspark": "decoder.allspark", "head": "decoder.decoder"}
+# Flax module names that are nested one level deeper in the release (nn.Sequential / wrapper).
+_SEGMENT_RENAMES = {"map_in": "map_in.0", "map_out": "map_out.0", "dwconv": "dwconv.dwconv"}
+_LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
+                 "var": "running_var"}
+_INT64_LEAVES = ("num_batches_tracked", "queue_ptr")
+ENCODER_IGNORED = re.compile(r"^head\.")
+
+
+class WeightImportError(ValueError):
+    """The file's keys or shapes do not fit the model."""
+
+
+def torch_name(path: tuple[str, ...]) -> str:
+    """('backbone', 'block1_0', 'attn', 'q', 'kernel') -> 'backbone.block1.0.attn.q.weight'."""
+    top, *middle, leaf = path
+    parts = [_TOP[top]]
+    for seg in middle:
+        seg = _SEGMENT_RENAMES.get(seg, seg)
+        parts.append(re.sub(r"^(block\d+)_(\d+)$", r"\1.\2", seg))
+    parts.append(_LEAF_RENAMES.get(leaf, leaf))
+    return ".".join(parts)
+
+
+def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        return value.T
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(3, 2, 0, 1)
+    if leaf in _INT64_LEAVES:
+        return value.astype(np.int64)
+    return value
+
+
+def _to_flax_layout(value: np.ndarray, leaf: str, like: Any) -> np.ndarray:
+    if leaf == "kernel" and value.ndim == 2:
+        value = value.T
+    elif leaf == "kernel" and value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+    return np.array(value, dtype=like.dtype, order="C")
+
+
+def _flat_leaves(variables: Mapping) -> dict[tuple[str, ...], Any]:
+    """{(collection, module..., leaf): array} over params, batch_stats and memory."""
+    return {k: v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables)).items()
+            if k[0] != "intermediates"}
+
+
+def to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """Flax variables (params, batch_stats, memory) -> the release's state dict (numpy)."""
+    return {torch_name(path[1:]): _to_torch_layout(np.asarray(v), path[-1])
+            for path, v in _flat_leaves(variables).items()}
+
+
+def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, source: str = "state dict",
+                    name_prefix: str = "", ignore: re.Pattern | None = None) -> dict:
+    """The release's state dict -> Flax variables shaped like `template`.
+
+    Args:
+      state: {torch name: array}; a `module.` prefix (DDP) is stripped when every key has it.
+      template: Flax variables (arrays or ShapeDtypeStructs) giving the tree, shapes and dtypes.
+      source: where `state` came from, for error messages.
+      name_prefix: prefix that the template's names carry but the file's do not (e.g. "backbone.").
+      ignore: file keys matching this pattern are dropped (e.g. a classifier head).
+    Raises:
+      WeightImportError listing missing keys, unexpected keys and shape mismatches.
+    """
+    state = _strip(state, "module.")
+    expected = {}
+    for path, like in _flat_leaves(template).items():
+        name = torch_name(path[1:])
+        if not name.startswith(name_prefix):
+            raise WeightImportError(f"{source}: template leaf {'/'.join(path)} lies outside "
+                                    f"{name_prefix!r}")
+        expected[name[len(name_prefix):]] = (path, like)
+    given = {k: v for k, v in state.items() if not (ignore and ignore.search(k))}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    flat, wrong = {}, []
+    for name in sorted(set(expected) & set(given)):
+        path, like = expected[name]
+        value = _to_flax_layout(np.asarray(given[name]), path[-1], like)
+        if value.shape != tuple(like.shape):
+            wrong.append(f"{name}: file {tuple(np.shape(given[name]))}, model expects "
+                         f"{tuple(_to_torch_layout(np.zeros(like.shape), path[-1]).shape)}")
+        flat[path] = value
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not fit the model:"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        raise WeightImportError("\n".join(lines))
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a state dict from `.npz` or `.pth`; an official training checkpoint gives its `model`."""
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    obj = pth.load_pth(path)
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]  # official latest.pth / best.pth
+    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]  # mmseg-style checkpoints
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
+        raise WeightImportError(f"{path}: expected a state dict (name -> tensor), an official "
+                                f"checkpoint with a 'model' entry, or a dict with 'state_dict'")
+    return obj
+
+
+def load_variables(path: str | os.PathLike, template: Mapping) -> dict:
+    """Full-model weights (official checkpoint, `.pth` or `.npz` state dict) -> Flax variables."""
+    return from_state_dict(read_state_dict(path), template, source=os.fspath(path))
+
+
+def load_pretrained_encoder(path: str | os.PathLike, variables: Mapping) -> dict:
+    """Replaces `variables['params']['backbone']` with a SegFormer `mit_bX.pth` encoder."""
+    template = {"params": {"backbone": variables["params"]["backbone"]}}
+    loaded = from_state_dict(read_state_dict(path), template, source=os.fspath(path),
+                             name_prefix="backbone.", ignore=ENCODER_IGNORED)
+    variables = flax.core.unfreeze(variables)
+    variables["params"] = {**variables["params"], "backbone": loaded["params"]["backbone"]}
+    return variables
+
+
+def save_official_checkpoint(variables: Mapping, path: str | os.PathLike, *, epoch: int = 0,
+                             previous_best: float = 0.0) -> None:
+    """Writes `variables` as the release's `latest.pth` (`model` keys prefixed `module.`)."""
+    model = {f"module.{k}": v for k, v in to_state_dict(variables).items()}
+    pth.save_pth({"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": epoch,
+                  "best_epoch": epoch, "previous_best": previous_best}, path)

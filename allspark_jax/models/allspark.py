@@ -1,0 +1,204 @@
+"""The AllSpark module: channel-wise cross-attention with a class-wise Semantic Memory (SPEC 3).
+
+Layouts: feature maps NHWC; tokens `(B, n, C)` with n = h * w in row-major order (the order of
+PyTorch's `flatten(2).transpose(1, 2)`), so every flattening below reproduces the release's.
+
+Modes (`mode=`):
+  * ``"train"``   input is ``concat(labeled, unlabeled)`` (2B images). The teacher's logits group the
+    unlabeled channels by class, the Semantic Memory is written (FIFO, SPEC 3b), and the labeled
+    queries attend to the memory (``use_memory=True``) or to the unlabeled batch.
+  * ``"teacher"`` the release's inference pass during training: every image is both labeled and
+    unlabeled, and the keys mix the images of a key group (default: the whole batch).
+  * ``"eval"``    each image attends only to itself: its result does not depend on the batch, as
+    the release's one-image-per-call evaluation.
+The memory lives in the ``"memory"`` collection (``kv_queue`` (K, C, n), ``queue_ptr`` (K,)).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from allspark_jax.models.head import torch_default_init
+from allspark_jax.models.resize import resize_bilinear
+
+Dtype = Any
+MODES = ("train", "teacher", "eval")
+
+allspark_dense_init = nn.initializers.xavier_uniform()
+
+
+def instance_norm(x: jax.Array, axes=(-2, -1), eps: float = 1e-5) -> jax.Array:
+    """InstanceNorm2d without affine: normalise over `axes` with the biased variance."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
+    """`F.normalize`: x / max(||x||, eps)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def group_channels(teacher_logits: jax.Array, emb_u: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Class of each unlabeled channel (SPEC 3a).
+
+    Args:
+      teacher_logits: (B, H, W, K) the teacher's LOGITS for the unlabeled images.
+      emb_u: (B, n, C) unlabeled tokens, n = grid[0] * grid[1].
+      grid: the stage-4 token grid (h, w).
+    Returns:
+      (B, C) int32: argmax over classes of the cosine similarity (over tokens) between each
+      class's logit map and each channel's map.
+    """
+    b, _, _, k = teacher_logits.shape
+    prob = resize_bilinear(teacher_logits.astype(jnp.float32), grid).reshape(b, -1, k)
+    sim = jnp.einsum("bnk,bnc->bkc", l2_normalize(prob, 1), l2_normalize(emb_u.astype(jnp.float32), 1),
+                     precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(sim, axis=1).astype(jnp.int32)
+
+
+def update_memory(memory: jax.Array, ptr: jax.Array, cls: jax.Array, feats: jax.Array):
+    """Writes each channel into its class's FIFO queue, exactly as the release's sequential loop.
+
+    The release walks samples in batch order and, per class, writes that class's channels (in
+    increasing channel index) at the class pointer, wrapping modulo C. In one vectorised pass: a
+    write's slot is `(ptr[k] + rank) % C`, where `rank` counts the earlier writes to class k in
+    (sample, channel) order; of several writes landing on one slot the last wins, i.e. only the
+    writes with `rank >= total[k] - C` survive, so the scatter has no duplicate indices.
+
+    Args:
+      memory: (K, C, n) float; ptr: (K,) int; cls: (B, C) int class per channel;
+      feats: (B, n, C) unlabeled tokens.
+    Returns:
+      (memory, ptr) after the update.
+    """
+    memory, ptr = jnp.asarray(memory), jnp.asarray(ptr)
+    k_classes, c, n = memory.shape
+    flat_cls = cls.reshape(-1)  # (B * C,) in (sample, channel) order
+    onehot = (flat_cls[:, None] == jnp.arange(k_classes)).astype(jnp.int32)
+    rank = jnp.take_along_axis(jnp.cumsum(onehot, 0) - onehot, flat_cls[:, None], 1)[:, 0]
+    total = onehot.sum(0)
+    slot = (ptr[flat_cls] + rank) % c
+    survives = rank >= total[flat_cls] - c
+    rows = jnp.swapaxes(feats, 1, 2).reshape(-1, n).astype(memory.dtype)
+    memory = memory.at[jnp.where(survives, flat_cls, k_classes), slot].set(rows, mode="drop")
+    return memory, ((ptr + total) % c).astype(ptr.dtype)
+
+
+class CrossAttnMem(nn.Module):
+    """Channel self-attention on unlabeled tokens + labeled-to-unlabeled channel cross-attention.
+
+    `__call__(emb)`: emb (2B, n, C) in "train" mode (labeled first), (B, n, C) otherwise.
+    Returns (2B, n, C) = concat(out_l2u, out_u) in "train" mode, (B, n, C) = out_l2u otherwise.
+    """
+
+    dim: int
+    num_heads: int
+    num_classes: int
+    attn_drop: float = 0.1
+    proj_drop: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    def _dense(self, features, name):
+        return nn.Dense(features, use_bias=False, kernel_init=allspark_dense_init,
+                        dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, emb, *, mode: str, grid: tuple[int, int], teacher_logits=None,
+                 use_memory: bool = False, key_group_size: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"AllSpark mode must be one of {MODES}, got {mode!r}")
+        train = mode == "train"
+        c, heads, hc = self.dim, self.num_heads, self.dim * self.num_heads
+        attn_dropout = nn.Dropout(self.attn_drop, deterministic=not train)
+        proj_dropout = nn.Dropout(self.proj_drop, deterministic=not train)
+
+        if train:
+            if teacher_logits is None:
+                raise ValueError("AllSpark train mode needs the teacher's logits (teacher_logits=)")
+            emb_l, emb_u = jnp.split(emb, 2, axis=0)
+        else:
+            emb_l = emb_u = emb
+
+        outputs = []
+        if train:
+            n = emb.shape[1]
+            memory = self.variable(
+                "memory", "kv_queue",
+                lambda: jax.random.normal(self.make_rng("params"), (self.num_classes, c, n)))
+            ptr = self.variable("memory", "queue_ptr", jnp.zeros, (self.num_classes,), jnp.int32)
+            if memory.value.shape[-1] != n:
+                raise ValueError(
+                    f"Semantic Memory holds {memory.value.shape[-1]} tokens per channel but the "
+                    f"training crop gives n={n}: memory is tied to the crop size it was built for")
+            cls = group_channels(jax.lax.stop_gradient(teacher_logits), jax.lax.stop_gradient(emb_u),
+                                 grid)
+            self.sow("intermediates", "channel_class", cls)
+            if not self.is_initializing():
+                memory.value, ptr.value = update_memory(memory.value, ptr.value, cls,
+                                                        jax.lax.stop_gradient(emb_u))
+
+            # Unlabeled self-attention over channels; features split head-major into (H, C).
+            b, n = emb_u.shape[:2]
+            q, k, v = (self._dense(hc, f"{p}_u")(emb_u).reshape(b, n, heads, c) for p in "qkv")
+            a = jnp.einsum("bnhc,bnhd->bhcd", q, k)  # no 1/sqrt(d) scale in the release
+            a = jax.nn.softmax(instance_norm(a), axis=-1)
+            self.sow("intermediates", "attn_u", a)
+            a = attn_dropout(a).astype(v.dtype)
+            # (B, n, C, H) flattened channel-major: index c * H + h.
+            out_u = jnp.einsum("bhcd,bnhd->bnch", a, v).reshape(b, n, c * heads)
+            out_u = proj_dropout(self._dense(c, "out_u")(out_u))
+
+        # Labeled-to-unlabeled cross-attention: one "head" over all H*C query channels.
+        q = self._dense(hc, "q_l2u")(emb_l)  # (B, n, HC)
+        k_proj, v_proj = self._dense(hc, "k_l2u"), self._dense(hc, "v_l2u")
+        b = q.shape[0]
+        if train and use_memory:
+            source = jnp.swapaxes(memory.value, 1, 2)[None]  # (1, K, n, C): class-major keys
+            queries = q[None]
+        else:
+            g = {"eval": 1}.get(mode, key_group_size or emb_u.shape[0])
+            if emb_u.shape[0] % g:
+                raise ValueError(f"key_group_size={g} does not divide the batch of {emb_u.shape[0]}")
+            source = emb_u.reshape(-1, g, *emb_u.shape[1:])  # (G, g, n, C): sample-major keys
+            queries = q.reshape(source.shape[0], -1, *q.shape[1:])
+        keys, values = k_proj(source), v_proj(source)  # (G, M, n, HC)
+        g_, m = keys.shape[:2]
+        a = jnp.einsum("gbnj,gmnk->gbjmk", queries, keys).reshape(g_, b // g_, hc, m * hc)
+        a = jax.nn.softmax(instance_norm(a), axis=-1)
+        self.sow("intermediates", "attn_l2u", a)
+        a = attn_dropout(a).astype(values.dtype).reshape(g_, b // g_, hc, m, hc)
+        out = jnp.einsum("gbjmk,gmnk->gbnj", a, values).reshape(b, -1, hc)
+        outputs.append(proj_dropout(self._dense(c, "out_l2u")(out)))
+        if train:
+            outputs.append(out_u)
+        return jnp.concatenate(outputs, axis=0)
+
+
+class AllSpark(nn.Module):
+    """map_in -> LN -> CrossAttnMem -> residual -> LN -> map_out. (B, h, w, C) -> (B, h, w, C)."""
+
+    num_heads: int
+    num_classes: int
+    attn_drop: float = 0.1
+    proj_drop: float = 0.1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, e4, *, mode: str, teacher_logits=None, use_memory: bool = False,
+                 key_group_size: int | None = None):
+        b, h, w, c = e4.shape
+        conv = lambda name: nn.Conv(c, (1, 1), kernel_init=torch_default_init,  # noqa: E731
+                                    dtype=self.dtype, name=name)
+        en = nn.gelu(conv("map_in")(e4), approximate=False).reshape(b, h * w, c)
+        emb = nn.LayerNorm(1e-6, name="attn_norm")(en)
+        emb = CrossAttnMem(c, self.num_heads, self.num_classes, self.attn_drop, self.proj_drop,
+                           self.dtype, name="attn")(
+            emb, mode=mode, grid=(h, w), teacher_logits=teacher_logits, use_memory=use_memory,
+            key_group_size=key_group_size)
+        emb = nn.LayerNorm(1e-6, name="encoder_norm")(emb + en)
+        return nn.gelu(conv("map_out")(emb.reshape(b, h, w, c)), approximate=False)

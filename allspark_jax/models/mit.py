@@ -1,0 +1,202 @@
+"""Mix Transformer (MiT) encoder of SegFormer, NHWC.
+
+Module and parameter names mirror the PyTorch release (`patch_embed1`, `block1_0`, `attn.q`, ...) so
+that `allspark_jax.convert` maps state dicts by name alone (`block1.0` <-> `block1_0`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# embed dims, depths and heads of the published variants; every variant shares mlp ratio 4 and
+# spatial-reduction ratios 8, 4, 2, 1 (SPEC section 1).
+MIT_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
+    "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
+    "b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
+    "b2": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3)),
+    "b3": dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 18, 3)),
+    "b4": dict(embed_dims=(64, 128, 320, 512), depths=(3, 8, 27, 3)),
+    "b5": dict(embed_dims=(64, 128, 320, 512), depths=(3, 6, 40, 3)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MiTConfig:
+    """Free-form MiT architecture. `preset(name)` gives the published B0-B5."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 320, 512)
+    depths: tuple[int, ...] = (3, 6, 40, 3)
+    num_heads: tuple[int, ...] = (1, 2, 5, 8)
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.1
+    # (kernel, stride, padding) of the four overlapping patch embeddings.
+    patch_kernels: tuple[int, ...] = (7, 3, 3, 3)
+    patch_strides: tuple[int, ...] = (4, 2, 2, 2)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "MiTConfig":
+        key = name.lower().removeprefix("mit_")
+        if key not in MIT_PRESETS:
+            raise ValueError(f"unknown MiT variant {name!r}; expected one of {sorted(MIT_PRESETS)}")
+        return cls(**{**MIT_PRESETS[key], **overrides})
+
+    def __post_init__(self):
+        fields = ("embed_dims", "depths", "num_heads", "sr_ratios", "mlp_ratios")
+        lengths = {f: len(getattr(self, f)) for f in fields}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"MiT config: per-stage tuples must have equal lengths, got {lengths}")
+        for d, h in zip(self.embed_dims, self.num_heads):
+            if d % h:
+                raise ValueError(f"MiT config: embed dim {d} is not divisible by {h} heads")
+
+
+def token_grid(size: int, config: MiTConfig) -> list[int]:
+    """Side of each stage's token grid for an input side `size`: floor((S + 2p - k) / s) + 1."""
+    sides = []
+    for k, s in zip(config.patch_kernels, config.patch_strides):
+        size = (size + 2 * (k // 2) - k) // s + 1
+        sides.append(size)
+    return sides
+
+
+# PyTorch-release initialisers (SPEC 3, "Initialisation"): trunc-normal linears, fan-out convs.
+dense_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def conv_init(groups: int = 1):
+    """N(0, sqrt(2 / fan_out)) with fan_out = kh * kw * out / groups, as SegFormer's _init_weights."""
+
+    def init(key, shape, dtype=jnp.float32):
+        kh, kw, _, out = shape
+        std = math.sqrt(2.0 / (kh * kw * out // groups))
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, name=name)
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv + LayerNorm. (B, H, W, C_in) -> (B, H', W', dim)."""
+
+    dim: int
+    kernel: int
+    stride: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        p = self.kernel // 2
+        x = nn.Conv(self.dim, (self.kernel, self.kernel), (self.stride, self.stride),
+                    padding=((p, p), (p, p)), kernel_init=conv_init(), dtype=self.dtype,
+                    name="proj")(x)
+        return layer_norm(1e-5, "norm")(x)
+
+
+class EfficientAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a spatially reduced map.
+
+    x: (B, h, w, C) -> (B, h, w, C).
+    """
+
+    dim: int
+    num_heads: int
+    sr_ratio: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        hd = c // self.num_heads
+        dense = lambda f, name, bias=True: nn.Dense(  # noqa: E731
+            f, use_bias=bias, kernel_init=dense_init, dtype=self.dtype, name=name)
+        q = dense(c, "q", self.qkv_bias)(x).reshape(b, h * w, self.num_heads, hd)
+        if self.sr_ratio > 1:
+            r = self.sr_ratio
+            x = nn.Conv(c, (r, r), (r, r), padding="VALID", kernel_init=conv_init(),
+                        dtype=self.dtype, name="sr")(x)
+            x = layer_norm(1e-5, "norm")(x)
+        kv = dense(2 * c, "kv", self.qkv_bias)(x).reshape(b, -1, 2, self.num_heads, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
+        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
+        return dense(c, "proj")(out)
+
+
+class MixFFN(nn.Module):
+    """Linear -> depthwise 3x3 conv -> exact GELU -> Linear. (B, h, w, C) -> (B, h, w, C)."""
+
+    dim: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+        x = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden,
+                    kernel_init=conv_init(self.hidden), dtype=self.dtype, name="dwconv")(x)
+        x = nn.gelu(x, approximate=False)
+        return nn.Dense(self.dim, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth. (B, h, w, C) -> (B, h, w, C)."""
+
+    dim: int
+    num_heads: int
+    sr_ratio: int
+    mlp_ratio: int
+    drop_path: float
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        # DropPath drops whole samples: one Bernoulli per batch element, broadcast over h, w, C.
+        drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
+        y = EfficientAttention(self.dim, self.num_heads, self.sr_ratio, self.qkv_bias, self.dtype,
+                               name="attn")(layer_norm(1e-6, "norm1")(x))
+        x = x + drop(y)
+        y = MixFFN(self.dim, self.dim * self.mlp_ratio, self.dtype,
+                   name="mlp")(layer_norm(1e-6, "norm2")(x))
+        return x + drop(y)
+
+
+class MixVisionTransformer(nn.Module):
+    """MiT encoder. (B, H, W, 3) -> four maps (B, H/4, W/4, C1) ... (B, H/32, W/32, C4)."""
+
+    config: MiTConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False) -> list[jax.Array]:
+        cfg = self.config
+        rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        outs, i = [], 0
+        for s, depth in enumerate(cfg.depths):
+            x = OverlapPatchEmbed(cfg.embed_dims[s], cfg.patch_kernels[s], cfg.patch_strides[s],
+                                  self.dtype, name=f"patch_embed{s + 1}")(x)
+            for j in range(depth):
+                x = block_cls(cfg.embed_dims[s], cfg.num_heads[s], cfg.sr_ratios[s],
+                              cfg.mlp_ratios[s], rates[i], cfg.qkv_bias, self.dtype,
+                              name=f"block{s + 1}_{j}")(x, train)
+                i += 1
+            x = layer_norm(1e-6, f"norm{s + 1}")(x)
+            outs.append(x)
+        return outs

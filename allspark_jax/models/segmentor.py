@@ -1,0 +1,79 @@
+"""The AllSpark segmentor: MiT encoder -> AllSpark on the stage-4 map -> SegFormer head.
+
+Variables: ``params``; ``batch_stats`` (the head's BatchNorm); ``memory`` (the Semantic Memory and
+its write pointers). All three are produced by `init_variables` and consumed by `apply`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from allspark_jax.models.allspark import AllSpark
+from allspark_jax.models.head import SegFormerHead
+from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
+from allspark_jax.models.resize import resize_bilinear
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the network's architecture (hyperparameters come from configs/)."""
+
+    backbone: MiTConfig = MiTConfig.preset("b5")
+    num_classes: int = 21
+    allspark_heads: int = 2
+    decoder_dim: int = 768
+    head_dropout: float = 0.1
+    attn_drop: float = 0.1
+    proj_drop: float = 0.1
+
+
+class AllSparkSegmentor(nn.Module):
+    """(B, H, W, 3) normalised images -> (B, H, W, K) float32 logits.
+
+    `mode` is one of "train", "teacher", "eval" (see `allspark_jax.models.allspark`). In "train"
+    mode `x` is ``concat(labeled, unlabeled)`` and `teacher_logits` (B_u, H, W, K) are required;
+    dropout and stochastic depth need a ``"dropout"`` PRNG stream, and ``batch_stats`` and
+    ``memory`` must be mutable.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, mode: str = "eval", teacher_logits=None, use_memory: bool = False,
+                 key_group_size: int | None = None):
+        cfg = self.config
+        train = mode == "train"
+        c1, c2, c3, c4 = MixVisionTransformer(cfg.backbone, self.dtype, self.remat,
+                                              name="backbone")(x.astype(self.dtype), train)
+        c4 = AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
+                      self.dtype, name="allspark")(
+            c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
+            key_group_size=key_group_size)
+        logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
+                               name="head")([c1, c2, c3, c4], train)
+        return resize_bilinear(logits.astype(jnp.float32), x.shape[1:3])
+
+
+def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tuple[int, int],
+                   batch_size: int = 1) -> dict:
+    """Initialises params, batch_stats and memory for training crops of `crop_size`.
+
+    The memory's token count n depends on the crop, so initialisation runs the training path.
+    """
+    h, w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+    x = jnp.zeros((2 * batch_size, h, w, 3), jnp.float32)
+    t = jnp.zeros((batch_size, h, w, model.config.num_classes), jnp.float32)
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, x, mode="train",
+                           teacher_logits=t)
+    variables = dict(variables)
+    variables.pop("intermediates", None)
+    return variables
