@@ -77,3 +77,35 @@ def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tu
     variables = dict(variables)
     variables.pop("intermediates", None)
     return variables
+
+
+def model_config_from(config) -> ModelConfig:
+    """`config.model` (ml_collections / dict) -> ModelConfig.
+
+    `config.model.backbone` is a preset name ("b0" ... "b5") or a dict of `MiTConfig` fields;
+    `drop_path_rate` overrides the backbone's stochastic depth.
+    """
+    backbone = config.backbone
+    extra = {} if config.get("drop_path_rate") is None else {"drop_path_rate": config.drop_path_rate}
+    if isinstance(backbone, str):
+        mit = MiTConfig.preset(backbone, **extra)
+    else:
+        fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(backbone).items()}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(MiTConfig)}
+        if unknown:
+            raise ValueError(f"config.model.backbone: unknown MiT fields {sorted(unknown)}")
+        mit = MiTConfig(**{**fields, **extra})
+    return ModelConfig(backbone=mit, num_classes=config.num_classes,
+                       allspark_heads=config.allspark_heads, decoder_dim=config.decoder_dim,
+                       head_dropout=config.head_dropout, attn_drop=config.attn_drop,
+                       proj_drop=config.proj_drop)
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_model(config) -> AllSparkSegmentor:
+    """`config.model` -> the Flax module (architecture, compute dtype, rematerialisation)."""
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+    return AllSparkSegmentor(model_config_from(config), DTYPES[config.dtype], bool(config.remat))
