@@ -35,7 +35,8 @@ class TrainState:
     step: () int32 optimizer steps taken. params / batch_stats / memory: the student's variables
     (memory = {'allspark': {'attn': {'kv_queue': (K, C, n), 'queue_ptr': (K,)}}}). ema_params /
     ema_batch_stats: the EMA teacher (None when the teacher is the online model). opt_state: SGD
-    momentum. rng: the run's base PRNG key; step t's dropout key is fold_in(rng, t).
+    momentum. rng: the run's base PRNG key as raw key data (uint32, so that it checkpoints and
+    crosses hosts like any array); step t's dropout key is fold_in(rng, t).
     """
 
     step: jax.Array
@@ -106,7 +107,7 @@ def create_train_state(model: AllSparkSegmentor, tx: optax.GradientTransformatio
         memory=variables["memory"], opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         ema_batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]) if ema else None,
-        rng=state_rng)
+        rng=jax.random.key_data(state_rng))
 
 
 def supervised_loss(logits, target, train_config):
@@ -140,7 +141,7 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
     pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
     x = jnp.concatenate([batch["image_l"], batch["image_u_s"]], axis=0)
     n_l = batch["image_l"].shape[0]
-    dropout_rng = jax.random.fold_in(state.rng, state.step)
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def loss_fn(params):
         logits, updates = model.apply(

@@ -1,0 +1,85 @@
+"""Runs a few AllSpark train steps on a given device/process layout and saves the final state.
+
+    python tests/distributed_worker.py OUT.npz --devices 8 [--processes 2 --process_id 0 --port P]
+        [--shard_params] [--teacher ema]
+
+The global batch (8 labeled + 8 unlabeled, 65x65) and the weights (the reference's tiny model)
+are the same for every layout, so every layout must end in the same state.
+"""
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("--devices", type=int, default=1, help="CPU devices per process")
+parser.add_argument("--processes", type=int, default=1)
+parser.add_argument("--process_id", type=int, default=0)
+parser.add_argument("--port", type=int, default=0)
+parser.add_argument("--shard_params", action="store_true")
+parser.add_argument("--teacher", default="online")
+args = parser.parse_args()
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+
+import jax  # noqa: E402
+
+if args.processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes,
+                               process_id=args.process_id)
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from allspark_jax import convert, sharding, train  # noqa: E402
+from reference_model import reference  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+
+def global_batches(size: int, steps: int):
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        mask = rng.integers(0, 5, (GLOBAL_BATCH, size, size)).astype(np.int32)
+        mask[:, :4] = 255
+        x_u = rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32)
+        yield {"image_l": rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32),
+               "mask_l": mask, "image_u_w": x_u, "image_u_s": x_u,
+               "pad_u": np.zeros((GLOBAL_BATCH, size, size), bool)}
+
+
+def main():
+    ref = reference()
+    assert jax.device_count() == args.devices * args.processes
+    optim = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9,
+                                           weight_decay=1e-4, poly_power=0.9))
+    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, teacher=args.teacher,
+                                          ema_decay=0.9, conf_thresh=0.0,
+                                          loss_u_ignore_padding=False, key_group_size=None))
+    tx, _ = train.create_optimizer(optim, 10)
+    state = train.create_train_state(ref.model, tx, jax.random.key(0), 65,
+                                     ema=args.teacher == "ema", variables=ref.variables)
+    mesh = sharding.create_mesh()
+    state_sh = sharding.state_sharding(state, mesh, args.shard_params)
+    batch_sh = sharding.batch_sharding(mesh)
+    state = sharding.put_global(sharding.to_host(state), state_sh)
+    steps = {m: train.make_train_step(ref.model, tx, tcfg, use_memory=m, state_sharding=state_sh,
+                                      batch_sharding=batch_sh) for m in (False, True)}
+    local = GLOBAL_BATCH // args.processes
+    losses = []
+    for t, batch in enumerate(global_batches(65, STEPS)):
+        rows = slice(args.process_id * local, (args.process_id + 1) * local)
+        batch = sharding.put_batch({k: v[rows] for k, v in batch.items()}, batch_sh)
+        state, metrics = steps[t > 0](state, batch)  # memory read from step 1 on
+        losses.append(float(metrics["loss"]))
+    host = sharding.to_host(state)
+    out = convert.to_state_dict(host.variables())
+    if host.ema_params is not None:
+        out.update({f"ema/{k}": v for k, v in convert.to_state_dict({"params": host.ema_params}).items()})
+    if args.process_id == 0:
+        np.savez(args.out, losses=np.array(losses), **out)
+    print("done", losses)
+
+
+main()

@@ -1,0 +1,28 @@
+"""The tiny official-architecture model of tests/data/allspark_tiny.npz, shared by the tests."""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allspark_jax.tools.verify_reference import Reference
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+REFERENCE_NPZ = os.path.join(DATA, "allspark_tiny.npz")
+OFFICIAL_PTH = os.path.join(DATA, "allspark_tiny_official_checkpoint.pth")
+MIT_PTH = os.path.join(DATA, "mit_tiny_imagenet.pth")
+
+
+@functools.lru_cache(maxsize=None)
+def reference() -> Reference:
+    return Reference(REFERENCE_NPZ)
+
+
+def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype, (path, x.shape, y.shape, x.dtype, y.dtype)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))

@@ -1,0 +1,117 @@
+"""The optimiser, the schedule, the EMA teacher and the losses against the release's numbers."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from allspark_jax import losses, train
+from allspark_jax.models.mit import MiTConfig
+from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
+from reference_model import reference
+
+OPTIM = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9, weight_decay=1e-4,
+                                       poly_power=0.9))
+
+
+def train_config(**overrides):
+    return ml_collections.ConfigDict({**dict(
+        loss_x="ce", loss_groups=1, teacher="online", ema_decay=0.9, conf_thresh=0.0,
+        loss_u_ignore_padding=False, key_group_size=None, ohem_thresh=0.7, ohem_min_kept=100),
+        **overrides})
+
+
+def test_poly_schedule_offset():
+    sched = train.poly_schedule(0.01, 10)
+    # Steps 0 and 1 both run at the base rate; step t >= 1 at base * (1 - (t - 1) / total)^0.9.
+    np.testing.assert_allclose([sched(t) for t in range(4)],
+                               [0.01, 0.01, 0.01 * 0.9 ** 0.9, 0.01 * 0.8 ** 0.9], rtol=1e-6)
+
+
+def test_sgd_coupled_weight_decay_and_groups():
+    """Two PyTorch SGD steps by hand: buf = m * buf + (g + wd * p); p -= lr_group * buf."""
+    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
+    params = {"backbone": {"w": jnp.array([1.0, -2.0])}, "head": {"w": jnp.array([0.5])}}
+    grads = {"backbone": {"w": jnp.array([0.1, 0.2])}, "head": {"w": jnp.array([-0.3])}}
+    opt_state = tx.init(params)
+    p = {k: np.asarray(v["w"], np.float64) for k, v in params.items()}
+    buf = {k: 0.0 for k in p}
+    for _ in range(2):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda a, u: a + u, params, updates)
+        for k, lr in (("backbone", 0.01), ("head", 0.1)):
+            buf[k] = 0.9 * buf[k] + np.asarray(grads[k]["w"]) + 1e-4 * p[k]
+            p[k] = p[k] - lr * buf[k]
+    for k in p:
+        np.testing.assert_allclose(params[k]["w"], p[k], rtol=1e-6)
+
+
+TINY = ModelConfig(backbone=MiTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
+                                      num_heads=(1, 2, 3, 4), drop_path_rate=0.1),
+                   num_classes=3, decoder_dim=16)
+
+
+@pytest.fixture(scope="module")
+def ema_step():
+    model = AllSparkSegmentor(TINY)
+    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
+    state = train.create_train_state(model, tx, jax.random.key(0), 33, ema=True)
+    step = train.make_train_step(model, tx, train_config(teacher="ema"), use_memory=True)
+    rng = np.random.default_rng(0)
+    x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
+    batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),
+             "mask_l": rng.integers(0, 3, (2, 33, 33)).astype(np.int32),
+             "image_u_w": x_u, "image_u_s": x_u, "pad_u": np.zeros((2, 33, 33), bool)}
+    before = jax.device_get(state)
+    after, metrics = step(state, batch)
+    return before, jax.device_get(after), metrics
+
+
+def test_ema_teacher_moves_by_the_configured_decay(ema_step):
+    before, after, metrics = ema_step
+    assert np.isfinite(metrics["loss"])
+    want = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, before.ema_params, after.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 after.ema_params, want)
+    # The student moved, and the teacher moved by exactly a tenth of the way towards it.
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), before.params,
+                                         after.params))
+    assert max(moved) > 0
+    jax.tree.map(np.testing.assert_array_equal, after.ema_batch_stats, after.batch_stats)
+    assert int(after.step) == 1
+
+
+def test_pseudo_label_options():
+    logits = jnp.array([[[[2.0, 0.0, 0.0], [0.1, 0.0, 0.0]]]])  # (1, 1, 2, 3)
+    pad = jnp.array([[[False, True]]])
+    np.testing.assert_array_equal(train.pseudo_labels(logits, pad, train_config()), [[[0, 0]]])
+    np.testing.assert_array_equal(
+        train.pseudo_labels(logits, pad, train_config(conf_thresh=0.5)), [[[0, 255]]])
+    np.testing.assert_array_equal(
+        train.pseudo_labels(logits, pad, train_config(loss_u_ignore_padding=True)), [[[0, 255]]])
+
+
+@pytest.fixture(scope="module")
+def loss_case():
+    d = reference().data
+    return np.transpose(d["loss/logits"], (0, 2, 3, 1)), d["loss/target"].astype(np.int32), d
+
+
+def test_ce_and_ohem_match_release(loss_case):
+    logits, target, d = loss_case
+    np.testing.assert_allclose(losses.cross_entropy(logits, target), d["loss/ce"], rtol=1e-6)
+    for k in (50, 100000):
+        np.testing.assert_allclose(losses.ohem_cross_entropy(logits, target, min_kept=k),
+                                   d[f"loss/ohem_min_kept{k}"], rtol=1e-6)
+    # min_kept=50 really mines (a different value from plain CE); 100000 > valid pixels falls back.
+    assert abs(float(d["loss/ohem_min_kept50"]) - float(d["loss/ce"])) > 1e-3
+    np.testing.assert_allclose(d["loss/ohem_min_kept100000"], d["loss/ce"], rtol=1e-6)
+
+
+def test_loss_groups_average_per_group(loss_case):
+    logits, target, _ = loss_case
+    per_image = [losses.cross_entropy(logits[i:i + 1], target[i:i + 1]) for i in range(2)]
+    np.testing.assert_allclose(losses.cross_entropy(logits, target, groups=2),
+                               np.mean(per_image), rtol=1e-6)
