@@ -115,3 +115,38 @@ def test_loss_groups_average_per_group(loss_case):
     per_image = [losses.cross_entropy(logits[i:i + 1], target[i:i + 1]) for i in range(2)]
     np.testing.assert_allclose(losses.cross_entropy(logits, target, groups=2),
                                np.mean(per_image), rtol=1e-6)
+
+
+def one_step(model, teacher="online"):
+    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
+    state = train.create_train_state(AllSparkSegmentor(TINY), tx, jax.random.key(0), 33,
+                                     ema=teacher == "ema")
+    step = train.make_train_step(model, tx, train_config(teacher=teacher), use_memory=True)
+    rng = np.random.default_rng(1)
+    x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
+    batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),
+             "mask_l": rng.integers(0, 3, (2, 33, 33)).astype(np.int32),
+             "image_u_w": x_u, "image_u_s": x_u, "pad_u": np.zeros((2, 33, 33), bool)}
+    state, metrics = step(state, batch)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def f32_step():
+    return one_step(AllSparkSegmentor(TINY))
+
+
+def test_remat_changes_nothing_but_memory_use(f32_step):
+    state, metrics = f32_step
+    remat_state, remat_metrics = one_step(AllSparkSegmentor(TINY, remat=True))
+    np.testing.assert_allclose(remat_metrics["loss"], metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 remat_state.params, state.params)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(f32_step):
+    state, metrics = f32_step
+    bf_state, bf_metrics = one_step(AllSparkSegmentor(TINY, dtype=jnp.bfloat16))
+    assert {x.dtype for x in jax.tree.leaves(bf_state.params)} == {np.dtype(np.float32)}
+    assert bf_state.memory["allspark"]["attn"]["kv_queue"].dtype == np.float32
+    np.testing.assert_allclose(bf_metrics["loss"], metrics["loss"], rtol=5e-2)
