@@ -24,6 +24,6 @@ setuptools.setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "nbclient", "ipykernel", "matplotlib"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )

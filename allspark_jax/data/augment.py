@@ -10,6 +10,9 @@ mask nearest) -> pad right/bottom to S (image 0, mask 255) -> random S x S crop 
 order as torchvision's ColorJitter) -> grayscale p 0.2 -> Gaussian blur p 0.5, sigma U[0.1, 2.0]
 -> [0, 1] -> ImageNet normalisation. Photometric ops work on float images in [0, 1], clipped after
 each op (the release works on uint8 PIL images, so it also rounds after each op).
+
+`random_rescale` + `pad_crop_flip` are the literal chain; the pipeline uses `rescale_pad_crop_flip`,
+which gives the same result (tested) while resampling only the pixels under the crop window.
 """
 from __future__ import annotations
 
@@ -202,6 +205,75 @@ def pad_crop_flip(image: tf.Tensor, mask: tf.Tensor | None, crop: int, seed
   return out_image, out_mask, pad
 
 
+def rescale_pad_crop_flip(image: tf.Tensor, mask: tf.Tensor | None, crop: int, scale_seed,
+                          crop_seed, ratio_range=(0.5, 2.0)
+                          ) -> tuple[tf.Tensor, tf.Tensor | None, tf.Tensor]:
+  """random_rescale followed by pad_crop_flip (same seeds, same result), computing only the crop.
+
+  When the image grows, only the source region under the crop window is resampled (bilinear with
+  half-pixel centres, as tf.image.resize, via crop_and_resize on an edge-padded source); when it
+  shrinks, the whole image is resized with antialiasing and then cropped. The mask is resampled by
+  nearest neighbour (TF's half-pixel rule) by gathering rows and columns.
+
+  Args:
+    image: (H, W, 3) uint8 or float; mask: (H, W) integer labels or None; crop: S.
+    scale_seed: seed of the rescale; crop_seed: seed of the crop offset and flip.
+  Returns:
+    image (S, S, 3) float32 in [0, 255], mask (S, S) int32 (255 on padding) or None, pad (S, S) bool.
+  """
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  oh, ow = rescaled_size(h, w, scale_seed, ratio_range)
+  s_x, s_y, s_flip = _split(crop_seed, 3)
+  x = _randint(s_x, 0, tf.maximum(ow, crop) - crop)
+  y = _randint(s_y, 0, tf.maximum(oh, crop) - crop)
+  hh = tf.minimum(crop, oh - y)  # rows / cols of the crop inside the rescaled image
+  ww = tf.minimum(crop, ow - x)
+  img = tf.cast(image, tf.float32)
+  scale_y = tf.cast(h, tf.float32) / tf.cast(oh, tf.float32)  # source pixels per output pixel
+  scale_x = tf.cast(w, tf.float32) / tf.cast(ow, tf.float32)
+
+  def shrink():
+    full = tf.image.resize(img, tf.stack([oh, ow]), method="bilinear", antialias=True)
+    return full[y:y + hh, x:x + ww]
+
+  def grow():
+    padded = tf.pad(img, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")  # = clamping at the border
+    y0 = (tf.cast(y, tf.float32) + 0.5) * scale_y + 0.5  # +1 for the padding, -0.5 half pixel
+    x0 = (tf.cast(x, tf.float32) + 0.5) * scale_x + 0.5
+    y1 = y0 + tf.cast(hh - 1, tf.float32) * scale_y
+    x1 = x0 + tf.cast(ww - 1, tf.float32) * scale_x
+    hp = tf.cast(h + 1, tf.float32)
+    wp = tf.cast(w + 1, tf.float32)
+    box = tf.stack([y0 / hp, x0 / wp, y1 / hp, x1 / wp])[None]
+    return tf.image.crop_and_resize(padded[None], box, [0], tf.stack([hh, ww]))[0]
+
+  shrinking = tf.maximum(oh, ow) < tf.maximum(h, w)
+  region = tf.cond(shrinking, shrink, grow)
+  pad_hw = [[0, crop - hh], [0, crop - ww]]
+  out = tf.pad(region, pad_hw + [[0, 0]])
+  rows = tf.range(crop)
+  pad = ~((rows < hh)[:, None] & (rows < ww)[None, :])
+  out_mask = None
+  if mask is not None:
+    src_r = tf.minimum(tf.cast(tf.floor((tf.cast(y + tf.range(hh), tf.float32) + 0.5) * scale_y),
+                               tf.int32), h - 1)
+    src_c = tf.minimum(tf.cast(tf.floor((tf.cast(x + tf.range(ww), tf.float32) + 0.5) * scale_x),
+                               tf.int32), w - 1)
+    m = tf.gather(tf.gather(tf.cast(mask, tf.int32), src_r, axis=0), src_c, axis=1)
+    out_mask = tf.pad(m, pad_hw, constant_values=255)
+  flip = _uniform(s_flip) < 0.5
+  if out_mask is None:
+    out, pad = tf.cond(flip, lambda: (tf.reverse(out, [1]), tf.reverse(pad, [1])),
+                       lambda: (out, pad))
+  else:
+    out, pad, out_mask = tf.cond(
+        flip, lambda: (tf.reverse(out, [1]), tf.reverse(pad, [1]), tf.reverse(out_mask, [1])),
+        lambda: (out, pad, out_mask))
+    out_mask = tf.ensure_shape(out_mask, [crop, crop])
+  return tf.ensure_shape(out, [crop, crop, 3]), out_mask, tf.ensure_shape(pad, [crop, crop])
+
+
 # ------------------------------------------------------------------------------------ photometric
 
 
@@ -312,8 +384,7 @@ def augment_labeled(image: tf.Tensor, mask: tf.Tensor, crop: int, seed, strong: 
   """Labeled chain: (H, W, 3) uint8, (H, W) uint8 -> (S, S, 3) float32 normalised, (S, S) int32."""
   s_geo, s_photo = _split(seed, 2)
   s_scale, s_crop = _split(s_geo, 2)
-  image, mask = random_rescale(image, mask, s_scale, scale_range)
-  image, mask, _ = pad_crop_flip(image, mask, crop, s_crop)
+  image, mask, _ = rescale_pad_crop_flip(image, mask, crop, s_scale, s_crop, scale_range)
   x = image / 255.0
   if strong:
     x = photometric(x, s_photo)
@@ -330,8 +401,7 @@ def augment_unlabeled(image: tf.Tensor, crop: int, seed, strong_student: bool,
   """
   s_geo, s_photo, s_cut = _split(seed, 3)
   s_scale, s_crop = _split(s_geo, 2)
-  image, _ = random_rescale(image, None, s_scale, scale_range)
-  image, _, pad = pad_crop_flip(image, None, crop, s_crop)
+  image, _, pad = rescale_pad_crop_flip(image, None, crop, s_scale, s_crop, scale_range)
   x = image / 255.0
   weak = normalize(x)
   strong = normalize(photometric(x, s_photo)) if strong_student else weak

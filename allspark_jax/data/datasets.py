@@ -137,6 +137,9 @@ def check_files_exist(root: str, pairs: Sequence[tuple[str, str]], source: str,
   for image, mask in pairs:
     if not os.path.isfile(os.path.join(root, image)):
       missing.append(image)
+    if require_masks and not mask:
+      raise DataError(f"{source} names no mask for labeled image {image!r}; expected "
+                      "'image_path mask_path' lines.")
     if require_masks and not os.path.isfile(os.path.join(root, mask)):
       missing.append(mask)
   if missing:

@@ -2,8 +2,9 @@
 
 Config keys read (`config.data.*` unless noted; default in brackets):
   data.name               'pascal' | 'cityscapes' | 'coco' | 'synthetic'. [required]
-  data.root               data root in the official layout; needed by source 'files' (and by COCO's
-                          default unlabeled listing and synthetic class names there). [None]
+  data.root               data root in the official layout; needed by source 'files'. With source
+                          'tfds' it is optional, except for 'synthetic' (its split lists live in the
+                          root); COCO's default unlabeled set then comes from the records. [None]
   data.split              split name ('92' .. '1464', '1_16' .. '1_2', 'u2pl_1_16', Cityscapes '1_30' ..
                           '1_2', COCO '1_512' .. '1_32', synthetic 'default') or a labeled list path.
                           [required]
@@ -41,6 +42,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import threading
 from typing import Any, Iterator
 
@@ -352,6 +354,15 @@ def create_train_dataset(config, *, start_step: int = 0, process_index: int | No
   return ds.with_options(options)
 
 
+def _clean_message(message: str) -> str:
+  """The readable part of a tf.data error: our assertion's text, or TF's first line."""
+  if "assertion failed:" in message:
+    text = message.split("assertion failed:", 1)[1].split("\n")[0]
+    parts = re.findall(r"\[(.*?)\](?= \[|$)", text.strip())
+    return " ".join(p.strip() for p in parts) if parts else text.strip()
+  return message.strip().split("\n")[0]
+
+
 def _numpy_iterator(ds: tf.data.Dataset, what: str) -> Iterator[dict[str, np.ndarray]]:
   it = iter(ds)
   while True:
@@ -360,7 +371,7 @@ def _numpy_iterator(ds: tf.data.Dataset, what: str) -> Iterator[dict[str, np.nda
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      raise DataError(f"{what}: {e.message.strip()}") from None
+      raise DataError(f"{what}: {_clean_message(e.message)}") from None
     yield {k: v.numpy() for k, v in batch.items()}
 
 

@@ -4,6 +4,8 @@
     tfds build --imports allspark_jax.data.tfds_builders allspark_pascal \
         --manual_dir /data/pascal --data_dir ~/tensorflow_datasets --file_format array_record
 or  python -m allspark_jax.data.prepare --name pascal --root /data/pascal --data_dir ~/tensorflow_datasets
+(the `tfds` CLI of tensorflow-datasets 4.9.10 imports apache_beam at start-up, which this project does
+not depend on; `prepare` needs nothing beyond tensorflow-datasets and array_record).
 
 Splits: `train` (every training image any split list can name) and `val`. Each example:
   image       string  the original encoded image file (JPEG/PNG bytes, not re-encoded)
