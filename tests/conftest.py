@@ -9,32 +9,32 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @pytest.fixture(scope="session")
 def data_synthetic_root(tmp_path_factory):
-  """A tiny synthetic dataset (Pascal layout): 12 train (3 labeled, 9 unlabeled), 4 val, 5 classes."""
-  from allspark_jax.data import synthetic
-  root = str(tmp_path_factory.mktemp("data_synthetic"))
-  synthetic.write_dataset(root, num_train=12, num_val=4, size=48, num_classes=5, seed=0,
-                          num_labeled=3)
-  return root
+    """A tiny synthetic dataset (Pascal layout): 12 train (3 labeled, 9 unlabeled), 4 val, 5 classes."""
+    from allspark_jax.data import synthetic
+    root = str(tmp_path_factory.mktemp("data_synthetic"))
+    synthetic.write_dataset(root, num_train=12, num_val=4, size=48, num_classes=5, seed=0,
+                            num_labeled=3)
+    return root
 
 
 @pytest.fixture(scope="session")
 def data_synthetic_tfds_dir(data_synthetic_root, tmp_path_factory):
-  """TFDS records of `data_synthetic_root` prepared with allspark_jax.data.prepare."""
-  from allspark_jax.data import prepare
-  data_dir = str(tmp_path_factory.mktemp("data_tfds"))
-  prepare.prepare("synthetic", data_synthetic_root, data_dir)
-  return data_dir
+    """TFDS records of `data_synthetic_root` prepared with allspark_jax.data.prepare."""
+    from allspark_jax.data import prepare
+    data_dir = str(tmp_path_factory.mktemp("data_tfds"))
+    prepare.prepare("synthetic", data_synthetic_root, data_dir)
+    return data_dir
 
 
 @pytest.fixture()
 def data_config(data_synthetic_root):
-  """A factory of pipeline configs on the synthetic dataset: data_config(**data_overrides)."""
-  import ml_collections
+    """A factory of pipeline configs on the synthetic dataset: data_config(**data_overrides)."""
+    import ml_collections
 
-  def make(seed=0, **overrides):
-    data = {"name": "synthetic", "root": data_synthetic_root, "split": "default",
-            "crop_size": 40, "batch_size": 4, "source": "files", "student_view": "weak",
-            "cutmix_prob": 0.0, "num_parallel_calls": -1, "prefetch": 2}
-    data.update(overrides)
-    return ml_collections.ConfigDict({"seed": seed, "data": data})
-  return make
+    def make(seed=0, **overrides):
+        data = {"name": "synthetic", "root": data_synthetic_root, "split": "default",
+                "crop_size": 40, "batch_size": 4, "source": "files", "student_view": "weak",
+                "cutmix_prob": 0.0, "num_parallel_calls": -1, "prefetch": 2}
+        data.update(overrides)
+        return ml_collections.ConfigDict({"seed": seed, "data": data})
+    return make

@@ -21,68 +21,68 @@ import time
 
 
 def make_config(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong"):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict({"seed": 0, "data": {
-      "name": "synthetic", "root": root, "split": "default", "crop_size": crop,
-      "batch_size": batch, "student_view": student_view, "cutmix_prob": 0.5, "source": "files",
-      "num_parallel_calls": parallel, "prefetch": 2}})
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    return ml_collections.ConfigDict({"seed": 0, "data": {
+        "name": "synthetic", "root": root, "split": "default", "crop_size": crop,
+        "batch_size": batch, "student_view": student_view, "cutmix_prob": 0.5, "source": "files",
+        "num_parallel_calls": parallel, "prefetch": 2}})
 
 
 def measure(root: str, crop: int, batch: int, steps: int, warmup: int = 3,
             student_view: str = "strong") -> float:
-  """Training examples per second of create_train_iterator (numpy batches, as the trainer sees)."""
-  from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  it = input_pipeline.create_train_iterator(make_config(root, crop, batch, student_view=student_view),
-                                            process_index=0,
-                                            process_count=1)
-  for _ in range(warmup):
-    next(it)
-  t = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return steps * batch / (time.perf_counter() - t)
+    """Training examples per second of create_train_iterator (numpy batches, as the trainer sees)."""
+    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    it = input_pipeline.create_train_iterator(make_config(root, crop, batch, student_view=student_view),
+                                              process_index=0,
+                                              process_count=1)
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps * batch / (time.perf_counter() - t)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--crop", type=int, default=513)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--cores", default=None, help="comma-separated core counts (default 1, all)")
-  parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--num_images", type=int, default=64)
-  parser.add_argument("--root", default=None, help="reuse/write the synthetic data here")
-  parser.add_argument("--student_view", default="strong", choices=("weak", "strong"),
-                      help="'weak' = the release (unlabeled student view = teacher view)")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.worker:
-    print(json.dumps({"rate": measure(args.root, args.crop, args.batch, args.steps,
-                                            student_view=args.student_view)}))
-    return
-  available = sorted(os.sched_getaffinity(0))
-  cores = ([int(c) for c in args.cores.split(",")] if args.cores
-           else sorted({1, len(available)}))
-  with tempfile.TemporaryDirectory() as tmp:
-    root = args.root or tmp
-    if not os.path.isfile(os.path.join(root, "class_names.txt")):
-      from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-      synthetic.write_dataset(root, args.num_images, 0, 500, 21, seed=0,
-                              num_labeled=args.num_images // 2)
-    print(f"crop {args.crop}, batch {args.batch}, {len(available)} CPU cores available; JPEGs with "
-          "sides in [375, 500]; example = 1 labeled (strong) + 1 unlabeled (student view: "
-          f"{args.student_view})")
-    for k in cores:
-      pinned = available[:k]
-      out = subprocess.run(
-          [sys.executable, "-m", "allspark_jax.data.benchmark", "--worker", "--root", root,
-           "--crop", str(args.crop), "--batch", str(args.batch), "--steps", str(args.steps),
-           "--student_view", args.student_view],
-          preexec_fn=lambda p=pinned: os.sched_setaffinity(0, p), capture_output=True, text=True,
-          check=True)
-      rate = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
-      print(f"cores {k:3d}: {rate:8.1f} examples/s  {rate / k:7.1f} examples/s per core  "
-            f"({2 * rate / k:7.1f} source images/s per core)", flush=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--crop", type=int, default=513)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cores", default=None, help="comma-separated core counts (default 1, all)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--root", default=None, help="reuse/write the synthetic data here")
+    parser.add_argument("--student_view", default="strong", choices=("weak", "strong"),
+                        help="'weak' = the release (unlabeled student view = teacher view)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps({"rate": measure(args.root, args.crop, args.batch, args.steps,
+                                                student_view=args.student_view)}))
+        return
+    available = sorted(os.sched_getaffinity(0))
+    cores = ([int(c) for c in args.cores.split(",")] if args.cores
+             else sorted({1, len(available)}))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root or tmp
+        if not os.path.isfile(os.path.join(root, "class_names.txt")):
+            from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+            synthetic.write_dataset(root, args.num_images, 0, 500, 21, seed=0,
+                                    num_labeled=args.num_images // 2)
+        print(f"crop {args.crop}, batch {args.batch}, {len(available)} CPU cores available; JPEGs with "
+              "sides in [375, 500]; example = 1 labeled (strong) + 1 unlabeled (student view: "
+              f"{args.student_view})")
+        for k in cores:
+            pinned = available[:k]
+            out = subprocess.run(
+                [sys.executable, "-m", "allspark_jax.data.benchmark", "--worker", "--root", root,
+                 "--crop", str(args.crop), "--batch", str(args.batch), "--steps", str(args.steps),
+                 "--student_view", args.student_view],
+                preexec_fn=lambda p=pinned: os.sched_setaffinity(0, p), capture_output=True, text=True,
+                check=True)
+            rate = json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+            print(f"cores {k:3d}: {rate:8.1f} examples/s  {rate / k:7.1f} examples/s per core  "
+                  f"({2 * rate / k:7.1f} source images/s per core)", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+    main()

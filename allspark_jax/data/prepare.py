@@ -18,21 +18,21 @@ from allspark_jax.data import tfds_builders
 
 
 def prepare(name: str, root: str, data_dir: str | None = None) -> str:
-  """Builds the records of dataset `name` from data root `root`; returns the dataset's folder."""
-  root = datasets.check_root(root, "--root")
-  builder = tfds_builders.builder(name, data_dir=data_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
-  return os.fspath(builder.data_dir)
+    """Builds the records of dataset `name` from data root `root`; returns the dataset's folder."""
+    root = datasets.check_root(root, "--root")
+    builder = tfds_builders.builder(name, data_dir=data_dir)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+    return os.fspath(builder.data_dir)
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--name", required=True, choices=sorted(tfds_builders.BUILDERS))
-  parser.add_argument("--root", required=True, help="data root in the official layout")
-  parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
-  args = parser.parse_args(argv)
-  print(f"prepared {prepare(args.name, args.root, args.data_dir)}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True, choices=sorted(tfds_builders.BUILDERS))
+    parser.add_argument("--root", required=True, help="data root in the official layout")
+    parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's)")
+    args = parser.parse_args(argv)
+    print(f"prepared {prepare(args.name, args.root, args.data_dir)}")
 
 
 if __name__ == "__main__":
-  main()
+    main()

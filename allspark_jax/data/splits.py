@@ -19,141 +19,141 @@ DataError = datasets.DataError
 
 
 def splits_dir(name: str, root: str | None = None) -> str:
-  """The folder holding dataset `name`'s split lists (package's; the synthetic root's own)."""
-  datasets.layout(name)
-  if name == "synthetic":
-    return os.path.join(datasets.check_root(root), "splits")
-  return os.path.join(PACKAGE_SPLITS, name)
+    """The folder holding dataset `name`'s split lists (package's; the synthetic root's own)."""
+    datasets.layout(name)
+    if name == "synthetic":
+        return os.path.join(datasets.check_root(root), "splits")
+    return os.path.join(PACKAGE_SPLITS, name)
 
 
 def available_splits(name: str, root: str | None = None) -> list[str]:
-  """Names of the labeled splits of dataset `name` (folders holding a labeled.txt)."""
-  d = splits_dir(name, root)
-  if not os.path.isdir(d):
-    return []
-  return sorted(s for s in os.listdir(d) if os.path.isfile(os.path.join(d, s, "labeled.txt")))
+    """Names of the labeled splits of dataset `name` (folders holding a labeled.txt)."""
+    d = splits_dir(name, root)
+    if not os.path.isdir(d):
+        return []
+    return sorted(s for s in os.listdir(d) if os.path.isfile(os.path.join(d, s, "labeled.txt")))
 
 
 def read_list(path: str) -> Pairs:
-  """Reads a list file of `image_path mask_path` lines (blank lines skipped).
+    """Reads a list file of `image_path mask_path` lines (blank lines skipped).
 
-  A line with a single field is taken as an image without a mask (mask path '').
-  Raises DataError naming the file for a missing file or a malformed line.
-  """
-  if not os.path.isfile(path):
-    raise DataError(f"list file {path!r} does not exist; expected a text file of "
-                    "'image_path mask_path' lines relative to data.root.")
-  out = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      fields = line.split()
-      if not fields:
-        continue
-      if len(fields) > 2:
-        raise DataError(f"{path}:{lineno}: expected 'image_path mask_path', got {line.strip()!r}.")
-      out.append((fields[0], fields[1] if len(fields) == 2 else ""))
-  if not out:
-    raise DataError(f"list file {path!r} is empty; expected 'image_path mask_path' lines.")
-  return out
+    A line with a single field is taken as an image without a mask (mask path '').
+    Raises DataError naming the file for a missing file or a malformed line.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"list file {path!r} does not exist; expected a text file of "
+                        "'image_path mask_path' lines relative to data.root.")
+    out = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) > 2:
+                raise DataError(f"{path}:{lineno}: expected 'image_path mask_path', got {line.strip()!r}.")
+            out.append((fields[0], fields[1] if len(fields) == 2 else ""))
+    if not out:
+        raise DataError(f"list file {path!r} is empty; expected 'image_path mask_path' lines.")
+    return out
 
 
 
 def _is_path(split: str) -> bool:
-  return os.sep in split or split.endswith(".txt") or os.path.isfile(split)
+    return os.sep in split or split.endswith(".txt") or os.path.isfile(split)
 
 
 @dataclasses.dataclass
 class TrainSplit:
-  """The labeled and unlabeled lists of a training split.
+    """The labeled and unlabeled lists of a training split.
 
-  Attributes:
-    labeled / unlabeled: (image_path, mask_path) lists, paths relative to the data root.
-    labeled_source / unlabeled_source: where each came from (a file path or a description).
-  """
-  labeled: Pairs
-  unlabeled: Pairs
-  labeled_source: str
-  unlabeled_source: str
+    Attributes:
+      labeled / unlabeled: (image_path, mask_path) lists, paths relative to the data root.
+      labeled_source / unlabeled_source: where each came from (a file path or a description).
+    """
+    labeled: Pairs
+    unlabeled: Pairs
+    labeled_source: str
+    unlabeled_source: str
 
-  def repeated_labeled_count(self) -> int:
-    """ceil(U / L) -- how many times the release repeats the labeled list before truncating to U."""
-    return math.ceil(len(self.unlabeled) / len(self.labeled))
+    def repeated_labeled_count(self) -> int:
+        """ceil(U / L) -- how many times the release repeats the labeled list before truncating to U."""
+        return math.ceil(len(self.unlabeled) / len(self.labeled))
 
 
 def resolve_train_split(name: str, split: str, unlabeled_split: str | None = None,
                         root: str | None = None,
                         coco_train_images: list[str] | None = None) -> TrainSplit:
-  """Resolves `data.split` / `data.unlabeled_split` into lists.
+    """Resolves `data.split` / `data.unlabeled_split` into lists.
 
-  Args:
-    name: dataset name (`data.name`).
-    split: a split name (e.g. '1_16', '92', 'u2pl_1_8', '1_512') or the path of a labeled list file.
-    unlabeled_split: optional path of an unlabeled list file (or a split name whose unlabeled list is
-      used). Default: the split's own unlabeled list -- `unlabeled.txt` beside a labeled list file, or
-      for COCO every `train2017/*.jpg` under `root` not in the labeled list.
-    root: the data root (needed for COCO's unlabeled listing and the synthetic dataset).
-    coco_train_images: COCO's train2017 image paths when they come from somewhere other than the
-      root's folder (the TFDS records); default: list `<root>/train2017/`.
-  """
-  if not split:
-    raise DataError(f"data.split is not set; expected one of {available_splits(name, root)} "
-                    "or the path of a labeled list file.")
-  split = str(split)
-  if _is_path(split):
-    labeled_path = os.path.abspath(os.path.expanduser(split))
-    if not os.path.isfile(labeled_path):
-      raise DataError(f"data.split={split!r}: list file does not exist; expected a split name "
-                      f"({', '.join(available_splits(name, root))}) or the path of a labeled list.")
-    default_unlabeled = os.path.join(os.path.dirname(labeled_path), "unlabeled.txt")
-  else:
-    d = splits_dir(name, root)
-    labeled_path = os.path.join(d, split, "labeled.txt")
-    if not os.path.isfile(labeled_path):
-      raise DataError(f"data.split={split!r} is not a split of dataset {name!r}; expected one of "
-                      f"{available_splits(name, root)} or the path of a labeled list file.")
-    default_unlabeled = os.path.join(d, split, "unlabeled.txt")
-  labeled = read_list(labeled_path)
-
-  if unlabeled_split:
-    u = str(unlabeled_split)
-    if _is_path(u):
-      unlabeled_path = os.path.abspath(os.path.expanduser(u))
+    Args:
+      name: dataset name (`data.name`).
+      split: a split name (e.g. '1_16', '92', 'u2pl_1_8', '1_512') or the path of a labeled list file.
+      unlabeled_split: optional path of an unlabeled list file (or a split name whose unlabeled list is
+        used). Default: the split's own unlabeled list -- `unlabeled.txt` beside a labeled list file, or
+        for COCO every `train2017/*.jpg` under `root` not in the labeled list.
+      root: the data root (needed for COCO's unlabeled listing and the synthetic dataset).
+      coco_train_images: COCO's train2017 image paths when they come from somewhere other than the
+        root's folder (the TFDS records); default: list `<root>/train2017/`.
+    """
+    if not split:
+        raise DataError(f"data.split is not set; expected one of {available_splits(name, root)} "
+                        "or the path of a labeled list file.")
+    split = str(split)
+    if _is_path(split):
+        labeled_path = os.path.abspath(os.path.expanduser(split))
+        if not os.path.isfile(labeled_path):
+            raise DataError(f"data.split={split!r}: list file does not exist; expected a split name "
+                            f"({', '.join(available_splits(name, root))}) or the path of a labeled list.")
+        default_unlabeled = os.path.join(os.path.dirname(labeled_path), "unlabeled.txt")
     else:
-      unlabeled_path = os.path.join(splits_dir(name, root), u, "unlabeled.txt")
-      if not os.path.isfile(unlabeled_path):
-        raise DataError(f"data.unlabeled_split={u!r} is not a split of dataset {name!r} with an "
-                        f"unlabeled list; expected a path of an unlabeled list file.")
-    unlabeled = read_list(unlabeled_path)
-    unlabeled_source = unlabeled_path
-  elif os.path.isfile(default_unlabeled):
-    unlabeled = read_list(default_unlabeled)
-    unlabeled_source = default_unlabeled
-  elif name == "coco" and coco_train_images is not None:
-    taken = {image for image, _ in labeled}
-    unlabeled = [(p, "masks/" + os.path.splitext(os.path.basename(p))[0] + ".png")
-                 for p in coco_train_images if p not in taken]
-    unlabeled_source = f"the TFDS train records (images not in {labeled_path})"
-  elif name == "coco":
-    root = datasets.check_root(root)
-    unlabeled = datasets.list_coco_unlabeled(root, labeled)
-    unlabeled_source = f"{root}/train2017/ (images not in {labeled_path})"
-    if not unlabeled:
-      raise DataError(f"{unlabeled_source} holds no image; expected COCO train2017 JPEGs.")
-  else:
-    raise DataError(f"no unlabeled list for data.split={split!r}: {default_unlabeled!r} does not "
-                    "exist; set data.unlabeled_split to the path of an unlabeled list file.")
-  return TrainSplit(labeled, unlabeled, labeled_path, unlabeled_source)
+        d = splits_dir(name, root)
+        labeled_path = os.path.join(d, split, "labeled.txt")
+        if not os.path.isfile(labeled_path):
+            raise DataError(f"data.split={split!r} is not a split of dataset {name!r}; expected one of "
+                            f"{available_splits(name, root)} or the path of a labeled list file.")
+        default_unlabeled = os.path.join(d, split, "unlabeled.txt")
+    labeled = read_list(labeled_path)
+
+    if unlabeled_split:
+        u = str(unlabeled_split)
+        if _is_path(u):
+            unlabeled_path = os.path.abspath(os.path.expanduser(u))
+        else:
+            unlabeled_path = os.path.join(splits_dir(name, root), u, "unlabeled.txt")
+            if not os.path.isfile(unlabeled_path):
+                raise DataError(f"data.unlabeled_split={u!r} is not a split of dataset {name!r} with an "
+                                f"unlabeled list; expected a path of an unlabeled list file.")
+        unlabeled = read_list(unlabeled_path)
+        unlabeled_source = unlabeled_path
+    elif os.path.isfile(default_unlabeled):
+        unlabeled = read_list(default_unlabeled)
+        unlabeled_source = default_unlabeled
+    elif name == "coco" and coco_train_images is not None:
+        taken = {image for image, _ in labeled}
+        unlabeled = [(p, "masks/" + os.path.splitext(os.path.basename(p))[0] + ".png")
+                     for p in coco_train_images if p not in taken]
+        unlabeled_source = f"the TFDS train records (images not in {labeled_path})"
+    elif name == "coco":
+        root = datasets.check_root(root)
+        unlabeled = datasets.list_coco_unlabeled(root, labeled)
+        unlabeled_source = f"{root}/train2017/ (images not in {labeled_path})"
+        if not unlabeled:
+            raise DataError(f"{unlabeled_source} holds no image; expected COCO train2017 JPEGs.")
+    else:
+        raise DataError(f"no unlabeled list for data.split={split!r}: {default_unlabeled!r} does not "
+                        "exist; set data.unlabeled_split to the path of an unlabeled list file.")
+    return TrainSplit(labeled, unlabeled, labeled_path, unlabeled_source)
 
 
 def resolve_val_split(name: str, val_split: str | None = "val", root: str | None = None
                       ) -> tuple[Pairs, str]:
-  """Resolves `data.val_split` ('val' or the path of a list file) into (pairs, source path)."""
-  val_split = str(val_split or "val")
-  if _is_path(val_split):
-    path = os.path.abspath(os.path.expanduser(val_split))
-  else:
-    path = os.path.join(splits_dir(name, root), f"{val_split}.txt")
-    if not os.path.isfile(path):
-      raise DataError(f"data.val_split={val_split!r} is not a validation list of dataset {name!r} "
-                      f"({path!r} does not exist); expected 'val' or the path of a list file.")
-  return read_list(path), path
+    """Resolves `data.val_split` ('val' or the path of a list file) into (pairs, source path)."""
+    val_split = str(val_split or "val")
+    if _is_path(val_split):
+        path = os.path.abspath(os.path.expanduser(val_split))
+    else:
+        path = os.path.join(splits_dir(name, root), f"{val_split}.txt")
+        if not os.path.isfile(path):
+            raise DataError(f"data.val_split={val_split!r} is not a validation list of dataset {name!r} "
+                            f"({path!r} does not exist); expected 'val' or the path of a list file.")
+    return read_list(path), path

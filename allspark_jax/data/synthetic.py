@@ -31,121 +31,121 @@ SHAPES = ("disc", "square", "triangle", "diamond")
 
 
 def class_style(k: int, num_classes: int) -> dict:
-  """Shape, colour (RGB 0..255), stripe period and orientation of object class k >= 1."""
-  n = max(num_classes - 1, 1)
-  hue = ((k - 1) / n) % 1.0
-  rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95)) * 255
-  return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": rgb,
-          "period": 3 + (k - 1) % 5, "angle": np.pi * ((k - 1) % 3) / 3}
+    """Shape, colour (RGB 0..255), stripe period and orientation of object class k >= 1."""
+    n = max(num_classes - 1, 1)
+    hue = ((k - 1) / n) % 1.0
+    rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95)) * 255
+    return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": rgb,
+            "period": 3 + (k - 1) % 5, "angle": np.pi * ((k - 1) % 3) / 3}
 
 
 def class_names(num_classes: int) -> list[str]:
-  names = ["background"]
-  for k in range(1, num_classes):
-    names.append(f"{class_style(k, num_classes)['shape']}_{k}")
-  return names
+    names = ["background"]
+    for k in range(1, num_classes):
+        names.append(f"{class_style(k, num_classes)['shape']}_{k}")
+    return names
 
 
 def _shape_mask(shape, yy, xx, cy, cx, r):
-  dy, dx = yy - cy, xx - cx
-  if shape == "disc":
-    return dy * dy + dx * dx <= r * r
-  if shape == "square":
-    return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
-  if shape == "diamond":
-    return np.abs(dy) + np.abs(dx) <= r
-  # triangle pointing up: inside if below the two slanted edges and above the base
-  return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    dy, dx = yy - cy, xx - cx
+    if shape == "disc":
+        return dy * dy + dx * dx <= r * r
+    if shape == "square":
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if shape == "diamond":
+        return np.abs(dy) + np.abs(dx) <= r
+    # triangle pointing up: inside if below the two slanted edges and above the base
+    return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
 
 
 def render(index: int, split: str, size: int, num_classes: int, seed: int
            ) -> tuple[np.ndarray, np.ndarray]:
-  """Renders one example: ((h, w, 3) uint8 image, (h, w) uint8 labels with 255 borders)."""
-  rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
-  h = int(rng.integers(int(size * 0.75), size + 1))
-  w = int(rng.integers(int(size * 0.75), size + 1))
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  base = rng.uniform(60, 160, size=3)
-  grad = rng.uniform(-40, 40, size=(2, 3))
-  img = (base + (yy / h)[..., None] * grad[0] + (xx / w)[..., None] * grad[1]
-         + rng.normal(0, 12, size=(h, w, 3)))
-  labels = np.zeros((h, w), np.uint8)
-  for _ in range(int(rng.integers(1, 4))):
-    k = int(rng.integers(1, num_classes)) if num_classes > 1 else 0
-    if k == 0:
-      break
-    st = class_style(k, num_classes)
-    r = rng.uniform(size / 8, size / 4)
-    cy, cx = rng.uniform(r * 0.5, h - r * 0.5), rng.uniform(r * 0.5, w - r * 0.5)
-    inside = _shape_mask(st["shape"], yy, xx, cy, cx, r)
-    proj = xx * np.cos(st["angle"]) + yy * np.sin(st["angle"])
-    stripes = (np.floor(proj / st["period"]) % 2)[..., None]
-    tex = st["colour"] * (0.7 + 0.3 * stripes) + rng.normal(0, 8, size=(h, w, 3))
-    img = np.where(inside[..., None], tex, img)
-    labels[inside] = k
-  # VOC-style ignore border: pixels whose 4-neighbourhood holds another label.
-  p = np.pad(labels, 1, mode="edge")
-  edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1])
-          | (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:]))
-  labels = np.where(edge, np.uint8(255), labels)
-  return np.clip(img, 0, 255).astype(np.uint8), labels
+    """Renders one example: ((h, w, 3) uint8 image, (h, w) uint8 labels with 255 borders)."""
+    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+    h = int(rng.integers(int(size * 0.75), size + 1))
+    w = int(rng.integers(int(size * 0.75), size + 1))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(60, 160, size=3)
+    grad = rng.uniform(-40, 40, size=(2, 3))
+    img = (base + (yy / h)[..., None] * grad[0] + (xx / w)[..., None] * grad[1]
+           + rng.normal(0, 12, size=(h, w, 3)))
+    labels = np.zeros((h, w), np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        k = int(rng.integers(1, num_classes)) if num_classes > 1 else 0
+        if k == 0:
+            break
+        st = class_style(k, num_classes)
+        r = rng.uniform(size / 8, size / 4)
+        cy, cx = rng.uniform(r * 0.5, h - r * 0.5), rng.uniform(r * 0.5, w - r * 0.5)
+        inside = _shape_mask(st["shape"], yy, xx, cy, cx, r)
+        proj = xx * np.cos(st["angle"]) + yy * np.sin(st["angle"])
+        stripes = (np.floor(proj / st["period"]) % 2)[..., None]
+        tex = st["colour"] * (0.7 + 0.3 * stripes) + rng.normal(0, 8, size=(h, w, 3))
+        img = np.where(inside[..., None], tex, img)
+        labels[inside] = k
+    # VOC-style ignore border: pixels whose 4-neighbourhood holds another label.
+    p = np.pad(labels, 1, mode="edge")
+    edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1])
+            | (p[1:-1, 1:-1] != p[1:-1, :-2]) | (p[1:-1, 1:-1] != p[1:-1, 2:]))
+    labels = np.where(edge, np.uint8(255), labels)
+    return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
 def save_palette_png(labels: np.ndarray, path: str) -> None:
-  """Writes (h, w) uint8 labels as a palette PNG with the VOC palette."""
-  im = Image.fromarray(labels, mode="P")
-  im.putpalette(datasets.voc_palette().reshape(-1).tolist())
-  im.save(path)
+    """Writes (h, w) uint8 labels as a palette PNG with the VOC palette."""
+    im = Image.fromarray(labels, mode="P")
+    im.putpalette(datasets.voc_palette().reshape(-1).tolist())
+    im.save(path)
 
 
 def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classes: int,
                   seed: int = 0, num_labeled: int | None = None, jpeg_quality: int = 90) -> dict:
-  """Writes the dataset (see the module docstring); returns {'labeled', 'unlabeled', 'val'} list paths."""
-  if num_classes < 2 or num_classes > 255:
-    raise ValueError(f"--num_classes={num_classes}: expected 2..255 (background + object classes).")
-  if num_train < 2:
-    raise ValueError(f"--num_train={num_train}: expected >= 2 (labeled and unlabeled images).")
-  num_labeled = num_labeled if num_labeled is not None else max(1, num_train // 4)
-  if not 1 <= num_labeled < num_train:
-    raise ValueError(f"--num_labeled={num_labeled}: expected 1 <= num_labeled < num_train.")
-  os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
-  os.makedirs(os.path.join(root, "SegmentationClass"), exist_ok=True)
-  os.makedirs(os.path.join(root, "splits", "default"), exist_ok=True)
-  lines = {"train": [], "val": []}
-  for split, count in (("train", num_train), ("val", num_val)):
-    for i in range(count):
-      image, labels = render(i, split, size, num_classes, seed)
-      stem = f"{split}_{i:05d}"
-      Image.fromarray(image).save(os.path.join(root, "JPEGImages", stem + ".jpg"),
-                                  quality=jpeg_quality)
-      save_palette_png(labels, os.path.join(root, "SegmentationClass", stem + ".png"))
-      lines[split].append(f"JPEGImages/{stem}.jpg SegmentationClass/{stem}.png\n")
-  paths = {"labeled": os.path.join(root, "splits", "default", "labeled.txt"),
-           "unlabeled": os.path.join(root, "splits", "default", "unlabeled.txt"),
-           "val": os.path.join(root, "splits", "val.txt")}
-  for key, subset in (("labeled", lines["train"][:num_labeled]),
-                      ("unlabeled", lines["train"][num_labeled:]), ("val", lines["val"])):
-    with open(paths[key], "w") as f:
-      f.writelines(subset)
-  with open(os.path.join(root, "class_names.txt"), "w") as f:
-    f.write("\n".join(class_names(num_classes)) + "\n")
-  return paths
+    """Writes the dataset (see the module docstring); returns {'labeled', 'unlabeled', 'val'} list paths."""
+    if num_classes < 2 or num_classes > 255:
+        raise ValueError(f"--num_classes={num_classes}: expected 2..255 (background + object classes).")
+    if num_train < 2:
+        raise ValueError(f"--num_train={num_train}: expected >= 2 (labeled and unlabeled images).")
+    num_labeled = num_labeled if num_labeled is not None else max(1, num_train // 4)
+    if not 1 <= num_labeled < num_train:
+        raise ValueError(f"--num_labeled={num_labeled}: expected 1 <= num_labeled < num_train.")
+    os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
+    os.makedirs(os.path.join(root, "SegmentationClass"), exist_ok=True)
+    os.makedirs(os.path.join(root, "splits", "default"), exist_ok=True)
+    lines = {"train": [], "val": []}
+    for split, count in (("train", num_train), ("val", num_val)):
+        for i in range(count):
+            image, labels = render(i, split, size, num_classes, seed)
+            stem = f"{split}_{i:05d}"
+            Image.fromarray(image).save(os.path.join(root, "JPEGImages", stem + ".jpg"),
+                                        quality=jpeg_quality)
+            save_palette_png(labels, os.path.join(root, "SegmentationClass", stem + ".png"))
+            lines[split].append(f"JPEGImages/{stem}.jpg SegmentationClass/{stem}.png\n")
+    paths = {"labeled": os.path.join(root, "splits", "default", "labeled.txt"),
+             "unlabeled": os.path.join(root, "splits", "default", "unlabeled.txt"),
+             "val": os.path.join(root, "splits", "val.txt")}
+    for key, subset in (("labeled", lines["train"][:num_labeled]),
+                        ("unlabeled", lines["train"][num_labeled:]), ("val", lines["val"])):
+        with open(paths[key], "w") as f:
+            f.writelines(subset)
+    with open(os.path.join(root, "class_names.txt"), "w") as f:
+        f.write("\n".join(class_names(num_classes)) + "\n")
+    return paths
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--root", required=True, help="output data root")
-  parser.add_argument("--num_train", type=int, default=64)
-  parser.add_argument("--num_val", type=int, default=16)
-  parser.add_argument("--num_labeled", type=int, default=None, help="default num_train // 4")
-  parser.add_argument("--size", type=int, default=64, help="largest image side")
-  parser.add_argument("--num_classes", type=int, default=5, help="including background")
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  paths = write_dataset(args.root, args.num_train, args.num_val, args.size, args.num_classes,
-                        args.seed, args.num_labeled)
-  print(f"wrote {args.num_train} train + {args.num_val} val images to {args.root}; lists: {paths}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", required=True, help="output data root")
+    parser.add_argument("--num_train", type=int, default=64)
+    parser.add_argument("--num_val", type=int, default=16)
+    parser.add_argument("--num_labeled", type=int, default=None, help="default num_train // 4")
+    parser.add_argument("--size", type=int, default=64, help="largest image side")
+    parser.add_argument("--num_classes", type=int, default=5, help="including background")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = write_dataset(args.root, args.num_train, args.num_val, args.size, args.num_classes,
+                          args.seed, args.num_labeled)
+    print(f"wrote {args.num_train} train + {args.num_val} val images to {args.root}; lists: {paths}")
 
 
 if __name__ == "__main__":
-  main()
+    main()
