@@ -1,0 +1,137 @@
+"""Orbax checkpoints of the whole TrainState: the latest N, and the best by mIoU kept apart.
+
+Layout under the workdir:
+  checkpoints/<step>/       the last `config.keep_checkpoints` periodic saves
+  checkpoints_best/<step>/  the one with the best validation mIoU so far
+Each step directory holds `state` (the TrainState: weights, optimizer, EMA, Semantic Memory and its
+pointers, PRNG key, step) and `meta` (JSON: step, epoch, mIoU results, ...). Orbax writes into a
+temporary directory and renames it when complete, so an interrupted save never leaves a checkpoint
+that looks valid. Resuming restores the state; the data position follows from the step.
+
+Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or the path of an
+official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint spec that names nothing restorable; the message says what exists."""
+
+
+def is_weight_file(spec: str) -> bool:
+    return str(spec).endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def parse_spec(spec) -> str | int:
+    """'latest' | 'best' | int step | a .pth/.npz path; anything else is a CheckpointError."""
+    spec = str(spec).strip()
+    if spec in ("latest", "best"):
+        return spec
+    if spec.isdigit():
+        return int(spec)
+    if is_weight_file(spec):
+        if not os.path.isfile(spec):
+            raise CheckpointError(f"--checkpoint={spec!r}: no such file")
+        return spec
+    raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', or "
+                          f"the path of an official weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+    """Saves and restores TrainStates under `workdir` (all processes call every method)."""
+
+    def __init__(self, workdir: str, keep: int = 2, *, read_only: bool = False):
+        self.workdir = os.fspath(workdir)
+        # read_only: for eval / predict; the managers then neither create nor delete anything.
+        opts = dict(create=not read_only)
+        if read_only:
+            keep = None
+        self.latest = ocp.CheckpointManager(
+            os.path.join(self.workdir, LATEST_DIR),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if keep is None else max(int(keep), 1), **opts))
+        self.best = ocp.CheckpointManager(
+            os.path.join(self.workdir, BEST_DIR),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else 1, **opts))
+
+    # ------------------------------------------------------------------------------------ save
+    @staticmethod
+    def _save(manager, step: int, state, meta: dict) -> None:
+        if step in manager.all_steps():
+            return
+        manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """A periodic checkpoint (the oldest beyond `keep` is deleted)."""
+        self._save(self.latest, step, state, meta)
+
+    def save_best(self, step: int, state, meta: dict) -> None:
+        """Replaces the best checkpoint."""
+        self._save(self.best, step, state, meta)
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+    # --------------------------------------------------------------------------------- restore
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def resolve(self, spec) -> tuple[Any, int]:
+        """(manager, step) of 'latest' | 'best' | a step number."""
+        spec = parse_spec(spec) if not isinstance(spec, int) else spec
+        steps, best = self.latest.all_steps(), self.best.all_steps()
+        where = (f"{self.workdir} holds steps {sorted(steps)} in {LATEST_DIR}/ and "
+                 f"{sorted(best)} in {BEST_DIR}/")
+        if spec == "latest":
+            candidates = [(s, self.latest) for s in steps] + [(s, self.best) for s in best]
+            if not candidates:
+                raise CheckpointError(f"--checkpoint=latest: no checkpoint in {self.workdir}")
+            step, manager = max(candidates, key=lambda t: t[0])
+            return manager, step
+        if spec == "best":
+            if not best:
+                raise CheckpointError(f"--checkpoint=best: no best checkpoint yet; {where}")
+            return self.best, max(best)
+        if isinstance(spec, int):
+            if spec in steps:
+                return self.latest, spec
+            if spec in best:
+                return self.best, spec
+            raise CheckpointError(f"--checkpoint={spec}: no such step; {where}")
+        raise CheckpointError(f"--checkpoint={spec!r} is a weight file, not a workdir checkpoint")
+
+    def restore(self, spec, template) -> tuple[Any, dict, int]:
+        """(state, meta, step). `template`: a TrainState (arrays or ShapeDtypeStructs with
+        shardings) giving the structure, shapes, dtypes and placement."""
+        manager, step = self.resolve(spec)
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"] or {}), step
+
+    def best_meta(self) -> dict | None:
+        """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
+        steps = self.best.all_steps()
+        if not steps:
+            return None
+        out = self.best.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"] or {})

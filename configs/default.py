@@ -1,0 +1,114 @@
+"""Default configuration: every key the code reads, with its meaning. The ONLY place hyperparameters live.
+
+Dataset configs (`pascal.py`, `cityscapes.py`, `coco.py`, `demo.py`) start from `get_config()` here and
+change what the paper changes. Override anything on the command line:
+
+    python main.py --config configs/pascal.py:1_16 --workdir /tmp/voc --config.optim.lr=0.002
+
+Batch sizes are GLOBAL (summed over every device of every host). The paper trains on 4 GPUs with
+2 labeled + 2 unlabeled images each (COCO 4 + 4): global `data.batch_size` 8 (COCO 16). With a
+different global batch B, scale the learning rate linearly, `optim.lr = paper_lr * B / paper_B`
+(the release's recipe was only tuned at the paper's batch; keep it when you can).
+`train.loss_groups = 4` computes the losses (and OHEM's ranking) per group of B/4 images and averages,
+as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
+"""
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # PRNG seed: model init, dropout / stochastic depth, data order and augmentation.
+
+    # ------------------------------------------------------------------------------------- data
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic'.
+    data.root = None  # Data root in the official layout (split lines are relative to it).
+    data.split = "1_16"  # Split name (e.g. '92'..'1464', '1_16'..'1_2', 'u2pl_1_8') or a labeled list path.
+    data.unlabeled_split = None  # Unlabeled list path / split name; None = the split's own.
+    data.val_split = "val"  # 'val' or the path of a validation list.
+    data.num_classes = 21  # Classes incl. background (VOC 21, Cityscapes 19, COCO 81); checked.
+    data.crop_size = 513  # Training crop side S.
+    data.batch_size = 8  # GLOBAL labeled batch (unlabeled batch is the same); paper: 2/GPU x 4 GPUs.
+    data.source = "files"  # 'files' (decode the root's files) | 'tfds' (allspark_jax.data.prepare records).
+    data.tfds_data_dir = None  # TFDS data dir for source 'tfds' (None = TFDS default).
+    data.student_view = "weak"  # 'weak' (release: student sees the teacher's view) | 'strong'.
+    data.cutmix_prob = 0.0  # Probability of a CutMix box per unlabeled image (release: 0, off).
+    data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
+    data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
+    data.check_files = True  # Check eagerly that every listed file exists.
+    data.num_parallel_calls = -1  # tf.data map parallelism (-1 = AUTOTUNE).
+    data.prefetch = 2  # Batches prefetched by tf.data (host) and to the devices.
+    # Only for data.name == 'synthetic' with data.root None: the dataset written into
+    # <workdir>/synthetic_data by allspark_jax.data.synthetic before the run.
+    data.synthetic = ml_collections.ConfigDict(dict(
+        num_train=64,  # Training images (labeled + unlabeled).
+        num_labeled=16,  # Labeled among them.
+        num_val=16,  # Validation images.
+        size=64,  # Largest image side (each side drawn in [0.75 size, size]).
+        seed=0,  # Rendering seed.
+    ))
+
+    # ------------------------------------------------------------------------------------ model
+    config.model = model = ml_collections.ConfigDict()
+    model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
+    model.drop_path_rate = None  # Stochastic depth of the encoder; None = the preset's 0.1.
+    model.num_classes = data.get_ref("num_classes")  # Output classes (follows data.num_classes).
+    model.allspark_heads = 2  # AllSpark heads H (2 in every paper config).
+    model.decoder_dim = 768  # SegFormer head embedding dim E.
+    model.head_dropout = 0.1  # Dropout2d before the classifier.
+    model.attn_drop = 0.1  # AllSpark attention dropout.
+    model.proj_drop = 0.1  # AllSpark output projection dropout.
+    model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
+    model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
+    model.pretrained = None  # Path of a SegFormer ImageNet encoder (mit_b5.pth) to start from.
+
+    # -------------------------------------------------------------------------------- optimiser
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.lr = 0.001  # Encoder learning rate at the paper's global batch (see the module docstring).
+    optim.lr_multi = 10.0  # The rest (AllSpark + head) trains at lr * lr_multi.
+    optim.momentum = 0.9  # SGD momentum.
+    optim.weight_decay = 1e-4  # Coupled (PyTorch SGD) weight decay on every parameter.
+    optim.poly_power = 0.9  # Poly schedule lr * (1 - t / total)^power.
+
+    # --------------------------------------------------------------------------------- training
+    config.train = train = ml_collections.ConfigDict()
+    train.epochs = 80  # Epochs; an epoch walks the unlabeled list once (unlabeled // batch steps).
+    train.num_train_steps = -1  # > 0: stop after this many steps (the schedule still spans `epochs`).
+    train.warmup_epoch = 5  # The Semantic Memory is read from this epoch on (before: batch keys).
+    train.loss_x = "ce"  # Supervised loss: 'ce' | 'ohem'.
+    train.ohem_thresh = 0.7  # OHEM probability threshold.
+    train.ohem_min_kept = 200000  # OHEM minimum kept pixels (per loss group).
+    train.loss_groups = 1  # Losses averaged per group of the batch; 4 = the release's 4 GPUs.
+    train.teacher = "online"  # 'online' (release: the student itself in inference mode) | 'ema'.
+    train.ema_decay = 0.999  # EMA teacher decay (teacher == 'ema').
+    train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
+    train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
+    train.key_group_size = None  # Teacher keys mix groups of this many images (None = whole batch).
+
+    # ------------------------------------------------------------------------------- evaluation
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.mode = "original"  # 'original' | 'center_crop' | 'sliding_window'.
+    ev.crop_size = None  # Window / crop side for center_crop and sliding_window; None = data.crop_size.
+    ev.best_of = "student"  # Which weights pick the 'best' checkpoint: 'student' | 'ema'.
+    ev.progress_bar = True  # Console progress bar during evaluation.
+    ev.max_images = -1  # > 0: evaluate only the first images (quick checks); -1 = all.
+
+    # ----------------------------------------------------------------------- run loop / logging
+    config.log_every_steps = 50  # Write losses, learning rates and throughput every this many steps.
+    config.eval_every_steps = -1  # Evaluate every this many steps; <= 0: at the end of every epoch.
+    config.checkpoint_every_steps = -1  # Save every this many steps; <= 0: end of every epoch.
+    config.keep_checkpoints = 2  # How many of the latest checkpoints to keep (the best is kept apart).
+    config.profile = False  # Record a profiler trace (TensorBoard) of a few steps.
+    config.profile_first_step = 10  # First profiled step.
+    config.profile_num_steps = 5  # Number of profiled steps.
+    config.compilation_cache = False  # Persistent XLA compilation cache in <workdir>/jax_cache.
+
+    # ----------------------------------------------------------------------------- distribution
+    config.shard_params = False  # Shard params / optimizer state over devices (ZeRO style).
+    config.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address=None,  # host:port of process 0 for multi-host runs (or env ALLSPARK_*).
+        num_processes=None,  # Number of processes.
+        process_id=None,  # This process's id.
+        auto=False,  # jax.distributed.initialize() with JAX's cluster auto-detection.
+    ))
+    return config

@@ -1,0 +1,43 @@
+"""A first run on a 2-core CPU in a few minutes: a synthetic dataset and a small MiT.
+
+    python main.py --config configs/demo.py --workdir /tmp/demo
+
+The synthetic dataset (Pascal layout: shapes with per-class texture and colour, 5 classes incl.
+background) is written into <workdir>/synthetic_data on the first run. The model is a MiT with
+embed dims (16, 32, 64, 96), one block per stage and a 64-dim decoder, trained from scratch. The run
+trains, evaluates (centre crops, one compiled shape) at the end of every few epochs, checkpoints,
+and resumes if started again with the same workdir. Predicting background everywhere scores an
+mIoU of 15.9 (79% of the labeled validation pixels are background); the demo reaches about 70.
+"""
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.name = "synthetic"
+    config.data.root = None  # written into <workdir>/synthetic_data
+    config.data.split = "default"
+    config.data.num_classes = 5
+    config.data.crop_size = 64
+    config.data.batch_size = 8
+    config.data.labeled_strong = False  # a tiny model learns faster without colour jitter
+    config.data.synthetic.num_train = 168
+    config.data.synthetic.num_labeled = 40
+    config.data.synthetic.num_val = 24
+    config.data.synthetic.size = 80
+    del config.model.backbone  # a preset name in default.py; a dict of MiT fields here
+    config.model.backbone = dict(embed_dims=(16, 32, 64, 96), depths=(1, 1, 1, 1),
+                                 num_heads=(1, 2, 4, 6))
+    config.model.drop_path_rate = 0.0
+    config.model.decoder_dim = 64
+    config.model.pretrained = None
+    config.optim.lr = 0.01
+    config.optim.lr_multi = 1.0
+    config.train.epochs = 24
+    config.train.warmup_epoch = 4
+    config.eval.mode = "center_crop"
+    config.eval.crop_size = 60  # every val image is at least 0.75 * 80 = 60 px on each side
+    config.log_every_steps = 16
+    config.eval_every_steps = 96
+    config.checkpoint_every_steps = 96
+    return config
