@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allspark_jax.sharding import to_host
+
 IGNORE_INDEX = 255
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 
@@ -189,7 +191,6 @@ def evaluate(predictor: Predictor, variables, examples, num_classes: int, *,
       {'miou': float, 'iou': {name: float}, 'num_images': int (all processes), 'mode': str}.
     """
     devices = jax.local_devices()
-    from allspark_jax.sharding import to_host
     host_vars = to_host(variables)
     per_device = [jax.device_put(host_vars, d) for d in devices]
     counts = np.zeros((3, num_classes), np.int64)
