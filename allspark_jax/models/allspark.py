@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allspark_jax.models.head import torch_default_init
+from allspark_jax.models.head import Conv1x1
 from allspark_jax.models.resize import resize_bilinear
 
 Dtype = Any
@@ -192,8 +192,7 @@ class AllSpark(nn.Module):
     def __call__(self, e4, *, mode: str, teacher_logits=None, use_memory: bool = False,
                  key_group_size: int | None = None):
         b, h, w, c = e4.shape
-        conv = lambda name: nn.Conv(c, (1, 1), kernel_init=torch_default_init,  # noqa: E731
-                                    dtype=self.dtype, name=name)
+        conv = lambda name: Conv1x1(c, dtype=self.dtype, name=name)  # noqa: E731
         en = nn.gelu(conv("map_in")(e4), approximate=False).reshape(b, h * w, c)
         emb = nn.LayerNorm(1e-6, name="attn_norm")(en)
         emb = CrossAttnMem(c, self.num_heads, self.num_classes, self.attn_drop, self.proj_drop,

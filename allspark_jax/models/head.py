@@ -15,6 +15,30 @@ Dtype = Any
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
+class Conv1x1(nn.Module):
+    """A 1x1 convolution computed as a matmul over channels. (B, H, W, C_in) -> (B, H, W, features).
+
+    Same parameters, initialisation and result as `nn.Conv(features, (1, 1))` (kernel
+    (1, 1, C_in, features), bias (features,)), so state dicts map unchanged. Why not `nn.Conv`:
+    XLA:CPU hands 1x1 convolutions to a library kernel whose weight gradient ran at 1.5 % of the
+    matmul peak, 50 % of a MiT-B0 train step (BENCHMARKS.md, "1x1 convolutions as matmuls").
+    """
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Any = torch_default_init
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias
+                else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(x, kernel[0, 0])
+        return y if bias is None else y + bias
+
+
 class TorchBatchNorm(nn.Module):
     """BatchNorm2d as PyTorch computes it. (B, H, W, C) -> (B, H, W, C).
 
@@ -53,36 +77,72 @@ class TorchBatchNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+class DenseParams(nn.Module):
+    """A dense layer's parameters, returned rather than applied: kernel `shape`, bias (shape[-1],).
+
+    Initialised as PyTorch's Linear / Conv (fan_in = product of all but the last axis).
+    """
+
+    shape: tuple[int, ...]
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", torch_default_init, self.shape)
+        bias = (self.param("bias", nn.initializers.zeros, (self.shape[-1],)) if self.use_bias
+                else None)
+        return kernel, bias
+
+
 class MLPProjection(nn.Module):
-    """Per-stage token projection `linear_ci.proj`. (B, h, w, C_i) -> (B, h, w, E)."""
+    """`linear_ci.proj`: the (C_i, E) kernel and (E,) bias of a stage's token projection."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, in_dim: int):
+        return DenseParams((in_dim, self.dim), name="proj")()
+
+
+class LinearFuse(nn.Module):
+    """`linear_fuse`, 1x1 conv without bias -> BatchNorm -> ReLU, on the concatenated projections.
+
+    `__call__(inputs, size, train)`: inputs = [(x_i (B, h_i, w_i, C_i), W_i (C_i, E), b_i (E,))] in
+    the release's concatenation order; returns (B, size[0], size[1], E). The release computes
+        relu(bn(concat_i(up(x_i W_i + b_i)) F)),   F = the (n E, E) fuse kernel,
+    at the stage-1 resolution. Bilinear upsampling `up` is linear with weights summing to one, so
+    that equals relu(bn(sum_i up(x_i (W_i F_i)) + sum_i b_i F_i)) with F_i the i-th block of F
+    rows. The folded form multiplies each map at its own resolution by a (C_i, E) matrix and never
+    forms the (B, H/4, W/4, n E) concatenation: the (n E x E) matmul at stage-1 resolution, most of
+    the head's FLOPs, is gone (BENCHMARKS.md, "Folded decode head"). Same parameters, same
+    function; float32 round-off differs.
+    """
 
     dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        return nn.Dense(self.dim, kernel_init=torch_default_init,
-                        bias_init=nn.initializers.zeros, dtype=self.dtype, name="proj")(x)
-
-
-class ConvBNReLU(nn.Module):
-    """`linear_fuse`: 1x1 conv without bias -> BatchNorm -> ReLU."""
-
-    dim: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = nn.Conv(self.dim, (1, 1), use_bias=False, kernel_init=torch_default_init,
-                    dtype=self.dtype, name="conv")(x)
-        return nn.relu(TorchBatchNorm(name="bn")(x, train))
+    def __call__(self, inputs, size: tuple[int, int], train: bool):
+        kernel, _ = DenseParams((1, 1, len(inputs) * self.dim, self.dim), use_bias=False,
+                                name="conv")()
+        blocks = jnp.split(kernel[0, 0], len(inputs), axis=0)  # F_i: (E, E) each
+        y, shift = None, None
+        for (x, w, b), f in zip(inputs, blocks):
+            x, w, b, f = nn.dtypes.promote_dtype(x, w, b, f, dtype=self.dtype)
+            z = jnp.dot(x, jnp.dot(w, f))
+            if z.shape[1:3] != tuple(size):
+                z = resize_bilinear(z, size)
+            y = z if y is None else y + z
+            shift = jnp.dot(b, f) if shift is None else shift + jnp.dot(b, f)
+        return nn.relu(TorchBatchNorm(name="bn")(y + shift, train))
 
 
 class SegFormerHead(nn.Module):
     """All-MLP decoder. Four maps (B, h_i, w_i, C_i) -> logits (B, h_1, w_1, num_classes).
 
-    The stage-2..4 projections are upsampled to the stage-1 grid and concatenated as
-    [c4, c3, c2, c1] (the release's order, which fixes the layout of `linear_fuse`'s kernel).
+    As the release: the stage-2..4 projections are upsampled to the stage-1 grid, concatenated as
+    [c4, c3, c2, c1] (the order fixes the layout of `linear_fuse`'s kernel) and fused; computed in
+    the folded form of `LinearFuse`.
     """
 
     num_classes: int
@@ -93,13 +153,11 @@ class SegFormerHead(nn.Module):
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], train: bool = False):
         size = features[0].shape[1:3]
-        projected = []
+        inputs = []
         for i in (4, 3, 2, 1):
-            y = MLPProjection(self.embed_dim, self.dtype, name=f"linear_c{i}")(features[i - 1])
-            projected.append(y if i == 1 else resize_bilinear(y, size))
-        x = ConvBNReLU(self.embed_dim, self.dtype, name="linear_fuse")(
-            jnp.concatenate(projected, axis=-1), train)
+            w, b = MLPProjection(self.embed_dim, name=f"linear_c{i}")(features[i - 1].shape[-1])
+            inputs.append((features[i - 1], w, b))
+        x = LinearFuse(self.embed_dim, self.dtype, name="linear_fuse")(inputs, size, train)
         # Dropout2d: whole channels of a sample are dropped together.
         x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
-        return nn.Conv(self.num_classes, (1, 1), kernel_init=torch_default_init,
-                       dtype=self.dtype, name="linear_pred")(x)
+        return Conv1x1(self.num_classes, dtype=self.dtype, name="linear_pred")(x)

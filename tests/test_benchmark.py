@@ -1,0 +1,146 @@
+"""allspark_jax.benchmark on a tiny model: every measurement runs and its figures are consistent.
+
+Nothing here asserts a speed (speeds are machine facts, recorded in BENCHMARKS.md); the tests check
+that the figures are computed from the right programs: FLOPs from XLA agree with the matmul formula,
+the train step costs more than three inference passes, the profile attributes time to the phases
+and modules that exist, scaling runs 1 and 2 devices at a fixed per-device batch, and the report /
+JSON carry it all.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from allspark_jax import benchmark
+from run_config import ROOT, cli_flags, subprocess_env, tiny_config
+
+
+@pytest.fixture(scope="module")
+def results():
+    config = tiny_config()
+    return benchmark.run(config, what=["matmul", "train", "infer", "profile", "pipeline"], steps=2,
+                         warmup=1, per_device_batch=2, matmul_size=256, profile_steps=1,
+                         pipeline_images=8, pipeline_image_size=48, log=lambda s: None)
+
+
+def test_matmul_flops_are_xlas_and_the_formula(results):
+    m = results["matmul"]
+    assert m["flops"] == 2 * 256 ** 3
+    assert m["xla_flops"] == pytest.approx(m["flops"], rel=1e-6)
+    assert m["peak_tflops_per_s"] == pytest.approx(m["flops"] / m["seconds"] / 1e12)
+
+
+def test_train_and_infer_figures(results):
+    t, i = results["train"], results["infer"]
+    assert results["batch"] == 2 * results["devices"]
+    assert t["images_per_step"] == 2 * results["batch"] and i["images_per_step"] == results["batch"]
+    for r in (t, i):
+        assert len(r["times"]) == 2 and r["seconds"] == pytest.approx(sorted(r["times"])[0] / 2
+                                                                     + sorted(r["times"])[1] / 2)
+        assert r["images_per_s"] == pytest.approx(r["images_per_step"] / r["seconds"])
+        assert r["compile_s"] > 0 and r["flops"] > 0
+        assert 0 < r["utilisation"] == pytest.approx(
+            r["flops"] / r["seconds"] / (results["matmul"]["peak_tflops_per_s"] * 1e12))
+        parts = r["xla_memory_parts"]
+        assert r["xla_memory_bytes"] == (parts["argument"] + parts["output"] - parts["alias"]
+                                         + parts["temp"] + parts["generated_code"])
+        assert r["host_peak_rss_bytes"] > 0
+    # teacher pass on B + student forward and backward on 2B: well over 3 B-image forwards
+    assert t["flops"] > 3 * i["flops"]
+    # the donated state is an argument of the step and aliased to its output
+    assert t["xla_memory_parts"]["alias"] > 0
+
+
+def test_profile_attributes_time_to_phases_and_modules(results):
+    p = results["profile"]
+    assert p["ops_traced"] > 50 and p["op_seconds_per_step"] > 0
+    assert set(p["phase"]) == {"teacher", "forward", "backward", "update"}
+    for group in ("phase", "module", "kind", "phase_module_kind"):
+        assert sum(p[group].values()) == pytest.approx(p["op_seconds_per_step"], rel=1e-6)
+    for module in ("encoder s1 attention", "encoder s4 mlp", "encoder s2 patch_embed", "allspark",
+                   "head"):
+        assert p["module"].get(module, 0) > 0, module
+    assert "matmul" in p["kind"]
+
+
+def test_pipeline_against_the_step(results):
+    p = results["pipeline"]
+    assert p["pipeline_examples_per_s"] > 0 and p["fed_step_seconds"] > 0
+    assert p["step_examples_per_s"] == pytest.approx(results["batch"] / results["train"]["seconds"])
+    assert p["pipeline_over_step"] == pytest.approx(p["pipeline_examples_per_s"]
+                                                    / p["step_examples_per_s"])
+
+
+def test_report_and_json(results):
+    text = benchmark.format_report(results)
+    for word in ("matmul peak", "train", "infer", "profile", "by phase", "pipeline"):
+        assert word in text
+    assert json.loads(json.dumps(results))["train"]["flops"] == results["train"]["flops"]
+
+
+@pytest.mark.parametrize("op_name, expected", [
+    ("jit(step)/AllSparkSegmentor/backbone/block1_0/attn/dot_general", ("teacher",
+                                                                        "encoder s1 attention")),
+    ("jit(step)/jvp(AllSparkSegmentor)/backbone/block3_12/mlp/dwconv/conv", ("forward",
+                                                                            "encoder s3 mlp")),
+    ("jit(step)/transpose(jvp(AllSparkSegmentor))/backbone/patch_embed2/proj/conv",
+     ("backward", "encoder s2 patch_embed")),
+    ("jit(step)/transpose(jvp(AllSparkSegmentor))/backbone/norm4/add", ("backward",
+                                                                        "encoder s4 norm")),
+    ("jit(step)/jvp(AllSparkSegmentor)/backbone/block2_1/norm1/mul", ("forward", "encoder s2 norm")),
+    ("jit(step)/jvp(AllSparkSegmentor)/allspark/attn/reshape", ("forward", "allspark")),
+    ("jit(step)/AllSparkSegmentor/head/linear_fuse/conv", ("teacher", "head")),
+    ("jit(step)/mul", ("update", "other")),
+    ("", ("update", "other")),
+])
+def test_classify(op_name, expected):
+    assert benchmark.classify(op_name) == expected
+
+
+def test_hlo_op_names():
+    text = """HloModule m
+
+%f (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %add.1 = f32[4]{0} add(%p, %p), metadata={op_name="jit(f)/head/add"}
+}
+
+%g (q: f32[4]) -> f32[4] {
+  %q = f32[4]{0} parameter(0)
+  ROOT %convolution.2 = f32[4]{0} convolution(%q, %q), window={size=1}, metadata={op_name="jit(f)/transpose(jvp(m))/head/conv"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %fusion.3 = f32[4]{0} fusion(%a), kind=kLoop, calls=%f, metadata={op_name="jit(f)/allspark/mul" stack_frame_id=1}
+  %ynn_fusion.4 = f32[4]{0} fusion(%fusion.3), kind=kCustom, calls=%g
+  ROOT %dot.1 = f32[4]{0} dot(%ynn_fusion.4, %a), lhs_contracting_dims={0}
+}"""
+    names = benchmark.hlo_op_names(text)
+    assert names["fusion.3"] == ("fusion:add", "jit(f)/allspark/mul")
+    assert names["ynn_fusion.4"] == ("fusion:convolution", "jit(f)/transpose(jvp(m))/head/conv")
+    assert names["dot.1"] == ("dot", "")
+    assert names["a"] == ("parameter", "")
+    assert benchmark.op_kind(*names["ynn_fusion.4"][:1], "ynn_fusion.4") == "conv"
+
+
+def test_unknown_measurement_is_named():
+    with pytest.raises(ValueError, match="--what.*'speed'"):
+        benchmark.run(tiny_config(), what=["speed"], log=lambda s: None)
+
+
+def test_cli_scaling_at_fixed_per_device_batch(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "allspark_jax.benchmark", f"--config={ROOT}/configs/demo.py",
+           *cli_flags(), "--what=scaling", "--devices=1,2", "--per_device_batch=1", "--steps=1",
+           "--warmup=0", f"--json={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["scaling"]
+    assert [(r["devices"], r["global_batch"]) for r in rows] == [(1, 1), (2, 2)]
+    assert rows[0]["efficiency"] == pytest.approx(1.0)
+    assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert "scaling (per-device batch 1)" in proc.stdout
