@@ -295,7 +295,11 @@ def classify(op_name: str) -> tuple[str, str]:
     phase: 'teacher' (the teacher pass, no autodiff), 'forward' / 'backward' (the student under
     jvp / its transpose), 'update' (loss, optimizer, EMA: ops outside the model).
     module: 'encoder s<i> attention|mlp|patch_embed|norm', 'allspark', 'head', 'other'.
+    Ops that XLA created without any JAX name (it does so for some convolution weight gradients)
+    are ('unattributed', 'unattributed').
     """
+    if not op_name:
+        return "unattributed", "unattributed"
     if "transpose(" in op_name:
         phase = "backward"
     elif "jvp(" in op_name:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -105,6 +105,32 @@ class OverlapPatchEmbed(nn.Module):
         return layer_norm(1e-5, "norm")(x)
 
 
+class PatchConv(nn.Module):
+    """`nn.Conv(features, (r, r), (r, r), padding='VALID')` as a matmul over flattened patches.
+
+    (B, h, w, C) -> (B, h // r, w // r, features); rows / columns past the last whole patch are
+    dropped, as by the VALID convolution. Same parameters (kernel (r, r, C, features), bias) and
+    result. Why: the weight gradient of a strided convolution is a window-dilated convolution that
+    XLA:CPU ran at a few % of the matmul peak; as a matmul it is a plain dot (BENCHMARKS.md,
+    "Spatial reduction as a patch matmul").
+    """
+
+    features: int
+    patch: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        r = self.patch
+        kernel = self.param("kernel", conv_init(), (r, r, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        hh, ww = h // r, w // r
+        patches = x[:, :hh * r, :ww * r].reshape(b, hh, r, ww, r, c)
+        return jnp.einsum("bhiwjc,ijco->bhwo", patches, kernel) + bias
+
+
 class EfficientAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced map.
 
@@ -126,8 +152,7 @@ class EfficientAttention(nn.Module):
         q = dense(c, "q", self.qkv_bias)(x).reshape(b, h * w, self.num_heads, hd)
         if self.sr_ratio > 1:
             r = self.sr_ratio
-            x = nn.Conv(c, (r, r), (r, r), padding="VALID", kernel_init=conv_init(),
-                        dtype=self.dtype, name="sr")(x)
+            x = PatchConv(c, r, self.dtype, name="sr")(x)
             x = layer_norm(1e-5, "norm")(x)
         kv = dense(2 * c, "kv", self.qkv_bias)(x).reshape(b, -1, 2, self.num_heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
