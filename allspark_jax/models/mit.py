@@ -131,6 +131,46 @@ class PatchConv(nn.Module):
         return jnp.einsum("bhiwjc,ijco->bhwo", patches, kernel) + bias
 
 
+@jax.checkpoint
+def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Same-padded depthwise convolution as k * k shifted multiply-adds.
+
+    x (B, h, w, C), kernel (k, k, 1, C), bias (C,) -> (B, h, w, C). Checkpointed: the backward pass
+    keeps only the inputs and recomputes the (cheap, elementwise) products, instead of holding the
+    padded map and its k * k shifted products.
+    """
+    k, _, _, _ = kernel.shape
+    h, w, p = x.shape[1], x.shape[2], k // 2
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    y = bias
+    for i in range(k):
+        for j in range(k):
+            y = y + padded[:, i:i + h, j:j + w] * kernel[i, j, 0]
+    return y
+
+
+class DepthwiseConv(nn.Module):
+    """`nn.Conv(C, (k, k), padding=k // 2, feature_group_count=C)` as shifted multiply-adds.
+
+    (B, h, w, C) -> (B, h, w, C). Same parameters (kernel (k, k, 1, C), bias (C,)) and result.
+    Why: XLA:CPU computes a depthwise convolution's weight gradient as a library convolution that
+    took over half of a MiT-B5 train step; written as shifted products (`depthwise_conv`), the
+    forward and both gradients are elementwise fusions and reductions (BENCHMARKS.md, "Depthwise
+    convolution as shifted products").
+    """
+
+    kernel_size: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c, k = x.shape[-1], self.kernel_size
+        kernel = self.param("kernel", conv_init(c), (k, k, 1, c))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return depthwise_conv(x, kernel, bias)
+
+
 class EfficientAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced map.
 
@@ -172,8 +212,7 @@ class MixFFN(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
-        x = nn.Conv(self.hidden, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=self.hidden,
-                    kernel_init=conv_init(self.hidden), dtype=self.dtype, name="dwconv")(x)
+        x = DepthwiseConv(3, self.dtype, name="dwconv")(x)
         x = nn.gelu(x, approximate=False)
         return nn.Dense(self.dim, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
 
