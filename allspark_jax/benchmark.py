@@ -23,6 +23,8 @@ with `block_until_ready`; compile time excludes tracing, which is reported apart
              stage and sub-layer, AllSpark, head) through the op metadata of the compiled program.
   * pipeline the training input pipeline (synthetic Pascal-sized JPEGs at the crop) alone, in
              examples/s, against the examples/s the step consumes; and the step fed by it.
+  * compile  the train step compiled, not run: compile time, FLOPs and XLA's memory estimate, for
+             configurations that do not fit the host.
   * scaling  the train step in subprocesses with 1..N devices (`--devices`) at a fixed per-device
              batch; on CPU the devices are simulated (`jax_num_cpu_devices`) and share the host.
 """
@@ -42,7 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling")
+ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling", "compile")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "pascal.py")
 
@@ -220,6 +222,17 @@ def bench_train(ctx: dict, config, steps: int, warmup: int, peak: float | None) 
     out["device_peak_bytes"] = device_peak_bytes()
     out["host_peak_rss_bytes"] = host_peak_rss_bytes()
     return out
+
+
+def compile_train(ctx: dict, config) -> dict:
+    """The train step's compile statistics without running it."""
+    from allspark_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    step = train_lib.make_train_step(ctx["model"], ctx["tx"], config.train, use_memory=True,
+                                     state_sharding=ctx["state_sharding"],
+                                     batch_sharding=ctx["batch_sharding"])
+    batch = synthetic_batch(ctx["batch"], ctx["crop"], int(config.data.num_classes),
+                            ctx["batch_sharding"])
+    return compile_stats(step, ctx["state"], batch)[1]
 
 
 def bench_infer(ctx: dict, config, steps: int, warmup: int, peak: float | None) -> dict:
@@ -555,7 +568,7 @@ def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int 
         r["matmul"] = bench_matmul(matmul_size, config.model.dtype, steps)
         peak = r["matmul"]["peak_tflops_per_s"] * 1e12
         log(f"matmul: {r['matmul']['peak_tflops_per_s']:.3f} TFLOP/s")
-    needs_state = {"train", "infer", "profile", "pipeline"} & set(what)
+    needs_state = {"train", "infer", "profile", "pipeline", "compile"} & set(what)
     ctx = setup(config, per_device_batch) if needs_state else None
     if ctx is not None:
         r["devices"], r["batch"] = ctx["devices"], ctx["batch"]
@@ -567,6 +580,10 @@ def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int 
     if {"train", "profile", "pipeline"} & set(what):
         r["train"] = bench_train(ctx, config, steps, warmup, peak)
         log(f"train: {r['train']['seconds']:.3f} s/step (compile {r['train']['compile_s']:.1f} s)")
+    if "compile" in what:
+        r["compile"] = compile_train(ctx, config)
+        log(f"compile: {r['compile']['compile_s']:.1f} s, XLA memory "
+            f"{r['compile'].get('xla_memory_bytes', 0) / 2 ** 30:.2f} GiB")
     if "infer" in what:
         r["infer"] = bench_infer(ctx, config, steps, warmup, peak)
         log(f"infer: {r['infer']['seconds']:.3f} s/batch")

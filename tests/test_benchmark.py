@@ -19,7 +19,7 @@ from run_config import ROOT, cli_flags, subprocess_env, tiny_config
 @pytest.fixture(scope="module")
 def results():
     config = tiny_config()
-    return benchmark.run(config, what=["matmul", "train", "infer", "profile", "pipeline"], steps=2,
+    return benchmark.run(config, what=["matmul", "train", "infer", "profile", "pipeline", "compile"], steps=2,
                          warmup=1, per_device_batch=2, matmul_size=256, profile_steps=1,
                          pipeline_images=8, pipeline_image_size=48, log=lambda s: None)
 
@@ -50,6 +50,11 @@ def test_train_and_infer_figures(results):
     assert t["flops"] > 3 * i["flops"]
     # the donated state is an argument of the step and aliased to its output
     assert t["xla_memory_parts"]["alias"] > 0
+
+
+def test_compile_only_matches_the_run_program(results):
+    c, t = results["compile"], results["train"]
+    assert c["flops"] == t["flops"] and c["xla_memory_bytes"] == t["xla_memory_bytes"]
 
 
 def test_profile_attributes_time_to_phases_and_modules(results):
