@@ -198,14 +198,20 @@ def bench_matmul(n: int, dtype: str, steps: int, warmup: int = 1) -> dict:
             "xla_flops": stats["flops"], "peak_tflops_per_s": flops / seconds / 1e12}
 
 
-def bench_train(ctx: dict, config, steps: int, warmup: int, peak: float | None) -> dict:
-    """The full train step (memory read) on a synthetic batch; carries the donated state."""
+def _train_program(ctx: dict, config):
+    """The jitted train step (memory read, state donated) and a synthetic batch for it."""
     from allspark_jax import train as train_lib  # pylint: disable=g-import-not-at-top
     step = train_lib.make_train_step(ctx["model"], ctx["tx"], config.train, use_memory=True,
                                      state_sharding=ctx["state_sharding"],
                                      batch_sharding=ctx["batch_sharding"])
     batch = synthetic_batch(ctx["batch"], ctx["crop"], int(config.data.num_classes),
                             ctx["batch_sharding"])
+    return step, batch
+
+
+def bench_train(ctx: dict, config, steps: int, warmup: int, peak: float | None) -> dict:
+    """The full train step (memory read) on a synthetic batch; carries the donated state."""
+    step, batch = _train_program(ctx, config)
     compiled, stats = compile_stats(step, ctx["state"], batch)
     holder = {"state": ctx["state"]}
 
@@ -226,12 +232,7 @@ def bench_train(ctx: dict, config, steps: int, warmup: int, peak: float | None) 
 
 def compile_train(ctx: dict, config) -> dict:
     """The train step's compile statistics without running it."""
-    from allspark_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-    step = train_lib.make_train_step(ctx["model"], ctx["tx"], config.train, use_memory=True,
-                                     state_sharding=ctx["state_sharding"],
-                                     batch_sharding=ctx["batch_sharding"])
-    batch = synthetic_batch(ctx["batch"], ctx["crop"], int(config.data.num_classes),
-                            ctx["batch_sharding"])
+    step, batch = _train_program(ctx, config)
     return compile_stats(step, ctx["state"], batch)[1]
 
 
