@@ -86,6 +86,7 @@ def main(argv):
     from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
+    sharding.set_xla_flags(config)
     sharding.initialize_distributed(config)
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())

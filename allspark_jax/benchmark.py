@@ -605,6 +605,8 @@ def main(argv) -> None:
         paths = sorted(os.path.join(f.table, p) for p in os.listdir(f.table) if p.endswith(".json"))
         print(markdown_table(paths))
         return
+    from allspark_jax import sharding  # pylint: disable=g-import-not-at-top
+    sharding.set_xla_flags(f.config)
     if f.num_devices:
         import jax  # pylint: disable=g-import-not-at-top
         jax.config.update("jax_num_cpu_devices", int(f.num_devices))

@@ -17,6 +17,25 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def set_xla_flags(config) -> None:
+    """Appends `config.xla_flags` to the XLA_FLAGS environment variable.
+
+    XLA reads XLA_FLAGS once, when JAX starts its backends, so this runs before the first
+    computation or device query (main.py and the benchmark call it first). A flag already present
+    in the environment is left as the user set it.
+    """
+    extra = str(config.get("xla_flags", None) or "").split()
+    if not extra:
+        return
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(f"config.xla_flags={' '.join(extra)!r} can only take effect before JAX "
+                           "starts its backends; call sharding.set_xla_flags(config) first")
+    current = os.environ.get("XLA_FLAGS", "").split()
+    present = {f.split("=")[0] for f in current}
+    os.environ["XLA_FLAGS"] = " ".join(current + [f for f in extra if f.split("=")[0] not in present])
+
+
 def initialize_distributed(config) -> None:
     """`jax.distributed.initialize` for multi-host runs.
 

@@ -16,21 +16,22 @@ bench() {  # name, then flags
 m() { echo "--config.model.backbone=$1 --config.data.crop_size=$2 --config.model.dtype=$3 --config.model.remat=$4"; }
 # shellcheck disable=SC2046
 {
-bench b0_513_f32 $(m b0 513 float32 False) --what=matmul,train,infer,profile,pipeline --steps=3
-bench b0_513_f32_remat $(m b0 513 float32 True) --what=matmul,train,infer --steps=3
-bench b0_513_bf16 $(m b0 513 bfloat16 False) --what=matmul,train,infer,profile --steps=3
-bench b0_513_bf16_remat $(m b0 513 bfloat16 True) --what=matmul,train,infer --steps=3
+bench b0_513_f32 $(m b0 513 float32 False) --what=matmul,train,infer,profile --steps=3
 bench b5_513_f32 $(m b5 513 float32 False) --what=matmul,train,infer,profile --steps=2 --profile_steps=1
-bench b5_513_f32_remat $(m b5 513 float32 True) --what=matmul,train,infer --steps=2
-bench scaling_b0_257 $(m b0 257 float32 False) --what=scaling --devices=1,2,4,8 --steps=3
-bench b5_801_f32_remat $(m b5 801 float32 True) --what=matmul,train,infer --steps=2
-bench b5_801_f32 $(m b5 801 float32 False) --what=matmul,train,infer --steps=2
+bench b0_513_bf16 $(m b0 513 bfloat16 False) --what=matmul,train,infer --steps=3
+bench b0_513_f32_remat $(m b0 513 float32 True) --what=matmul,train,infer --steps=3
+bench b0_513_bf16_remat $(m b0 513 bfloat16 True) --what=matmul,train,infer --steps=3
 bench b5_513_bf16 $(m b5 513 bfloat16 False) --what=matmul,train,infer --steps=2
+bench b5_513_f32_remat $(m b5 513 float32 True) --what=matmul,train,infer --steps=2
 bench b5_513_bf16_remat $(m b5 513 bfloat16 True) --what=matmul,train,infer --steps=2
 bench b0_801_f32 $(m b0 801 float32 False) --what=matmul,train,infer --steps=3
-bench b0_801_f32_remat $(m b0 801 float32 True) --what=matmul,train,infer --steps=3
 bench b0_801_bf16 $(m b0 801 bfloat16 False) --what=matmul,train,infer --steps=3
+bench b0_801_f32_remat $(m b0 801 float32 True) --what=matmul,train,infer --steps=3
 bench b0_801_bf16_remat $(m b0 801 bfloat16 True) --what=matmul,train,infer --steps=3
+bench compile_b5_801_f32 $(m b5 801 float32 False) --what=compile
+bench compile_b5_801_f32_remat $(m b5 801 float32 True) --what=compile
 bench b5_801_bf16 $(m b5 801 bfloat16 False) --what=matmul,train,infer --steps=2
 bench b5_801_bf16_remat $(m b5 801 bfloat16 True) --what=matmul,train,infer --steps=2
+bench pipeline_b0_513 $(m b0 513 float32 False) --what=pipeline --steps=3
+bench scaling_b0_257 $(m b0 257 float32 False) --what=scaling --devices=1,2,4,8 --steps=3
 }

@@ -1,13 +1,21 @@
 """Model structure: parameter counts, token grids for any input size, batch independence, the
-vectorised Semantic Memory update against a literal transcription of the release's loop."""
+vectorised Semantic Memory update against a literal transcription of the release's loop, the
+depthwise convolution's custom VJP against XLA's convolution."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from allspark_jax import sharding
 from allspark_jax.models import allspark as allspark_lib
+from allspark_jax.models import mit
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, token_grid
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
+from configs import default as default_config
 from reference_model import reference
 
 
@@ -103,3 +111,74 @@ def test_memory_update_matches_release_loop(batch, skew):
     got_mem, got_ptr = jax.jit(allspark_lib.update_memory)(memory, ptr, cls, feats)
     np.testing.assert_array_equal(got_ptr, want_ptr)
     np.testing.assert_array_equal(got_mem, want_mem)
+
+
+def _lax_depthwise(x, kernel, bias):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1]) + bias
+
+
+@pytest.mark.parametrize("shape,k", [((2, 7, 5, 6), 3), ((1, 4, 9, 3), 5)])
+def test_depthwise_conv_and_its_vjp_match_xla_convolution(shape, k):
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(*shape), jnp.float32)
+    kernel = jnp.asarray(r.randn(k, k, 1, shape[-1]), jnp.float32)
+    bias = jnp.asarray(r.randn(shape[-1]), jnp.float32)
+    np.testing.assert_allclose(mit.depthwise_conv(x, kernel, bias),
+                               _lax_depthwise(x, kernel, bias), rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(r.randn(*shape), jnp.float32)
+    ours = jax.vjp(mit.depthwise_conv, x, kernel, bias)[1](cot)
+    theirs = jax.vjp(_lax_depthwise, x, kernel, bias)[1](cot)
+    for name, a, b in zip(("x", "kernel", "bias"), ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+_MEMORY_SCRIPT = """
+import os, sys
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
+from configs import default
+from allspark_jax import sharding
+sharding.set_xla_flags(default.get_config())  # the project's XLA flags, as main.py sets them
+import jax, jax.numpy as jnp
+from allspark_jax.models import mit
+from test_model import _lax_depthwise
+
+def temp_bytes(dwconv):
+    # XLA's temporaries for the gradient of 6 MiT-B5 stage-3 Mix-FFNs (Dense, depthwise, GELU, Dense)
+    c, layers = 1280, 6
+    def loss(ws, x):
+        for w, kernel in ws:
+            y = dwconv(x @ w, kernel, jnp.zeros((c,)))
+            x = x + jax.nn.gelu(y, approximate=False) @ w.T
+        return jnp.sum(x ** 2)
+    ws = [(jnp.full((c // 4, c), 0.01), jnp.ones((3, 3, 1, c))) for _ in range(layers)]
+    x = jnp.ones((2, 17, 17, c // 4))
+    return jax.jit(jax.grad(loss)).lower(ws, x).compile().memory_analysis().temp_size_in_bytes
+
+print(os.environ["XLA_FLAGS"], temp_bytes(mit.depthwise_conv), temp_bytes(_lax_depthwise))
+"""
+
+
+def test_depthwise_backward_holds_less_than_xla_convolution():
+    """With the project's XLA flags (config.xla_flags, set before JAX starts, hence a subprocess)
+    the custom VJP's backward holds less than XLA's own depthwise convolution (BENCHMARKS.md,
+    changes 6 and 7). With XLA:CPU's default scheduler it held more (303 vs 214 MiB at 8 layers)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the flags and the figures are XLA:CPU's")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT.format(root=root)], env=env,
+                         capture_output=True, text=True, timeout=600, check=True).stdout.split()
+    flags, ours, xla = out[0], int(out[1]), int(out[2])
+    assert flags == "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    assert ours < 0.85 * xla, (ours, xla)
+
+
+def test_xla_flags_are_refused_once_jax_has_started():
+    jax.devices()
+    with pytest.raises(RuntimeError, match="config.xla_flags"):
+        sharding.set_xla_flags(default_config.get_config())
+    config = default_config.get_config()
+    config.xla_flags = ""
+    sharding.set_xla_flags(config)  # nothing to set: no error

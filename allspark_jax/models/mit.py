@@ -131,22 +131,59 @@ class PatchConv(nn.Module):
         return jnp.einsum("bhiwjc,ijco->bhwo", patches, kernel) + bias
 
 
-@jax.checkpoint
+def _shifted_sum(padded: jax.Array, weights: jax.Array, flip: bool) -> jax.Array:
+    """sum_ij padded[:, i:i+h, j:j+w] * weights[i, j] for a map padded by k // 2 on each side.
+
+    padded (B, h + 2p, w + 2p, C), weights (k, k, C) -> (B, h, w, C); `flip` reads tap (k-1-i, k-1-j),
+    which turns the correlation into its transpose (the input gradient).
+    """
+    k = weights.shape[0]
+    h, w = padded.shape[1] - k + 1, padded.shape[2] - k + 1
+    y = None
+    for i in range(k):
+        for j in range(k):
+            wij = weights[k - 1 - i, k - 1 - j] if flip else weights[i, j]
+            term = padded[:, i:i + h, j:j + w] * wij
+            y = term if y is None else y + term
+    return y
+
+
+def _pad_same(x: jax.Array, k: int) -> jax.Array:
+    p = k // 2
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+
+
+@jax.custom_vjp
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """Same-padded depthwise convolution as k * k shifted multiply-adds.
 
-    x (B, h, w, C), kernel (k, k, 1, C), bias (C,) -> (B, h, w, C). Checkpointed: the backward pass
-    keeps only the inputs and recomputes the (cheap, elementwise) products, instead of holding the
-    padded map and its k * k shifted products.
+    x (B, h, w, C), kernel (k, k, 1, C), bias (C,) -> (B, h, w, C).
+    Custom VJP: the backward keeps only `x` and the kernel, and computes both gradients as shifted
+    products too. Its first op is an optimization barrier that ties `x` to the incoming cotangent:
+    without it XLA:CPU hoists the backward's shifted copies of `x` (which depend on `x` alone) into
+    the forward pass, where those of every block are alive at once (BENCHMARKS.md, change 6).
     """
-    k, _, _, _ = kernel.shape
-    h, w, p = x.shape[1], x.shape[2], k // 2
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    y = bias
-    for i in range(k):
-        for j in range(k):
-            y = y + padded[:, i:i + h, j:j + w] * kernel[i, j, 0]
-    return y
+    k = kernel.shape[0]
+    return _shifted_sum(_pad_same(x, k), kernel[:, :, 0], flip=False) + bias
+
+
+def _depthwise_fwd(x, kernel, bias):
+    return depthwise_conv(x, kernel, bias), (x, kernel)
+
+
+def _depthwise_bwd(res, g):
+    x, kernel = res
+    x, g = jax.lax.optimization_barrier((x, g))
+    k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
+    xp = _pad_same(x, k)
+    dkernel = jnp.stack([
+        jnp.stack([jnp.sum(xp[:, i:i + h, j:j + w] * g, axis=(0, 1, 2)) for j in range(k)])
+        for i in range(k)])[:, :, None, :]
+    dx = _shifted_sum(_pad_same(g, k), kernel[:, :, 0], flip=True)
+    return dx, dkernel.astype(kernel.dtype), jnp.sum(g, axis=(0, 1, 2)).astype(kernel.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class DepthwiseConv(nn.Module):
