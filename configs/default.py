@@ -105,7 +105,8 @@ def get_config():
     # Appended to XLA_FLAGS before JAX starts (flags already in the environment win). XLA:CPU's
     # default concurrency-optimised scheduler runs independent work early, which keeps what the
     # backward pass needs from every block alive at once; off, MiT-B0 / B5 at 513 train in 39 % / 50 %
-    # less memory and 4 % / 5 % faster (BENCHMARKS.md, change 7). GPU and TPU ignore xla_cpu_* flags.
+    # less memory and 4 % / 5 % faster (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the
+    # CPU compiler.
     config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
     # ----------------------------------------------------------------------------- distribution

@@ -158,10 +158,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
     """Same-padded depthwise convolution as k * k shifted multiply-adds.
 
     x (B, h, w, C), kernel (k, k, 1, C), bias (C,) -> (B, h, w, C).
-    Custom VJP: the backward keeps only `x` and the kernel, and computes both gradients as shifted
-    products too. Its first op is an optimization barrier that ties `x` to the incoming cotangent:
-    without it XLA:CPU hoists the backward's shifted copies of `x` (which depend on `x` alone) into
-    the forward pass, where those of every block are alive at once (BENCHMARKS.md, change 6).
+    Custom VJP: the backward keeps only `x` and the kernel and computes both gradients as shifted
+    products too, reading shifted windows of one padded cotangent where autodiff would pad each of
+    the k * k slices' cotangents to the full map and add them (BENCHMARKS.md, change 6).
     """
     k = kernel.shape[0]
     return _shifted_sum(_pad_same(x, k), kernel[:, :, 0], flip=False) + bias
@@ -173,7 +172,6 @@ def _depthwise_fwd(x, kernel, bias):
 
 def _depthwise_bwd(res, g):
     x, kernel = res
-    x, g = jax.lax.optimization_barrier((x, g))
     k, h, w = kernel.shape[0], x.shape[1], x.shape[2]
     xp = _pad_same(x, k)
     dkernel = jnp.stack([
