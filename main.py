@@ -74,35 +74,49 @@ def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
+    from allspark_jax import checkpoints
+    from allspark_jax import config as config_lib
+    from allspark_jax import convert
+    from allspark_jax.data.datasets import DataError
+
+    config = FLAGS.config
+    try:
+        config_lib.validate(config)
+    except (config_lib.ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     # Hide the GPUs / TPUs from TensorFlow (tf.data runs on the host).
     import tensorflow as tf
     tf.config.experimental.set_visible_devices([], "GPU")
     import jax
 
-    from allspark_jax import checkpoints
     from allspark_jax import predict as predict_lib
-    from allspark_jax import sharding
+    from allspark_jax import runtime
     from allspark_jax import train
-    from allspark_jax.data.datasets import DataError
+    from allspark_jax import workdir as workdir_lib
+    from allspark_jax.evaluation import evaluator
 
-    config = FLAGS.config
-    sharding.set_xla_flags(config)
-    sharding.initialize_distributed(config)
+    runtime.start(config)
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
-            train.run_evaluation(config, FLAGS.workdir, FLAGS.checkpoint)
+            evaluator.run_evaluation(config, FLAGS.workdir, FLAGS.checkpoint)
         else:
-            out = FLAGS.output_dir or os.path.join(FLAGS.workdir, "predictions")
+            out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_lib.PREDICTIONS_DIR)
             predict_lib.run_predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.inputs, out)
-    except (checkpoints.CheckpointError, DataError, FileNotFoundError) as e:
+    except (checkpoints.CheckpointError, convert.WeightImportError, DataError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    from allspark_jax import config as _config_lib
+    # Config files import their siblings (`from configs import default`) wherever main.py runs from.
+    _config_lib.register_configs_package(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                      "configs"))
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -19,6 +19,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from allspark_jax import convert
+from allspark_jax import optimizer
+from allspark_jax import state as state_lib
+from allspark_jax import workdir as workdir_lib
+from allspark_jax.models.segmentor import build_model, init_variables
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "checkpoints_best"
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
@@ -55,7 +61,7 @@ class Checkpointer:
     """Saves and restores TrainStates under `workdir` (all processes call every method)."""
 
     def __init__(self, workdir: str, keep: int = 2, *, read_only: bool = False):
-        self.workdir = os.fspath(workdir)
+        self.workdir = os.fspath(workdir_lib.resolve(workdir))
         # read_only: for eval / predict; the managers then neither create nor delete anything.
         opts = dict(create=not read_only)
         if read_only:
@@ -135,3 +141,47 @@ class Checkpointer:
             return None
         out = self.best.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"] or {})
+
+
+def restore_template(config, model=None) -> state_lib.TrainState:
+    """The abstract TrainState (shapes, dtypes) that a run of `config` checkpoints.
+
+    Built by the one constructor, `state.create_train_state`, under `jax.eval_shape` (nothing is
+    initialised); the optimizer state's structure does not depend on the schedule's length.
+    """
+    model = model if model is not None else build_model(config.model)
+    tx, _ = optimizer.create_optimizer(config.optim, total_steps=1)
+    return jax.eval_shape(lambda: state_lib.create_train_state(
+        model, tx, jax.random.key(0), int(config.data.crop_size),
+        ema=config.train.teacher == "ema"))
+
+
+def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, dict]:
+    """Variables to evaluate / predict with: {'student': vars[, 'ema': vars]} and an info dict.
+
+    `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or an official `.pth` /
+    `.npz` state dict (imported into a model built from `config.model`, training crop
+    `config.data.crop_size` for the memory's shape).
+    """
+    parsed = parse_spec(spec)
+    model = build_model(config.model)
+    if isinstance(parsed, str) and is_weight_file(parsed):
+        template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0),
+                                                         int(config.data.crop_size)))
+        variables = convert.load_variables(parsed, template)
+        return {"student": variables}, {"checkpoint": os.path.abspath(parsed), "step": None}
+    if not workdir or not workdir_lib.resolve(workdir).is_dir():
+        raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
+    except (ValueError, KeyError) as e:  # orbax: tree structure / shape mismatch
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"--checkpoint={spec}: the checkpoint in {workdir} does not fit the model of this "
+            f"config (model.*, data.crop_size, train.teacher must be those of the run): {e}") from e
+    out = {"student": state.variables()}
+    if state.ema_params is not None:
+        out["ema"] = state.variables(teacher=True)
+    return out, {"checkpoint": spec, "step": int(step), "meta": meta}

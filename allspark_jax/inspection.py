@@ -8,7 +8,7 @@ Display:
   `colorize(labels, palette)`            (..., H, W) labels -> (..., H, W, 3) uint8 colours.
 Counting:
   `class_pixel_counts(masks, K)`         per-class pixel counts (+ ignored) of label maps.
-  `confusion_matrix(pred, target, K)`    (K, K) counts, rows = ground truth, columns = prediction.
+  (confusion matrices: `allspark_jax.evaluation.metrics.confusion_matrix`)
 Inference:
   `predict_images(config, variables, examples)`  per-image predictions with `config.eval.mode`.
 AllSpark internals:
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_INDEX = 255
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)  # ImageNet, as augment.normalize
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, voc_palette
+from allspark_jax.evaluation import evaluator
+from allspark_jax.models.mit import token_grid
 
 
 # ------------------------------------------------------------------------------------------- display
@@ -35,7 +35,8 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 def denormalize(images) -> np.ndarray:
     """(..., H, W, 3) ImageNet-normalised float -> (..., H, W, 3) uint8 RGB (clipped)."""
-    x = np.asarray(images, np.float32) * STD + MEAN
+    x = (np.asarray(images, np.float32) * np.asarray(IMAGENET_STD, np.float32)
+         + np.asarray(IMAGENET_MEAN, np.float32))
     return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -46,7 +47,6 @@ def colorize(labels, palette: np.ndarray | None = None) -> np.ndarray:
     `allspark_jax.predict.palette(config.data.name)` for Cityscapes colours.
     """
     if palette is None:
-        from allspark_jax.data.datasets import voc_palette  # pylint: disable=g-import-not-at-top
         palette = voc_palette()
     labels = np.asarray(labels).astype(np.int64)
     return np.asarray(palette, np.uint8)[np.clip(labels, 0, 255)]
@@ -85,28 +85,6 @@ def class_pixel_counts(masks: Iterable[Any] | np.ndarray, num_classes: int,
     return {"pixels": pixels, "images": images, "ignored": ignored, "other": other}
 
 
-def confusion_matrix(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX
-                     ) -> np.ndarray:
-    """(K, K) int64 pixel counts: entry [t, p] = pixels of ground-truth class t predicted as p.
-
-    `pred`, `target`: int arrays of one shape; target pixels equal to `ignore_index` are skipped.
-    The diagonal is the intersection of `allspark_jax.evaluate.intersection_and_union`; row sums are
-    its target area and column sums the predicted area.
-    """
-    pred = np.asarray(pred).reshape(-1).astype(np.int64)
-    target = np.asarray(target).reshape(-1).astype(np.int64)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred has {pred.size} pixels but target has {target.size}")
-    keep = target != ignore_index
-    pred, target = pred[keep], target[keep]
-    if target.size and (target.max() >= num_classes or target.min() < 0):
-        raise ValueError(f"target labels outside [0, {num_classes}) other than {ignore_index}")
-    if pred.size and (pred.max() >= num_classes or pred.min() < 0):
-        raise ValueError(f"predictions outside [0, {num_classes})")
-    return np.bincount(target * num_classes + pred,
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
 # ----------------------------------------------------------------------------------------- inference
 
 
@@ -125,8 +103,7 @@ def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, m
       one dict per image: 'image' (h, w, 3) and 'mask' (h, w) as the model saw them (center_crop crops
       both), 'pred' (h, w) int32, 'name' (str or None).
     """
-    from allspark_jax import train as train_lib  # pylint: disable=g-import-not-at-top
-    predictor = train_lib.make_predictor(config, model)
+    predictor = evaluator.make_predictor(config, model)
     inference = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     out = []
     for i, ex in enumerate(examples):
@@ -225,9 +202,7 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
     channel_class = np.asarray(_first(inter, path + ("channel_class",)))
     num_classes = teacher_logits.shape[-1]
     per_class = np.stack([np.bincount(c, minlength=num_classes) for c in channel_class])
-    s = images_l.shape[1]
-    n = memory_of(variables)["kv_queue"].shape[-1]
-    grid = _stage4_grid(s, n, getattr(getattr(model, "config", None), "backbone", None))
+    grid = tuple(token_grid(d, model.config.backbone)[-1] for d in images_l.shape[1:3])
     return {
         "logits": logits,
         "teacher_logits": teacher_logits,
@@ -241,19 +216,6 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
         "memory_after": memory_of(updates),
         "batch_stats_after": updates["batch_stats"],
     }
-
-
-def _stage4_grid(crop: int, n: int, mit=None) -> tuple[int, int]:
-    """The stage-4 token grid (h, w) of a square crop (n = h * w tokens).
-
-    Each MiT patch embedding is a conv with kernel k, stride s, padding k // 2.
-    """
-    kernels = getattr(mit, "patch_kernels", (7, 3, 3, 3))
-    strides = getattr(mit, "patch_strides", (4, 2, 2, 2))
-    h = crop
-    for k, s in zip(kernels, strides):
-        h = (h + 2 * (k // 2) - k) // s + 1
-    return (h, n // h) if h and n % h == 0 else (n, 1)
 
 
 def memory_summary(memory: Mapping) -> dict[str, np.ndarray]:

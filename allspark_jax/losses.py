@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from allspark_jax.data.datasets import IGNORE_INDEX
+
 
 def _per_group(fn, logits, target, groups: int):
     b = logits.shape[0]
@@ -27,14 +29,14 @@ def _masked_ce(logits, target, keep):
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
-def cross_entropy(logits, target, *, ignore_index: int = 255, groups: int = 1):
+def cross_entropy(logits, target, *, ignore_index: int = IGNORE_INDEX, groups: int = 1):
     """`nn.CrossEntropyLoss(ignore_index=...)`: mean over the non-ignored pixels."""
     fn = lambda lg, t: _masked_ce(lg, t, t != ignore_index)  # noqa: E731
     return _per_group(fn, logits, target, groups)
 
 
 def ohem_cross_entropy(logits, target, *, thresh: float = 0.7, min_kept: int = 200000,
-                       ignore_index: int = 255, groups: int = 1):
+                       ignore_index: int = IGNORE_INDEX, groups: int = 1):
     """The release's `ProbOhemCrossEntropy2d`.
 
     Among valid pixels: if fewer than `min_kept` are valid, plain CE. Otherwise rank the softmax

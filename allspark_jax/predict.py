@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from PIL import Image
 
+from allspark_jax import checkpoints
+from allspark_jax.data import datasets
+from allspark_jax.evaluation import evaluator
+from allspark_jax.evaluation.predictor import center_crop
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 OVERLAY_ALPHA = 0.5
 
 CITYSCAPES_COLORS = (
@@ -27,8 +31,7 @@ CITYSCAPES_COLORS = (
 
 def palette(dataset: str) -> np.ndarray:
     """(256, 3) uint8 colour map for `dataset`."""
-    from allspark_jax.data.datasets import voc_palette
-    pal = voc_palette().copy()
+    pal = datasets.voc_palette().copy()
     if dataset == "cityscapes":
         pal[:len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, np.uint8)
         pal[len(CITYSCAPES_COLORS):255] = 0
@@ -56,7 +59,14 @@ def list_images(inputs) -> list[str]:
 def load_image(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image, normalised float32 image) as the validation pipeline normalises."""
     rgb = np.asarray(Image.open(path).convert("RGB"))
-    return rgb, (rgb.astype(np.float32) / 255.0 - MEAN) / STD
+    return rgb, normalize(rgb)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) uint8 RGB -> ImageNet-normalised float32, as the validation pipeline normalises."""
+    mean = np.asarray(datasets.IMAGENET_MEAN, np.float32)
+    std = np.asarray(datasets.IMAGENET_STD, np.float32)
+    return (rgb.astype(np.float32) / 255.0 - mean) / std
 
 
 def save_outputs(rgb: np.ndarray, pred: np.ndarray, pal: np.ndarray, out_dir: str, name: str):
@@ -73,16 +83,11 @@ def save_outputs(rgb: np.ndarray, pred: np.ndarray, pal: np.ndarray, out_dir: st
 
 def run_predict(config, workdir: str | None, spec, inputs, output_dir: str) -> list[dict]:
     """Predicts every input image with the checkpoint `spec`; returns one record per image."""
-    import jax
-
-    from allspark_jax import train as train_lib
-    from allspark_jax.evaluate import center_crop
-
     files = list_images(inputs)
-    variables, info = train_lib.load_inference_variables(config, workdir, spec)
+    variables, info = checkpoints.load_inference_variables(config, workdir, spec)
     variables = {k: v for k, v in variables["student"].items() if k in ("params", "batch_stats")}
     variables = jax.device_put(variables)
-    predictor = train_lib.make_predictor(config)
+    predictor = evaluator.make_predictor(config)
     pal = palette(config.data.name)
     os.makedirs(output_dir, exist_ok=True)
     records = []

@@ -35,7 +35,7 @@ def get_config():
     data.cutmix_prob = 0.0  # Probability of a CutMix box per unlabeled image (release: 0, off).
     data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
     data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
-    data.check_files = True  # Check eagerly that every listed file exists.
+    data.check_files = True  # Check eagerly that every listed file exists (source 'files').
     data.num_parallel_calls = -1  # tf.data map parallelism (-1 = AUTOTUNE).
     data.prefetch = 2  # Batches prefetched by tf.data (host) and to the devices.
     # Only for data.name == 'synthetic' with data.root None: the dataset written into
@@ -104,9 +104,8 @@ def get_config():
     config.compilation_cache = False  # Persistent XLA compilation cache in <workdir>/jax_cache.
     # Appended to XLA_FLAGS before JAX starts (flags already in the environment win). XLA:CPU's
     # default concurrency-optimised scheduler runs independent work early, which keeps what the
-    # backward pass needs from every block alive at once; off, MiT-B0 / B5 at 513 train in 39 % / 50 %
-    # less memory and 4 % / 5 % faster (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the
-    # CPU compiler.
+    # backward pass needs from every block alive at once; turning it off lowers training memory
+    # (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the CPU compiler.
     config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
     # ----------------------------------------------------------------------------- distribution

@@ -1,10 +1,24 @@
 """Shared pytest fixtures. Data fixtures are prefixed `data_`."""
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from allspark_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_config(seed=0, **data):
+    """configs/default.py with `seed` and the given data.* keys (loaded by path)."""
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "default.py"))
+    config.seed = seed
+    config.data.update(data)
+    return config
+
+
+def make_options(seed=0, **data):
+    """The DataOptions of `make_config(seed, **data)` (resolved as a run resolves them)."""
+    return config_lib.data_options(make_config(seed, **data))
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +42,12 @@ def data_synthetic_tfds_dir(data_synthetic_root, tmp_path_factory):
 
 @pytest.fixture()
 def data_config(data_synthetic_root):
-    """A factory of pipeline configs on the synthetic dataset: data_config(**data_overrides)."""
-    import ml_collections
+    """A factory of pipeline options on the synthetic dataset: data_config(**data_overrides)."""
 
     def make(seed=0, **overrides):
         data = {"name": "synthetic", "root": data_synthetic_root, "split": "default",
-                "crop_size": 40, "batch_size": 4, "source": "files", "student_view": "weak",
-                "cutmix_prob": 0.0, "num_parallel_calls": -1, "prefetch": 2}
+                "num_classes": 5, "crop_size": 40, "batch_size": 4, "source": "files",
+                "student_view": "weak", "cutmix_prob": 0.0, "num_parallel_calls": -1, "prefetch": 2}
         data.update(overrides)
-        return ml_collections.ConfigDict({"seed": seed, "data": data})
+        return make_options(seed, **data)
     return make

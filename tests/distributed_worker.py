@@ -8,7 +8,6 @@ are the same for every layout, so every layout must end in the same state.
 """
 import argparse
 import os
-import sys
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -31,8 +30,7 @@ if args.processes > 1:
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from allspark_jax import convert, sharding, train  # noqa: E402
+from allspark_jax import convert, optimizer, sharding, state as state_lib, train_step  # noqa: E402
 from reference_model import reference  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -57,20 +55,21 @@ def main():
     tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, teacher=args.teacher,
                                           ema_decay=0.9, conf_thresh=0.0,
                                           loss_u_ignore_padding=False, key_group_size=None))
-    tx, _ = train.create_optimizer(optim, 10)
-    state = train.create_train_state(ref.model, tx, jax.random.key(0), 65,
+    tx, _ = optimizer.create_optimizer(optim, 10)
+    state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), 65,
                                      ema=args.teacher == "ema", variables=ref.variables)
     mesh = sharding.create_mesh()
-    state_sh = sharding.state_sharding(state, mesh, args.shard_params)
+    state_sh = state_lib.state_sharding(state, mesh, args.shard_params)
     batch_sh = sharding.batch_sharding(mesh)
     state = sharding.put_global(sharding.to_host(state), state_sh)
-    steps = {m: train.make_train_step(ref.model, tx, tcfg, use_memory=m, state_sharding=state_sh,
+    steps = {m: train_step.make_train_step(ref.model, tx, tcfg, use_memory=m, state_sharding=state_sh,
                                       batch_sharding=batch_sh) for m in (False, True)}
     local = GLOBAL_BATCH // args.processes
     losses = []
     for t, batch in enumerate(global_batches(65, STEPS)):
         rows = slice(args.process_id * local, (args.process_id + 1) * local)
-        batch = sharding.put_batch({k: v[rows] for k, v in batch.items()}, batch_sh)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh, v[rows])
+                 for k, v in batch.items()}
         state, metrics = steps[t > 0](state, batch)  # memory read from step 1 on
         losses.append(float(metrics["loss"]))
     host = sharding.to_host(state)

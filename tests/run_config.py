@@ -8,7 +8,6 @@ and share them through a persistent XLA compilation cache (one per test session)
 import atexit
 import os
 import shutil
-import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +37,8 @@ STEPS = 8  # 2 epochs x (18 unlabeled // 4)
 
 def tiny_config(**extra):
     """configs/demo.py with OVERRIDES (and `extra`, dotted keys with '__' for '.') applied."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from configs import demo
-    config = demo.get_config()
+    from allspark_jax import config as config_lib
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "demo.py"))
     for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in extra.items()}}.items():
         *parents, leaf = key.split(".")
         node = config

@@ -12,14 +12,14 @@ import sys
 
 import pytest
 
-from allspark_jax import benchmark
+from allspark_jax.benchmark import measure, profile, report
 from run_config import ROOT, cli_flags, subprocess_env, tiny_config
 
 
 @pytest.fixture(scope="module")
 def results():
     config = tiny_config()
-    return benchmark.run(config, what=["matmul", "train", "infer", "profile", "pipeline", "compile"], steps=2,
+    return measure.run(config, what=["matmul", "train", "infer", "profile", "pipeline", "compile"], steps=2,
                          warmup=1, per_device_batch=2, matmul_size=256, profile_steps=1,
                          pipeline_images=8, pipeline_image_size=48, log=lambda s: None)
 
@@ -79,7 +79,7 @@ def test_pipeline_against_the_step(results):
 
 
 def test_report_and_json(results):
-    text = benchmark.format_report(results)
+    text = report.format_report(results)
     for word in ("matmul peak", "train", "infer", "profile", "by phase", "pipeline"):
         assert word in text
     assert json.loads(json.dumps(results))["train"]["flops"] == results["train"]["flops"]
@@ -101,7 +101,7 @@ def test_report_and_json(results):
     ("", ("unattributed", "unattributed")),
 ])
 def test_classify(op_name, expected):
-    assert benchmark.classify(op_name) == expected
+    assert profile.classify(op_name) == expected
 
 
 def test_hlo_op_names():
@@ -123,17 +123,17 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   %ynn_fusion.4 = f32[4]{0} fusion(%fusion.3), kind=kCustom, calls=%g
   ROOT %dot.1 = f32[4]{0} dot(%ynn_fusion.4, %a), lhs_contracting_dims={0}
 }"""
-    names = benchmark.hlo_op_names(text)
+    names = profile.hlo_op_names(text)
     assert names["fusion.3"] == ("fusion:add", "jit(f)/allspark/mul")
     assert names["ynn_fusion.4"] == ("fusion:convolution", "jit(f)/transpose(jvp(m))/head/conv")
     assert names["dot.1"] == ("dot", "")
     assert names["a"] == ("parameter", "")
-    assert benchmark.op_kind(*names["ynn_fusion.4"][:1], "ynn_fusion.4") == "conv"
+    assert profile.op_kind(*names["ynn_fusion.4"][:1], "ynn_fusion.4") == "conv"
 
 
 def test_unknown_measurement_is_named():
     with pytest.raises(ValueError, match="--what.*'speed'"):
-        benchmark.run(tiny_config(), what=["speed"], log=lambda s: None)
+        measure.run(tiny_config(), what=["speed"], log=lambda s: None)
 
 
 def test_cli_scaling_at_fixed_per_device_batch(tmp_path):

@@ -100,14 +100,14 @@ def test_load_inference_variables_from_a_checkpoint_and_an_official_file(uninter
     from allspark_jax import convert
     workdir, out = uninterrupted
     config = run_config.tiny_config()
-    variables, info = train.load_inference_variables(config, workdir, "latest")
+    variables, info = checkpoints.load_inference_variables(config, workdir, "latest")
     assert info["step"] == 8 and "ema" not in variables
     np.testing.assert_array_equal(
         np.asarray(variables["student"]["params"]["head"]["linear_pred"]["kernel"]),
         np.asarray(out["state"].params["head"]["linear_pred"]["kernel"]))
     path = str(tmp_path / "official.pth")
     convert.save_official_checkpoint(jax.tree.map(np.asarray, out["state"].variables()), path)
-    imported, info = train.load_inference_variables(config, None, path)
+    imported, info = checkpoints.load_inference_variables(config, None, path)
     np.testing.assert_array_equal(
         np.asarray(imported["student"]["params"]["head"]["linear_pred"]["kernel"]),
         np.asarray(out["state"].params["head"]["linear_pred"]["kernel"]))

@@ -2,7 +2,6 @@
 import io
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,9 +10,10 @@ from PIL import Image
 from allspark_jax.data import augment
 from allspark_jax.data import datasets
 from allspark_jax.data import input_pipeline
+from conftest import make_options
 
-MEAN = np.array(augment.MEAN, np.float32)
-STD = np.array(augment.STD, np.float32)
+MEAN = np.array(datasets.IMAGENET_MEAN, np.float32)
+STD = np.array(datasets.IMAGENET_STD, np.float32)
 
 
 def _denorm255(x):
@@ -63,9 +63,9 @@ def _interior(mask, r=2):
 
 
 def test_geometry_keeps_image_and_mask_aligned(aligned_root):
-    config = ml_collections.ConfigDict({"seed": 3, "data": {
-        "name": "pascal", "root": aligned_root, "split": os.path.join(aligned_root, "labeled.txt"),
-        "crop_size": 40, "batch_size": 4, "labeled_strong": False, "num_classes": 21}})
+    config = make_options(3, name="pascal", root=aligned_root,
+                          split=os.path.join(aligned_root, "labeled.txt"), crop_size=40,
+                          batch_size=4, labeled_strong=False, num_classes=21)
     it = input_pipeline.create_train_iterator(config, process_index=0, process_count=1)
     checked = padded = 0
     for _ in range(6):

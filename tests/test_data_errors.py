@@ -2,7 +2,6 @@
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +9,7 @@ from PIL import Image
 from allspark_jax.data import datasets
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import prepare
+from conftest import make_options
 
 DataError = datasets.DataError
 
@@ -25,9 +25,11 @@ def broken(data_synthetic_root, tmp_path):
 
 
 def _config(root, **overrides):
-    data = {"name": "synthetic", "root": root, "split": "default", "crop_size": 32, "batch_size": 2}
+    """The DataOptions of the synthetic dataset at `root` (5 classes) with `overrides`."""
+    data = {"name": "synthetic", "root": root, "split": "default", "num_classes": 5,
+            "crop_size": 32, "batch_size": 2}
     data.update(overrides)
-    return ml_collections.ConfigDict({"seed": 0, "data": data})
+    return make_options(0, **data)
 
 
 def _first_batch(config):
@@ -98,4 +100,4 @@ def test_bad_options(data_synthetic_root, tmp_path):
         input_pipeline.create_val_dataset(_config(root, val_split="test"), process_index=0,
                                           process_count=1)
     with pytest.raises(DataError, match=r"data.split='1_3' is not a split of dataset 'pascal'"):
-        input_pipeline.steps_per_epoch(_config(root, name="pascal", split="1_3"))
+        input_pipeline.train_plan(_config(root, name="pascal", num_classes=21, split="1_3"))

@@ -3,7 +3,6 @@ import itertools
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +11,7 @@ from PIL import Image
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import prepare
 from allspark_jax.data import synthetic
+from conftest import make_options
 
 KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u", "cutmix_u")
 N_STEPS = 5  # 2 steps per epoch (9 unlabeled // 4): crosses two epoch boundaries
@@ -32,11 +32,11 @@ def fresh(data_synthetic_root):
     return _take(config, process_index=0, process_count=1)
 
 
-def _config(root, **overrides):
-    data = {"name": "synthetic", "root": root, "split": "default", "crop_size": 40, "batch_size": 4,
-            "student_view": "strong", "cutmix_prob": 0.5}
+def _config(root, seed=1, **overrides):
+    data = {"name": "synthetic", "root": root, "split": "default", "num_classes": 5,
+            "crop_size": 40, "batch_size": 4, "student_view": "strong", "cutmix_prob": 0.5}
     data.update(overrides)
-    return ml_collections.ConfigDict({"seed": 1, "data": data})
+    return make_options(seed, **data)
 
 
 def test_contract_shapes_and_dtypes(fresh, data_config):
@@ -49,8 +49,8 @@ def test_contract_shapes_and_dtypes(fresh, data_config):
     assert set(np.unique(b["mask_l"])) <= {0, 1, 2, 3, 4, 255}
     assert any(x["cutmix_u"].any() for x in fresh)
     assert not np.array_equal(b["image_u_w"], b["image_u_s"])
-    assert input_pipeline.steps_per_epoch(data_config()) == 2
-    assert input_pipeline.class_names(data_config())[0] == "background"
+    assert input_pipeline.train_plan(data_config()).steps_per_epoch == 2
+    assert data_config().class_names[0] == "background"
     off = _take(data_config(), 1, process_index=0, process_count=1)[0]
     np.testing.assert_array_equal(off["image_u_w"], off["image_u_s"])
     assert not off["cutmix_u"].any()
@@ -58,11 +58,9 @@ def test_contract_shapes_and_dtypes(fresh, data_config):
 
 def test_batches_change_and_seed_matters(fresh, data_synthetic_root):
     assert not np.array_equal(fresh[0]["image_u_w"], fresh[1]["image_u_w"])
-    other = _take(_config(data_synthetic_root).copy_and_resolve_references(), 1,
-                  process_index=0, process_count=1)
+    other = _take(_config(data_synthetic_root), 1, process_index=0, process_count=1)
     assert _equal(other[0], fresh[0])  # same seed, same batch
-    c = _config(data_synthetic_root)
-    c.seed = 2
+    c = _config(data_synthetic_root, seed=2)
     assert not _equal(_take(c, 1, process_index=0, process_count=1)[0], fresh[0])
 
 
@@ -89,8 +87,8 @@ def test_tfds_source_gives_the_same_batches(fresh, data_synthetic_root, data_syn
     for t in range(3):
         for k in KEYS:
             np.testing.assert_array_equal(got[t][k], fresh[t][k][2:])
-    assert input_pipeline.steps_per_epoch(config) == 2
-    assert len(input_pipeline.class_names(config)) == 5
+    assert input_pipeline.train_plan(config).steps_per_epoch == 2
+    assert len(config.class_names) == 5
 
 
 def test_epoch_order_follows_the_release():
@@ -212,12 +210,12 @@ def test_official_layouts_files_and_tfds(name, layout_roots, tmp_path):
     root = layout_roots[name]
     common = {"name": name, "split": os.path.join(root, "splits", "tiny", "labeled.txt"),
               "val_split": os.path.join(root, "splits", "val.txt"), "crop_size": 32,
+              "num_classes": {"pascal": 21, "cityscapes": 19, "coco": 81}[name],
               "batch_size": 2, "student_view": "strong"}
-    files = ml_collections.ConfigDict({"seed": 0, "data": dict(common, root=root)})
-    assert input_pipeline.steps_per_epoch(files) == 2  # 4 or 5 unlabeled // 2
+    files = make_options(0, **common, root=root)
+    assert input_pipeline.train_plan(files).steps_per_epoch == 2  # 4 or 5 unlabeled // 2
     data_dir = prepare.prepare(name, root, str(tmp_path))
-    tfds_cfg = ml_collections.ConfigDict({"seed": 0, "data": dict(
-        common, source="tfds", tfds_data_dir=str(tmp_path))})
+    tfds_cfg = make_options(0, **common, source="tfds", tfds_data_dir=str(tmp_path))
     assert os.path.isdir(data_dir)
     a = _take(files, 3, process_index=0, process_count=1)
     b = _take(tfds_cfg, 3, process_index=0, process_count=1)
@@ -234,4 +232,4 @@ def test_official_layouts_files_and_tfds(name, layout_roots, tmp_path):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["mask"], y["mask"])
         assert x["name"] == y["name"]
-    assert len(input_pipeline.class_names(files)) == {"pascal": 21, "cityscapes": 19, "coco": 81}[name]
+    assert len(files.class_names) == {"pascal": 21, "cityscapes": 19, "coco": 81}[name]

@@ -8,6 +8,7 @@ from PIL import Image
 from allspark_jax.data import datasets
 from allspark_jax.data import splits
 from allspark_jax.data import synthetic
+from conftest import make_options
 
 
 @pytest.mark.parametrize("name,split,n_l,n_u", [
@@ -74,13 +75,13 @@ def test_coco_unlabeled_is_train2017_minus_labeled(tmp_path):
         splits.resolve_train_split("coco", "1_512", root=str(tmp_path / "train2017"))
 
 
-def test_class_names():
+def test_class_names(tmp_path):
     assert len(datasets.class_names_for("pascal")) == 21
     assert len(datasets.class_names_for("cityscapes")) == 19
     names = datasets.class_names_for("coco")
     assert len(names) == 81 and names[0] == "background" and len(set(names)) == 81
     with pytest.raises(datasets.DataError, match="data.num_classes=20"):
-        datasets.class_names_for("pascal", num_classes=20)
+        make_options(name="pascal", root=str(tmp_path), num_classes=20)
 
 
 def test_voc_palette():

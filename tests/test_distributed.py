@@ -14,7 +14,8 @@ TOL = 1e-5
 
 
 def run_worker(out, *flags, background=False):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    path = [ROOT, os.path.dirname(WORKER), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     cmd = [sys.executable, WORKER, str(out), *map(str, flags)]
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allspark_jax import evaluate
+from allspark_jax.evaluation import evaluator, metrics, predictor as predictor_lib
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 
@@ -30,7 +30,7 @@ def forward(model_and_vars):
     """The model on a batch of one: NHWC logits. It shares the Predictors' compiled programs (the
     loops around it are what these tests check; the model is checked in test_model*.py)."""
     model, variables = model_and_vars
-    fn = evaluate.Predictor(model).logits_fn
+    fn = predictor_lib.Predictor(model).logits_fn
     return lambda x: np.asarray(fn(variables, jnp.asarray(x[0])))[None]
 
 
@@ -69,10 +69,10 @@ def image(h, w, seed=0):
 
 
 def test_window_starts_are_clipped_not_shifted():
-    assert evaluate.window_starts(1024, 801) == [0, 534]
-    assert evaluate.window_starts(2048, 801) == [0, 534, 1068, 1602]
-    assert evaluate.window_starts(40, 30) == [0, 20]
-    assert evaluate.window_starts(30, 30) == [0, 20]  # the second window is 10 px: release quirk
+    assert predictor_lib.window_starts(1024, 801) == [0, 534]
+    assert predictor_lib.window_starts(2048, 801) == [0, 534, 1068, 1602]
+    assert predictor_lib.window_starts(40, 30) == [0, 20]
+    assert predictor_lib.window_starts(30, 30) == [0, 20]  # the second window is 10 px: release quirk
 
 
 @pytest.mark.parametrize("hw", [(40, 50), (30, 30)])
@@ -80,7 +80,7 @@ def test_sliding_window_matches_the_release_loop(model_and_vars, forward, hw):
     model, variables = model_and_vars
     x = image(*hw)
     ref = release_sliding_window(forward, x.transpose(2, 0, 1)[None], CROP, 3)[0]
-    predictor = evaluate.Predictor(model, "sliding_window", CROP)
+    predictor = predictor_lib.Predictor(model, "sliding_window", CROP)
     probs = np.asarray(predictor.sliding_window_probs(variables, x))
     np.testing.assert_allclose(probs, ref.transpose(1, 2, 0), rtol=1e-5, atol=1e-5)
     pred = predictor.predict(variables, x)
@@ -93,7 +93,7 @@ def test_center_crop_matches_the_release(model_and_vars, forward, hw):
     x = image(*hw, seed=1)
     mask = np.random.default_rng(2).integers(0, 3, size=hw)
     ref_pred, ref_mask = release_center_crop(forward, x.transpose(2, 0, 1)[None], mask[None], CROP)
-    predictor = evaluate.Predictor(model, "center_crop", CROP)
+    predictor = predictor_lib.Predictor(model, "center_crop", CROP)
     img_c, mask_c = predictor.prepare(x, mask)
     np.testing.assert_array_equal(mask_c, ref_mask[0])
     np.testing.assert_array_equal(predictor.predict(variables, x), ref_pred[0])
@@ -104,17 +104,28 @@ def test_center_crop_matches_the_release(model_and_vars, forward, hw):
 def test_original_is_the_whole_image_alone(model_and_vars, forward):
     model, variables = model_and_vars
     x = image(20, 30, seed=3)
-    pred = evaluate.Predictor(model, "original").predict(variables, x)
+    pred = predictor_lib.Predictor(model, "original").predict(variables, x)
     np.testing.assert_array_equal(pred, forward(x[None])[0].argmax(-1))
 
 
-def test_counts_match_the_jnp_version():
+def release_intersection_and_union(output, target, k, ignore_index=255):
+    """The release's intersectionAndUnion (util/utils.py), transcribed literally in numpy."""
+    output, target = output.reshape(-1).copy(), target.reshape(-1)
+    output[np.where(target == ignore_index)[0]] = ignore_index
+    intersection = output[np.where(output == target)[0]]
+    area_intersection, _ = np.histogram(intersection, bins=np.arange(k + 1))
+    area_output, _ = np.histogram(output, bins=np.arange(k + 1))
+    area_target, _ = np.histogram(target, bins=np.arange(k + 1))
+    return area_intersection, area_output + area_target - area_intersection, area_target
+
+
+def test_counts_match_the_release_transcription():
     rng = np.random.default_rng(0)
     pred = rng.integers(0, 4, size=(17, 23))
     target = rng.integers(0, 4, size=(17, 23))
     target[rng.random((17, 23)) < 0.2] = 255
-    for a, b in zip(evaluate.intersection_and_union_np(pred, target, 4),
-                    evaluate.intersection_and_union(pred, target, 4)):
+    for a, b in zip(metrics.intersection_and_union(pred, target, 4),
+                    release_intersection_and_union(pred, target, 4)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
@@ -127,20 +138,20 @@ def test_evaluate_sums_over_images_of_many_sizes(model_and_vars, forward):
         mask = rng.integers(0, 3, size=hw)
         mask[:2] = 255
         examples.append({"image": x, "mask": mask})
-        ii, uu, _ = evaluate.intersection_and_union_np(forward(x[None])[0].argmax(-1), mask, 3)
+        ii, uu, _ = metrics.intersection_and_union(forward(x[None])[0].argmax(-1), mask, 3)
         inter, union = inter + ii, union + uu
-    result = evaluate.evaluate(evaluate.Predictor(model, "original"), variables, iter(examples), 3,
+    result = evaluator.evaluate(predictor_lib.Predictor(model, "original"), variables, iter(examples), 3,
                                class_names=["a", "b", "c"], num_images=4)
-    expected, iou = evaluate.miou(inter, union)
+    expected, iou = metrics.miou(inter, union)
     assert result["miou"] == pytest.approx(expected)
     assert result["iou"] == pytest.approx(dict(zip("abc", iou)))
     assert result["num_images"] == 4 and result["mode"] == "original"
-    assert "mIoU" in evaluate.format_iou_table(result)
+    assert "mIoU" in evaluator.format_iou_table(result)
 
 
 def test_bad_mode_is_a_clear_error(model_and_vars):
     model, _ = model_and_vars
     with pytest.raises(ValueError, match="config.eval.mode"):
-        evaluate.Predictor(model, "tiled", CROP)
+        predictor_lib.Predictor(model, "tiled", CROP)
     with pytest.raises(ValueError, match="needs a crop size"):
-        evaluate.Predictor(model, "sliding_window", None)
+        predictor_lib.Predictor(model, "sliding_window", None)

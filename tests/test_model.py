@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allspark_jax import sharding
+from allspark_jax import runtime
 from allspark_jax.models import allspark as allspark_lib
 from allspark_jax.models import mit
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, token_grid
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
-from configs import default as default_config
+from conftest import make_config
 from reference_model import reference
 
 
@@ -135,11 +135,10 @@ def test_depthwise_conv_and_its_vjp_match_xla_convolution(shape, k):
 
 
 _MEMORY_SCRIPT = """
-import os, sys
-sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
-from configs import default
-from allspark_jax import sharding
-sharding.set_xla_flags(default.get_config())  # the project's XLA flags, as main.py sets them
+import os
+from allspark_jax import config as config_lib, runtime
+# the project's XLA flags, as main.py sets them
+runtime.set_xla_flags(config_lib.load_config(os.path.join({root!r}, "configs", "default.py")))
 import jax, jax.numpy as jnp
 from allspark_jax.models import mit
 from test_model import _lax_depthwise
@@ -168,6 +167,7 @@ def test_depthwise_backward_holds_less_than_xla_convolution():
         pytest.skip("the flags and the figures are XLA:CPU's")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "tests")])
     out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT.format(root=root)], env=env,
                          capture_output=True, text=True, timeout=600, check=True).stdout.split()
     flags, ours, xla = out[0], int(out[1]), int(out[2])
@@ -178,7 +178,7 @@ def test_depthwise_backward_holds_less_than_xla_convolution():
 def test_xla_flags_are_refused_once_jax_has_started():
     jax.devices()
     with pytest.raises(RuntimeError, match="config.xla_flags"):
-        sharding.set_xla_flags(default_config.get_config())
-    config = default_config.get_config()
+        runtime.set_xla_flags(make_config())
+    config = make_config()
     config.xla_flags = ""
-    sharding.set_xla_flags(config)  # nothing to set: no error
+    runtime.set_xla_flags(config)  # nothing to set: no error

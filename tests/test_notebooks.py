@@ -1,8 +1,8 @@
 """colabs/*.ipynb run top to bottom (nbclient, CPU, synthetic demo data), and allspark_jax.inspection.
 
-The notebooks read two environment variables in their first cell: ALLSPARK_NOTEBOOK_WORKDIR (where
-the synthetic data, the demo run and its checkpoint go: a tmp dir here) and ALLSPARK_REPO (put on
-sys.path for `configs`). They run in one workdir in the order data -> predictions -> internals, so
+The notebooks read one environment variable in their first cell, ALLSPARK_NOTEBOOK_WORKDIR (where
+the synthetic data, the demo run and its checkpoint go: a tmp dir here); they load configs by file
+path (`allspark_jax.notebook.setup`). They run in one workdir in the order data -> predictions -> internals, so
 the internals notebook uses the checkpoint the predictions notebook trained (as it would on a
 user's machine); each notebook also runs on its own. The kernel is 'python3' started with this
 interpreter (jupyter_client swaps a kernel spec's 'python' for sys.executable), so ipykernel must be
@@ -76,14 +76,14 @@ def test_teacher_outputs_match_pseudo_labels(tiny_model):
 
 
 def test_counting_helpers():
-    from allspark_jax import evaluate
     from allspark_jax import inspection
+    from allspark_jax.evaluation import metrics
     rng = np.random.default_rng(0)
     target = rng.integers(0, 4, size=(3, 10, 12))
     target[:, 0] = 255
     pred = rng.integers(0, 4, size=(3, 10, 12))
-    conf = inspection.confusion_matrix(pred, target, 4)
-    inter, union, area = (np.asarray(v) for v in evaluate.intersection_and_union(pred, target, 4))
+    conf = metrics.confusion_matrix(pred, target, 4)
+    inter, union, area = metrics.intersection_and_union(pred, target, 4)
     np.testing.assert_array_equal(np.diag(conf), inter)
     np.testing.assert_array_equal(conf.sum(1), area)
     np.testing.assert_array_equal(conf.sum(1) + conf.sum(0) - np.diag(conf), union)
@@ -97,9 +97,9 @@ def test_counting_helpers():
 
 
 def test_display_helpers():
-    from allspark_jax import inspection
+    from allspark_jax import inspection, predict
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 6, 3)).astype(np.uint8)
-    normed = (rgb / 255.0 - inspection.MEAN) / inspection.STD
+    normed = predict.normalize(rgb)
     np.testing.assert_array_equal(inspection.denormalize(normed), rgb)
     col = inspection.colorize(np.array([[0, 1], [255, 2]]))
     assert col.shape == (2, 2, 3) and col.dtype == np.uint8
@@ -130,7 +130,6 @@ def test_notebook_runs(name, notebook_workdir, monkeypatch):
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")
     monkeypatch.setenv("ALLSPARK_NOTEBOOK_WORKDIR", notebook_workdir)
-    monkeypatch.setenv("ALLSPARK_REPO", REPO)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # ipykernel's inline backend: Agg -> PNG outputs
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     nb = nbformat.read(os.path.join(COLABS, name), as_version=4)

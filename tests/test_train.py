@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from allspark_jax import losses, train
+from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 from reference_model import reference
@@ -24,7 +24,7 @@ def train_config(**overrides):
 
 
 def test_poly_schedule_offset():
-    sched = train.poly_schedule(0.01, 10)
+    sched = optimizer.poly_schedule(0.01, 10)
     # Steps 0 and 1 both run at the base rate; step t >= 1 at base * (1 - (t - 1) / total)^0.9.
     np.testing.assert_allclose([sched(t) for t in range(4)],
                                [0.01, 0.01, 0.01 * 0.9 ** 0.9, 0.01 * 0.8 ** 0.9], rtol=1e-6)
@@ -32,7 +32,7 @@ def test_poly_schedule_offset():
 
 def test_sgd_coupled_weight_decay_and_groups():
     """Two PyTorch SGD steps by hand: buf = m * buf + (g + wd * p); p -= lr_group * buf."""
-    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
     params = {"backbone": {"w": jnp.array([1.0, -2.0])}, "head": {"w": jnp.array([0.5])}}
     grads = {"backbone": {"w": jnp.array([0.1, 0.2])}, "head": {"w": jnp.array([-0.3])}}
     opt_state = tx.init(params)
@@ -56,9 +56,9 @@ TINY = ModelConfig(backbone=MiTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 
 @pytest.fixture(scope="module")
 def ema_step():
     model = AllSparkSegmentor(TINY)
-    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
-    state = train.create_train_state(model, tx, jax.random.key(0), 33, ema=True)
-    step = train.make_train_step(model, tx, train_config(teacher="ema"), use_memory=True)
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
+    state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=True)
+    step = train_step.make_train_step(model, tx, train_config(teacher="ema"), use_memory=True)
     rng = np.random.default_rng(0)
     x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
     batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),
@@ -86,11 +86,11 @@ def test_ema_teacher_moves_by_the_configured_decay(ema_step):
 def test_pseudo_label_options():
     logits = jnp.array([[[[2.0, 0.0, 0.0], [0.1, 0.0, 0.0]]]])  # (1, 1, 2, 3)
     pad = jnp.array([[[False, True]]])
-    np.testing.assert_array_equal(train.pseudo_labels(logits, pad, train_config()), [[[0, 0]]])
+    np.testing.assert_array_equal(train_step.pseudo_labels(logits, pad, train_config()), [[[0, 0]]])
     np.testing.assert_array_equal(
-        train.pseudo_labels(logits, pad, train_config(conf_thresh=0.5)), [[[0, 255]]])
+        train_step.pseudo_labels(logits, pad, train_config(conf_thresh=0.5)), [[[0, 255]]])
     np.testing.assert_array_equal(
-        train.pseudo_labels(logits, pad, train_config(loss_u_ignore_padding=True)), [[[0, 255]]])
+        train_step.pseudo_labels(logits, pad, train_config(loss_u_ignore_padding=True)), [[[0, 255]]])
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +118,10 @@ def test_loss_groups_average_per_group(loss_case):
 
 
 def one_step(model, teacher="online"):
-    tx, _ = train.create_optimizer(OPTIM, total_steps=10)
-    state = train.create_train_state(AllSparkSegmentor(TINY), tx, jax.random.key(0), 33,
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
+    state = state_lib.create_train_state(AllSparkSegmentor(TINY), tx, jax.random.key(0), 33,
                                      ema=teacher == "ema")
-    step = train.make_train_step(model, tx, train_config(teacher=teacher), use_memory=True)
+    step = train_step.make_train_step(model, tx, train_config(teacher=teacher), use_memory=True)
     rng = np.random.default_rng(1)
     x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
     batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),

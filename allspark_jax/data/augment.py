@@ -4,7 +4,7 @@ All randomness is stateless: every function takes `seed`, a (2,) int tensor, and
 from it with `tf.random.experimental.stateless_split`, so an example's augmentation is a pure function
 of (its bytes, its seed). Layouts: images are (H, W, 3) HWC, masks (H, W); `S` is the crop size.
 
-Chain (SPEC section 5): random rescale (long side uniform integer in [0.5 L, 2.0 L], image bilinear,
+Chain (the release's): random rescale (long side uniform integer in [0.5 L, 2.0 L], image bilinear,
 mask nearest) -> pad right/bottom to S (image 0, mask 255) -> random S x S crop -> horizontal flip p 0.5
 -> [strong only] colour jitter p 0.8 (brightness/contrast/saturation 0.5, hue 0.25, the four in random
 order as torchvision's ColorJitter) -> grayscale p 0.2 -> Gaussian blur p 0.5, sigma U[0.1, 2.0]
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's convert('L')
 BLUR_RADIUS = 6  # taps each side: 3 * max sigma (2.0)
 _CUTMIX_TRIES = 32
@@ -119,7 +119,7 @@ def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int) -> tf.Tensor
         mask = tf.cond(is_palette, from_palette, lambda: tf.io.decode_png(data, channels=1)[..., 0])
     mask.set_shape([None, None])
     m = tf.cast(mask, tf.int32)
-    bad = (m >= num_classes) & (m != 255)
+    bad = (m >= num_classes) & (m != IGNORE_INDEX)
     with tf.control_dependencies([_assert(
         tf.logical_not(tf.reduce_any(bad)),
         f"Mask label outside [0, {num_classes - 1}] and not 255 (data.num_classes={num_classes}):",
@@ -201,7 +201,7 @@ def pad_crop_flip(image: tf.Tensor, mask: tf.Tensor | None, crop: int, seed
     out_image = stack[..., :3]
     if mask is None:
         return out_image, None, pad
-    out_mask = tf.where(pad, 255, tf.cast(tf.round(stack[..., 3]), tf.int32))
+    out_mask = tf.where(pad, IGNORE_INDEX, tf.cast(tf.round(stack[..., 3]), tf.int32))
     return out_image, out_mask, pad
 
 
@@ -261,7 +261,7 @@ def rescale_pad_crop_flip(image: tf.Tensor, mask: tf.Tensor | None, crop: int, s
         src_c = tf.minimum(tf.cast(tf.floor((tf.cast(x + tf.range(ww), tf.float32) + 0.5) * scale_x),
                                    tf.int32), w - 1)
         m = tf.gather(tf.gather(tf.cast(mask, tf.int32), src_r, axis=0), src_c, axis=1)
-        out_mask = tf.pad(m, pad_hw, constant_values=255)
+        out_mask = tf.pad(m, pad_hw, constant_values=IGNORE_INDEX)
     flip = _uniform(s_flip) < 0.5
     if out_mask is None:
         out, pad = tf.cond(flip, lambda: (tf.reverse(out, [1]), tf.reverse(pad, [1])),
@@ -343,7 +343,7 @@ def photometric(x: tf.Tensor, seed, jitter_p=0.8, gray_p=0.2, blur_p=0.5) -> tf.
 
 def normalize(x01: tf.Tensor) -> tf.Tensor:
     """(H, W, 3) float in [0, 1] -> ImageNet-normalised float32."""
-    return (tf.cast(x01, tf.float32) - tf.constant(MEAN)) / tf.constant(STD)
+    return (tf.cast(x01, tf.float32) - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
 # ----------------------------------------------------------------------------------------- cutmix

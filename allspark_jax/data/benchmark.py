@@ -19,22 +19,26 @@ import sys
 import tempfile
 import time
 
+from allspark_jax.data import datasets
 
-def make_config(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong"):
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    return ml_collections.ConfigDict({"seed": 0, "data": {
-        "name": "synthetic", "root": root, "split": "default", "crop_size": crop,
-        "batch_size": batch, "student_view": student_view, "cutmix_prob": 0.5, "source": "files",
-        "num_parallel_calls": parallel, "prefetch": 2}})
+
+def make_options(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong"):
+    """DataOptions of the synthetic dataset at `root` (configs/default.py with these data keys)."""
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    config = config_lib.load_config(os.path.join(config_lib.configs_dir(), "default.py"))
+    config.data.update(name="synthetic", root=root, split="default", crop_size=crop,
+                       batch_size=batch, student_view=student_view, cutmix_prob=0.5,
+                       source="files", num_parallel_calls=parallel, prefetch=2)
+    config.data.num_classes = len(datasets.synthetic_class_names(root))
+    return config_lib.data_options(config)
 
 
 def measure(root: str, crop: int, batch: int, steps: int, warmup: int = 3,
             student_view: str = "strong") -> float:
     """Training examples per second of create_train_iterator (numpy batches, as the trainer sees)."""
     from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    it = input_pipeline.create_train_iterator(make_config(root, crop, batch, student_view=student_view),
-                                              process_index=0,
-                                              process_count=1)
+    it = input_pipeline.create_train_iterator(
+        make_options(root, crop, batch, student_view=student_view), process_index=0, process_count=1)
     for _ in range(warmup):
         next(it)
     t = time.perf_counter()

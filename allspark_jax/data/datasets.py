@@ -18,6 +18,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -39,7 +40,10 @@ COCO_CLASSES = (
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # the label of pixels that no loss or metric counts (VOC's object borders)
+# ImageNet statistics every image is normalised with (pixels in [0, 1], per RGB channel).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataError(ValueError):
@@ -48,29 +52,16 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetLayout:
-    """Static facts about one dataset's layout under its data root.
-
-    Attributes:
-      name: 'pascal' | 'cityscapes' | 'coco' | 'synthetic'.
-      num_classes: number of classes including background where the dataset has one.
-      train_image_dir: folder (relative to the root) of the training images.
-      mask_dir: folder (relative to the root) of the training masks.
-      image_ext / mask_ext: file name endings used to pair an image with its mask when listing folders.
-    """
+    """A dataset's name and class count (0: read from the data root, as for 'synthetic')."""
     name: str
     num_classes: int
-    train_image_dir: str
-    mask_dir: str
-    image_ext: str
-    mask_ext: str
 
 
 LAYOUTS = {
-    "pascal": DatasetLayout("pascal", 21, "JPEGImages", "SegmentationClass", ".jpg", ".png"),
-    "cityscapes": DatasetLayout("cityscapes", 19, "leftImg8bit/train", "gtFine/train",
-                                "_leftImg8bit.png", "_gtFine_labelTrainIds.png"),
-    "coco": DatasetLayout("coco", 81, "train2017", "masks", ".jpg", ".png"),
-    "synthetic": DatasetLayout("synthetic", 0, "JPEGImages", "SegmentationClass", ".jpg", ".png"),
+    "pascal": DatasetLayout("pascal", len(VOC_CLASSES)),
+    "cityscapes": DatasetLayout("cityscapes", len(CITYSCAPES_CLASSES)),
+    "coco": DatasetLayout("coco", len(COCO_CLASSES)),
+    "synthetic": DatasetLayout("synthetic", 0),
 }
 
 
@@ -81,12 +72,18 @@ def layout(name: str) -> DatasetLayout:
     return LAYOUTS[name]
 
 
+def absolute_path(path: str) -> str:
+    """`path` made absolute, unless it is a URL (`gs://...`), which `etils.epath` opens as it is."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def check_root(root: str | None, option: str = "data.root") -> str:
     """Returns `root` as an absolute path after checking that it is an existing directory."""
     if not root:
         raise DataError(f"{option} is not set; expected the path of a data root in the official layout.")
-    root = os.path.abspath(os.path.expanduser(str(root)))
-    if not os.path.isdir(root):
+    root = absolute_path(root)
+    if not epath.Path(root).is_dir():
         raise DataError(f"{option}={root!r} does not exist or is not a directory; expected the data root "
                         "(the folder the split list lines are relative to).")
     return root
@@ -95,30 +92,28 @@ def check_root(root: str | None, option: str = "data.root") -> str:
 def synthetic_class_names(root: str) -> list[str]:
     """Reads `<root>/class_names.txt` (one name per line) written by the synthetic dataset writer."""
     path = os.path.join(root, "class_names.txt")
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise DataError(f"{path!r} does not exist; expected the class name file the synthetic writer "
                         "(python -m allspark_jax.data.synthetic) puts in its data root.")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
-def class_names_for(name: str, root: str | None = None, num_classes: int | None = None) -> list[str]:
-    """Class names of a dataset (VOC 21, Cityscapes 19, COCO 81 incl. background, synthetic: its own)."""
+def class_names_for(name: str, root: str | None = None, tfds_metadata=None) -> list[str]:
+    """Class names of a dataset (VOC 21, Cityscapes 19, COCO 81 incl. background).
+
+    'synthetic' reads its own from `<root>/class_names.txt`, or from the metadata of its TFDS
+    records (`tfds_metadata`) when it has no root.
+    """
     if name == "pascal":
-        names = list(VOC_CLASSES)
-    elif name == "cityscapes":
-        names = list(CITYSCAPES_CLASSES)
-    elif name == "coco":
-        names = list(COCO_CLASSES)
-    elif name == "synthetic":
-        names = synthetic_class_names(check_root(root))
-    else:
-        layout(name)  # raises
-        raise AssertionError
-    if num_classes is not None and num_classes != len(names):
-        raise DataError(f"data.num_classes={num_classes} does not match dataset {name!r}, which has "
-                        f"{len(names)} classes.")
-    return names
+        return list(VOC_CLASSES)
+    if name == "cityscapes":
+        return list(CITYSCAPES_CLASSES)
+    if name == "coco":
+        return list(COCO_CLASSES)
+    layout(name)  # raises for an unknown name
+    if tfds_metadata is not None and not root:
+        return list(tfds_metadata["class_names"])
+    return synthetic_class_names(check_root(root))
 
 
 def check_files_exist(root: str, pairs: Sequence[tuple[str, str]], source: str,
@@ -135,12 +130,12 @@ def check_files_exist(root: str, pairs: Sequence[tuple[str, str]], source: str,
     """
     missing = []
     for image, mask in pairs:
-        if not os.path.isfile(os.path.join(root, image)):
+        if not epath.Path(root, image).is_file():
             missing.append(image)
         if require_masks and not mask:
             raise DataError(f"{source} names no mask for labeled image {image!r}; expected "
                             "'image_path mask_path' lines.")
-        if require_masks and not os.path.isfile(os.path.join(root, mask)):
+        if require_masks and not epath.Path(root, mask).is_file():
             missing.append(mask)
     if missing:
         raise DataError(
@@ -151,19 +146,24 @@ def check_files_exist(root: str, pairs: Sequence[tuple[str, str]], source: str,
 
 def list_coco_unlabeled(root: str, labeled: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """Every `train2017/*.jpg` under `root` not in `labeled`, sorted, paired with `masks/<id>.png`."""
-    folder = os.path.join(root, "train2017")
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder!r} does not exist; COCO's unlabeled set is every image of the data "
+    folder = epath.Path(root, "train2017")
+    if not folder.is_dir():
+        raise DataError(f"{os.fspath(folder)!r} does not exist; COCO's unlabeled set is every image of the data "
                         "root's train2017/ folder not in the labeled list, so data.root must hold train2017/.")
     taken = {image for image, _ in labeled}
     out = []
-    for fname in sorted(os.listdir(folder)):
+    for fname in sorted(p.name for p in folder.iterdir()):
         if not fname.lower().endswith((".jpg", ".jpeg", ".png")):
             continue
         image = f"train2017/{fname}"
         if image not in taken:
-            out.append((image, f"masks/{os.path.splitext(fname)[0]}.png"))
+            out.append((image, coco_mask_path(image)))
     return out
+
+
+def coco_mask_path(image_path: str) -> str:
+    """COCO's mask of an image: `train2017/<id>.jpg` -> `masks/<id>.png` (paths relative to the root)."""
+    return f"masks/{os.path.splitext(os.path.basename(image_path))[0]}.png"
 
 
 # --------------------------------------------------------------------------- VOC palette (numpy)

@@ -1,31 +1,8 @@
 """The training and validation input pipelines (tf.data on the host, numpy out, jax arrays on device).
 
-Config keys read (`config.data.*` unless noted; default in brackets):
-  data.name               'pascal' | 'cityscapes' | 'coco' | 'synthetic'. [required]
-  data.root               data root in the official layout; needed by source 'files'. With source
-                          'tfds' it is optional, except for 'synthetic' (its split lists live in the
-                          root); COCO's default unlabeled set then comes from the records. [None]
-  data.split              split name ('92' .. '1464', '1_16' .. '1_2', 'u2pl_1_16', Cityscapes '1_30' ..
-                          '1_2', COCO '1_512' .. '1_32', synthetic 'default') or a labeled list path.
-                          [required]
-  data.unlabeled_split    path of an unlabeled list (or a split name); None = the split's own
-                          (`unlabeled.txt` beside a labeled list; COCO: train2017 minus labeled). [None]
-  data.val_split          'val' or the path of a validation list. ['val']
-  data.num_classes        number of classes; checked against the dataset's. [the dataset's]
-  data.crop_size          training crop S. [513]
-  data.batch_size         GLOBAL labeled batch; the unlabeled batch is the same size. [8]
-  data.source             'files' (decode the data root's files) | 'tfds' (records written by
-                          `python -m allspark_jax.data.prepare`). ['files']
-  data.tfds_data_dir      TFDS data dir for source 'tfds'. [None = TFDS default]
-  data.student_view       'weak' (release: student sees the teacher's view) | 'strong' (student view
-                          gets the photometric chain). ['weak']
-  data.cutmix_prob        probability of a CutMix box per unlabeled example (0 = off). [0.0]
-  data.labeled_strong     give labeled images the strong photometric chain (the release does). [True]
-  data.scale_range        random rescale range of the long side. [(0.5, 2.0)]
-  data.check_files        check eagerly that every listed file exists (source 'files'). [True]
-  data.num_parallel_calls tf.data map parallelism, -1 = AUTOTUNE. [-1]
-  data.prefetch           batches prefetched by tf.data. [2]
-  seed (top level)        seed of epoch shuffles and augmentation. [0]
+Every function takes the run's `DataOptions` (`allspark_jax.config.data_options`: the `data.*` keys
+of configs/default.py, resolved once). The training list resolution (`train_plan`: split lists,
+readers, steps per epoch) is done once per run and passed to `create_train_iterator`.
 
 Epochs (release semantics): an epoch walks the unlabeled list once in a fresh random order; the labeled
 list is repeated `ceil(U / L)` times, truncated to U and permuted afresh each epoch; step t of epoch e
@@ -55,38 +32,7 @@ from allspark_jax.data import splits as splits_lib
 
 DataError = datasets.DataError
 
-_DEFAULTS = {
-    "root": None, "unlabeled_split": None, "val_split": "val", "num_classes": None,
-    "crop_size": 513, "batch_size": 8, "source": "files", "tfds_data_dir": None,
-    "student_view": "weak", "cutmix_prob": 0.0, "labeled_strong": True, "scale_range": (0.5, 2.0),
-    "check_files": True, "num_parallel_calls": -1, "prefetch": 2,
-}
 _SEED_SALT = 0x5EED  # second word of the base seed
-
-
-def _get(cfg, key: str, default: Any = None) -> Any:
-    if cfg is None:
-        return default
-    if hasattr(cfg, "get"):
-        v = cfg.get(key, default)
-    else:
-        v = getattr(cfg, key, default)
-    return default if v is None and default is not None else v
-
-
-def _opt(config, key: str) -> Any:
-    """config.data.<key> with this module's default."""
-    data = _get(config, "data")
-    if data is None:
-        raise DataError("config.data is missing; expected a ConfigDict of data.* options.")
-    return _get(data, key, _DEFAULTS.get(key))
-
-
-def _required(config, key: str) -> Any:
-    v = _opt(config, key)
-    if v is None or v == "":
-        raise DataError(f"data.{key} is not set.")
-    return v
 
 
 def _processes(process_index, process_count) -> tuple[int, int]:
@@ -163,118 +109,60 @@ class _Tfds:
         return _TfdsReader(self.builder.as_data_source(split), idx, pairs, f"{self.where}/{split}")
 
 
-def _open_tfds(config) -> _Tfds:
+def _open_tfds(opts) -> _Tfds:
     from allspark_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-    name = _required(config, "name")
-    data_dir = _opt(config, "tfds_data_dir")
-    b = tfds_builders.builder(name, data_dir=data_dir)
-    where = os.fspath(b.data_dir)
-    if not b.is_prepared():
-        raise DataError(f"data.source='tfds' but no prepared {tfds_builders.BUILDER_NAMES[name]} records "
-                        f"at {where!r} (data.tfds_data_dir={data_dir!r}); expected "
-                        f"`python -m allspark_jax.data.prepare --name {name} --root DATA_ROOT"
-                        f"{' --data_dir ' + str(data_dir) if data_dir else ''}` to have been run.")
-    return _Tfds(b, where)
-
-
-def _source_kind(config) -> str:
-    source = _opt(config, "source")
-    if source not in ("files", "tfds"):
-        raise DataError(f"data.source={source!r}; expected 'files' or 'tfds'.")
-    return source
-
-
-def _num_classes(config, tfds_meta=None) -> int:
-    name = _required(config, "name")
-    n = _opt(config, "num_classes")
-    if name == "synthetic":
-        if tfds_meta is not None:
-            expected = int(tfds_meta.builder.info.metadata["num_classes"])
-        else:
-            expected = len(datasets.synthetic_class_names(datasets.check_root(_opt(config, "root"))))
-    else:
-        expected = datasets.layout(name).num_classes
-    if n is not None and int(n) != expected:
-        raise DataError(f"data.num_classes={n} but dataset {name!r} has {expected} classes.")
-    return expected
-
-
-def class_names(config) -> list[str]:
-    """Class names (VOC 21, Cityscapes 19, COCO 81 incl. background; synthetic: its own)."""
-    name = _required(config, "name")
-    if name == "synthetic" and _source_kind(config) == "tfds" and not _opt(config, "root"):
-        names = list(_open_tfds(config).builder.info.metadata["class_names"])
-    else:
-        names = datasets.class_names_for(name, _opt(config, "root"))
-    n = _opt(config, "num_classes")
-    if n is not None and int(n) != len(names):
-        raise DataError(f"data.num_classes={n} but dataset {name!r} has {len(names)} classes.")
-    return names
+    b = tfds_builders.open_prepared(opts.name, opts.tfds_data_dir)
+    return _Tfds(b, os.fspath(b.data_dir))
 
 
 # ------------------------------------------------------------------------------------------- train
 
 
-@dataclasses.dataclass
-class _TrainPlan:
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """The resolved training lists of a run (computed once by `train_plan`).
+
+    split: the labeled and unlabeled (image, mask) lists and where they came from; labeled_reader /
+    unlabeled_reader: read example i of each list (files or TFDS records); steps_per_epoch:
+    unlabeled images // global batch (the release drops the last partial batch).
+    """
     split: splits_lib.TrainSplit
     labeled_reader: Any
     unlabeled_reader: Any
-    num_classes: int
+    steps_per_epoch: int
 
 
-def _train_plan(config) -> _TrainPlan:
-    name = _required(config, "name")
-    datasets.layout(name)
-    source = _source_kind(config)
-    tfds_meta = _open_tfds(config) if source == "tfds" else None
-    root = _opt(config, "root")
-    if source == "files" or (root and name in ("coco", "synthetic")):
-        root = datasets.check_root(root)
-    split_name = _required(config, "split")
-    unlabeled_split = _opt(config, "unlabeled_split")
-    if source == "tfds" and name == "coco" and not unlabeled_split and not root:
-        split = splits_lib.resolve_train_split(name, split_name, root=None, unlabeled_split=None,
+def train_plan(opts) -> TrainPlan:
+    """Resolves the split lists of `opts` (and checks the listed files exist, `data.check_files`)."""
+    tfds_meta = _open_tfds(opts) if opts.source == "tfds" else None
+    root = opts.root
+    if tfds_meta is not None and opts.name == "coco" and not opts.unlabeled_split and not root:
+        split = splits_lib.resolve_train_split(opts.name, opts.split, root=None, unlabeled_split=None,
                                                coco_train_images=tfds_meta.paths("train"))
     else:
-        split = splits_lib.resolve_train_split(name, split_name, unlabeled_split, root)
-    num_classes = _num_classes(config, tfds_meta)
-    if source == "files":
-        if _opt(config, "check_files"):
-            datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
-            datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source, require_masks=False)
-        lr = _FileReader(root, split.labeled)
-        ur = _FileReader(root, split.unlabeled)
-    else:
-        lr = tfds_meta.reader("train", split.labeled, split.labeled_source)
-        ur = tfds_meta.reader("train", split.unlabeled, split.unlabeled_source)
-    return _TrainPlan(split, lr, ur, num_classes)
-
-
-def _global_batch(config, process_count: int) -> tuple[int, int]:
-    batch = int(_required(config, "batch_size"))
-    if batch <= 0 or batch % process_count:
-        raise DataError(f"data.batch_size={batch} (global) is not a positive multiple of the process "
-                        f"count {process_count}.")
-    return batch, batch // process_count
-
-
-def _steps(num_unlabeled: int, batch: int, source: str) -> int:
-    steps = num_unlabeled // batch
+        split = splits_lib.resolve_train_split(opts.name, opts.split, opts.unlabeled_split, root)
+    steps = len(split.unlabeled) // opts.batch_size
     if steps == 0:
-        raise DataError(f"the unlabeled list ({source}) has {num_unlabeled} images, fewer than "
-                        f"data.batch_size={batch}; expected at least one full global batch per epoch.")
-    return steps
+        raise DataError(f"the unlabeled list ({split.unlabeled_source}) has {len(split.unlabeled)} "
+                        f"images, fewer than data.batch_size={opts.batch_size}; expected at least one "
+                        "full global batch per epoch.")
+    if tfds_meta is None:
+        if opts.check_files:
+            datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
+            datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
+                                       require_masks=False)
+        readers = _FileReader(root, split.labeled), _FileReader(root, split.unlabeled)
+    else:
+        readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
+                   tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
+    return TrainPlan(split, *readers, steps)
 
 
-def steps_per_epoch(config, process_count: int | None = None) -> int:
-    """Training steps per epoch: unlabeled images // global batch (independent of process_count)."""
-    name = _required(config, "name")
-    split = _train_plan(config).split if name == "coco" or _source_kind(config) == "tfds" else \
-        splits_lib.resolve_train_split(name, _required(config, "split"),
-                                       _opt(config, "unlabeled_split"), _opt(config, "root"))
-    batch, _ = _global_batch(config, process_count or 1)
-    return _steps(len(split.unlabeled), batch, split.unlabeled_source)
+def _local_batch(opts, process_count: int) -> int:
+    if opts.batch_size % process_count:
+        raise DataError(f"data.batch_size={opts.batch_size} (global) is not a positive multiple of "
+                        f"the process count {process_count}.")
+    return opts.batch_size // process_count
 
 
 def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, steps: int,
@@ -296,30 +184,20 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
             "l": tf.gather(perm_l, pos), "u": tf.gather(perm_u, pos)}
 
 
-def create_train_dataset(config, *, start_step: int = 0, process_index: int | None = None,
+def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
+                         process_index: int | None = None,
                          process_count: int | None = None) -> tf.data.Dataset:
     """The infinite tf.data pipeline behind create_train_iterator (batched, this process's share)."""
     process_index, process_count = _processes(process_index, process_count)
-    plan = _train_plan(config)
-    batch, local_batch = _global_batch(config, process_count)
-    steps = _steps(len(plan.split.unlabeled), batch, plan.split.unlabeled_source)
+    plan = train_plan(opts) if plan is None else plan
+    batch, local_batch = opts.batch_size, _local_batch(opts, process_count)
+    steps = plan.steps_per_epoch
     if start_step < 0:
         raise DataError(f"start_step={start_step}; expected >= 0.")
     start_epoch, start_offset = divmod(int(start_step), steps)
-    crop = int(_opt(config, "crop_size"))
-    student = _opt(config, "student_view")
-    if student not in ("weak", "strong"):
-        raise DataError(f"data.student_view={student!r}; expected 'weak' (release) or 'strong'.")
-    cutmix_prob = float(_opt(config, "cutmix_prob"))
-    if not 0.0 <= cutmix_prob <= 1.0:
-        raise DataError(f"data.cutmix_prob={cutmix_prob}; expected a probability in [0, 1].")
-    labeled_strong = bool(_opt(config, "labeled_strong"))
-    scale_range = tuple(float(x) for x in _opt(config, "scale_range"))
-    seed = int(_get(config, "seed", 0) or 0)
-    num_classes = plan.num_classes
+    crop, seed, num_classes = opts.crop_size, opts.seed, opts.num_classes
     lr, ur = plan.labeled_reader, plan.unlabeled_reader
-    parallel = int(_opt(config, "num_parallel_calls"))
-    parallel = tf.data.AUTOTUNE if parallel < 0 else parallel
+    parallel = tf.data.AUTOTUNE if opts.num_parallel_calls < 0 else opts.num_parallel_calls
 
     def epoch_ds(epoch):
         return tf.data.Dataset.from_tensor_slices(_epoch_positions(
@@ -336,18 +214,19 @@ def create_train_dataset(config, *, start_step: int = 0, process_index: int | No
         mask = augment.decode_mask(mask_b, mask_path, num_classes)
         image = augment.check_same_size(image, mask, image_path, mask_path)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
-                                                  labeled_strong, scale_range)
+                                                  opts.labeled_strong, opts.scale_range)
         u_b, u_path = ur.image(el["u"])
         u = augment.decode_image(u_b, u_path)
-        out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1), student == "strong",
-                                        cutmix_prob, scale_range)
+        out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
+                                        opts.student_view == "strong", opts.cutmix_prob,
+                                        opts.scale_range)
         out.update(image_l=image_l, mask_l=mask_l)
         return out
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_ds)
     ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.prefetch(int(_opt(config, "prefetch")))
+    ds = ds.prefetch(opts.prefetch)
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
@@ -375,7 +254,8 @@ def _numpy_iterator(ds: tf.data.Dataset, what: str) -> Iterator[dict[str, np.nda
         yield {k: v.numpy() for k, v in batch.items()}
 
 
-def create_train_iterator(config, *, start_step: int = 0, process_index: int | None = None,
+def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
+                          process_index: int | None = None,
                           process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """This process's share of every global training batch from `start_step` on (infinite).
 
@@ -385,7 +265,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
       pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off).
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents).
     """
-    ds = create_train_dataset(config, start_step=start_step, process_index=process_index,
+    ds = create_train_dataset(opts, start_step=start_step, plan=plan, process_index=process_index,
                               process_count=process_count)
     return _numpy_iterator(ds, "training input pipeline")
 
@@ -393,7 +273,7 @@ def create_train_iterator(config, *, start_step: int = 0, process_index: int | N
 # -------------------------------------------------------------------------------------- validation
 
 
-def create_val_dataset(config, *, process_index: int | None = None,
+def create_val_dataset(opts, *, process_index: int | None = None,
                        process_count: int | None = None) -> tf.data.Dataset:
     """This process's share (list positions p, p + P, ...) of the validation set, one image per element.
 
@@ -401,22 +281,14 @@ def create_val_dataset(config, *, process_index: int | None = None,
     position in the val list, to merge results across processes); name string (the image file stem).
     """
     process_index, process_count = _processes(process_index, process_count)
-    name = _required(config, "name")
-    datasets.layout(name)
-    source = _source_kind(config)
-    root = _opt(config, "root")
-    if source == "files" or (root and name == "synthetic"):
-        root = datasets.check_root(root)
-    pairs, list_source = splits_lib.resolve_val_split(name, _opt(config, "val_split"), root)
-    if source == "files":
-        if _opt(config, "check_files"):
-            datasets.check_files_exist(root, pairs, list_source, require_masks=True)
-        reader = _FileReader(root, pairs)
-        num_classes = _num_classes(config)
+    pairs, list_source = splits_lib.resolve_val_split(opts.name, opts.val_split, opts.root)
+    num_classes = opts.num_classes
+    if opts.source == "files":
+        if opts.check_files:
+            datasets.check_files_exist(opts.root, pairs, list_source, require_masks=True)
+        reader = _FileReader(opts.root, pairs)
     else:
-        meta = _open_tfds(config)
-        reader = meta.reader("val", pairs, list_source)
-        num_classes = _num_classes(config, meta)
+        reader = _open_tfds(opts).reader("val", pairs, list_source)
     names = tf.constant([os.path.splitext(os.path.basename(p[0]))[0] for p in pairs])
 
     def load(i):
@@ -428,11 +300,11 @@ def create_val_dataset(config, *, process_index: int | None = None,
         return {"image": augment.normalize(tf.cast(image, tf.float32) / 255.0),
                 "mask": tf.cast(mask, tf.int32), "index": i, "name": tf.gather(names, i)}
 
-    parallel = int(_opt(config, "num_parallel_calls"))
+    parallel = opts.num_parallel_calls
     ds = tf.data.Dataset.range(process_index, len(pairs), process_count)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE if parallel < 0 else parallel,
                 deterministic=True)
-    return ds.prefetch(int(_opt(config, "prefetch")))
+    return ds.prefetch(opts.prefetch)
 
 
 # ------------------------------------------------------------------------------------------ device

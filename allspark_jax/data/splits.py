@@ -7,8 +7,9 @@ the same structure in ``<root>/splits/``. A split may also be given as the path 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+
+from etils import epath
 
 from allspark_jax.data import datasets
 
@@ -29,9 +30,9 @@ def splits_dir(name: str, root: str | None = None) -> str:
 def available_splits(name: str, root: str | None = None) -> list[str]:
     """Names of the labeled splits of dataset `name` (folders holding a labeled.txt)."""
     d = splits_dir(name, root)
-    if not os.path.isdir(d):
+    if not epath.Path(d).is_dir():
         return []
-    return sorted(s for s in os.listdir(d) if os.path.isfile(os.path.join(d, s, "labeled.txt")))
+    return sorted(p.name for p in epath.Path(d).iterdir() if (p / "labeled.txt").is_file())
 
 
 def read_list(path: str) -> Pairs:
@@ -40,26 +41,24 @@ def read_list(path: str) -> Pairs:
     A line with a single field is taken as an image without a mask (mask path '').
     Raises DataError naming the file for a missing file or a malformed line.
     """
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
         raise DataError(f"list file {path!r} does not exist; expected a text file of "
                         "'image_path mask_path' lines relative to data.root.")
     out = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) > 2:
-                raise DataError(f"{path}:{lineno}: expected 'image_path mask_path', got {line.strip()!r}.")
-            out.append((fields[0], fields[1] if len(fields) == 2 else ""))
+    for lineno, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise DataError(f"{path}:{lineno}: expected 'image_path mask_path', got {line.strip()!r}.")
+        out.append((fields[0], fields[1] if len(fields) == 2 else ""))
     if not out:
         raise DataError(f"list file {path!r} is empty; expected 'image_path mask_path' lines.")
     return out
 
 
-
 def _is_path(split: str) -> bool:
-    return os.sep in split or split.endswith(".txt") or os.path.isfile(split)
+    return os.sep in split or split.endswith(".txt") or epath.Path(split).is_file()
 
 
 @dataclasses.dataclass
@@ -74,10 +73,6 @@ class TrainSplit:
     unlabeled: Pairs
     labeled_source: str
     unlabeled_source: str
-
-    def repeated_labeled_count(self) -> int:
-        """ceil(U / L) -- how many times the release repeats the labeled list before truncating to U."""
-        return math.ceil(len(self.unlabeled) / len(self.labeled))
 
 
 def resolve_train_split(name: str, split: str, unlabeled_split: str | None = None,
@@ -100,15 +95,15 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
                         "or the path of a labeled list file.")
     split = str(split)
     if _is_path(split):
-        labeled_path = os.path.abspath(os.path.expanduser(split))
-        if not os.path.isfile(labeled_path):
+        labeled_path = datasets.absolute_path(split)
+        if not epath.Path(labeled_path).is_file():
             raise DataError(f"data.split={split!r}: list file does not exist; expected a split name "
                             f"({', '.join(available_splits(name, root))}) or the path of a labeled list.")
         default_unlabeled = os.path.join(os.path.dirname(labeled_path), "unlabeled.txt")
     else:
         d = splits_dir(name, root)
         labeled_path = os.path.join(d, split, "labeled.txt")
-        if not os.path.isfile(labeled_path):
+        if not epath.Path(labeled_path).is_file():
             raise DataError(f"data.split={split!r} is not a split of dataset {name!r}; expected one of "
                             f"{available_splits(name, root)} or the path of a labeled list file.")
         default_unlabeled = os.path.join(d, split, "unlabeled.txt")
@@ -117,21 +112,20 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
     if unlabeled_split:
         u = str(unlabeled_split)
         if _is_path(u):
-            unlabeled_path = os.path.abspath(os.path.expanduser(u))
+            unlabeled_path = datasets.absolute_path(u)
         else:
             unlabeled_path = os.path.join(splits_dir(name, root), u, "unlabeled.txt")
-            if not os.path.isfile(unlabeled_path):
+            if not epath.Path(unlabeled_path).is_file():
                 raise DataError(f"data.unlabeled_split={u!r} is not a split of dataset {name!r} with an "
                                 f"unlabeled list; expected a path of an unlabeled list file.")
         unlabeled = read_list(unlabeled_path)
         unlabeled_source = unlabeled_path
-    elif os.path.isfile(default_unlabeled):
+    elif epath.Path(default_unlabeled).is_file():
         unlabeled = read_list(default_unlabeled)
         unlabeled_source = default_unlabeled
     elif name == "coco" and coco_train_images is not None:
         taken = {image for image, _ in labeled}
-        unlabeled = [(p, "masks/" + os.path.splitext(os.path.basename(p))[0] + ".png")
-                     for p in coco_train_images if p not in taken]
+        unlabeled = [(p, datasets.coco_mask_path(p)) for p in coco_train_images if p not in taken]
         unlabeled_source = f"the TFDS train records (images not in {labeled_path})"
     elif name == "coco":
         root = datasets.check_root(root)
@@ -150,10 +144,10 @@ def resolve_val_split(name: str, val_split: str | None = "val", root: str | None
     """Resolves `data.val_split` ('val' or the path of a list file) into (pairs, source path)."""
     val_split = str(val_split or "val")
     if _is_path(val_split):
-        path = os.path.abspath(os.path.expanduser(val_split))
+        path = datasets.absolute_path(val_split)
     else:
         path = os.path.join(splits_dir(name, root), f"{val_split}.txt")
-        if not os.path.isfile(path):
+        if not epath.Path(path).is_file():
             raise DataError(f"data.val_split={val_split!r} is not a validation list of dataset {name!r} "
                             f"({path!r} does not exist); expected 'val' or the path of a list file.")
     return read_list(path), path

@@ -23,6 +23,7 @@ import colorsys
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from allspark_jax.data import datasets
@@ -91,11 +92,12 @@ def render(index: int, split: str, size: int, num_classes: int, seed: int
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def save_palette_png(labels: np.ndarray, path: str) -> None:
-    """Writes (h, w) uint8 labels as a palette PNG with the VOC palette."""
+def save_palette_png(labels: np.ndarray, path) -> None:
+    """Writes (h, w) uint8 labels as a palette PNG with the VOC palette (any epath-able path)."""
     im = Image.fromarray(labels, mode="P")
     im.putpalette(datasets.voc_palette().reshape(-1).tolist())
-    im.save(path)
+    with epath.Path(path).open("wb") as f:
+        im.save(f, format="PNG")
 
 
 def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classes: int,
@@ -108,28 +110,39 @@ def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classe
     num_labeled = num_labeled if num_labeled is not None else max(1, num_train // 4)
     if not 1 <= num_labeled < num_train:
         raise ValueError(f"--num_labeled={num_labeled}: expected 1 <= num_labeled < num_train.")
-    os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
-    os.makedirs(os.path.join(root, "SegmentationClass"), exist_ok=True)
-    os.makedirs(os.path.join(root, "splits", "default"), exist_ok=True)
+    out = epath.Path(root)
+    for folder in ("JPEGImages", "SegmentationClass", "splits/default"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
     lines = {"train": [], "val": []}
     for split, count in (("train", num_train), ("val", num_val)):
         for i in range(count):
             image, labels = render(i, split, size, num_classes, seed)
             stem = f"{split}_{i:05d}"
-            Image.fromarray(image).save(os.path.join(root, "JPEGImages", stem + ".jpg"),
-                                        quality=jpeg_quality)
-            save_palette_png(labels, os.path.join(root, "SegmentationClass", stem + ".png"))
+            with (out / "JPEGImages" / f"{stem}.jpg").open("wb") as f:
+                Image.fromarray(image).save(f, format="JPEG", quality=jpeg_quality)
+            save_palette_png(labels, out / "SegmentationClass" / f"{stem}.png")
             lines[split].append(f"JPEGImages/{stem}.jpg SegmentationClass/{stem}.png\n")
     paths = {"labeled": os.path.join(root, "splits", "default", "labeled.txt"),
              "unlabeled": os.path.join(root, "splits", "default", "unlabeled.txt"),
              "val": os.path.join(root, "splits", "val.txt")}
     for key, subset in (("labeled", lines["train"][:num_labeled]),
                         ("unlabeled", lines["train"][num_labeled:]), ("val", lines["val"])):
-        with open(paths[key], "w") as f:
-            f.writelines(subset)
-    with open(os.path.join(root, "class_names.txt"), "w") as f:
-        f.write("\n".join(class_names(num_classes)) + "\n")
+        epath.Path(paths[key]).write_text("".join(subset))
+    # Written last: its presence marks a complete dataset (`ensure_dataset`).
+    (out / "class_names.txt").write_text("\n".join(class_names(num_classes)) + "\n")
     return paths
+
+
+def ensure_dataset(root: str, **spec) -> bool:
+    """Writes the dataset `spec` (the arguments of `write_dataset`) into `root` unless it is there.
+
+    The class-name file is written last, so its presence means a complete dataset. Returns whether
+    anything was written.
+    """
+    if epath.Path(root, "class_names.txt").is_file():
+        return False
+    write_dataset(root, **spec)
+    return True
 
 
 def main(argv=None) -> None:

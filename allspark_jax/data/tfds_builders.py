@@ -39,7 +39,7 @@ from allspark_jax.data import splits as splits_lib
 
 DataError = datasets.DataError
 
-_INSTRUCTIONS = """Pass the data root in the official layout (see SPEC section 5) as the manual dir:
+_INSTRUCTIONS = """Pass the data root in the official layout (README, "Preparing the datasets") as the manual dir:
 `tfds build ... --manual_dir ROOT` or `python -m allspark_jax.data.prepare --root ROOT`."""
 
 BUILDER_NAMES = {"pascal": "allspark_pascal", "cityscapes": "allspark_cityscapes",
@@ -108,7 +108,7 @@ def _check_and_encode(root: str, image_rel: str, mask_rel: str, num_classes: int
     if labels.shape != (im.size[1], im.size[0]):
         raise DataError(f"image/mask size mismatch: {image_path!r} is {im.size[1]}x{im.size[0]} but "
                         f"{mask_path!r} is {labels.shape[0]}x{labels.shape[1]} (expected equal).")
-    bad = (labels >= num_classes) & (labels != 255)
+    bad = (labels >= num_classes) & (labels != datasets.IGNORE_INDEX)
     if bad.any():
         raise DataError(f"mask {mask_path!r} holds label {int(labels[bad].max())}; expected labels in "
                         f"[0, {num_classes - 1}] or 255 (ignore).")
@@ -195,3 +195,15 @@ def builder(name: str, data_dir: str | None = None) -> _AllSparkBuilder:
     """The builder of dataset `name` ('pascal' | 'cityscapes' | 'coco' | 'synthetic')."""
     datasets.layout(name)
     return BUILDERS[name](data_dir=data_dir)
+
+
+def open_prepared(name: str, data_dir: str | None = None) -> _AllSparkBuilder:
+    """The builder of dataset `name` whose records are prepared in `data_dir`; DataError otherwise."""
+    b = builder(name, data_dir=data_dir)
+    if not b.is_prepared():
+        raise DataError(
+            f"data.source='tfds' but no prepared {BUILDER_NAMES[name]} records at "
+            f"{os.fspath(b.data_dir)!r} (data.tfds_data_dir={data_dir!r}); expected "
+            f"`python -m allspark_jax.data.prepare --name {name} --root DATA_ROOT"
+            f"{' --data_dir ' + str(data_dir) if data_dir else ''}` to have been run.")
+    return b

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from allspark_jax import convert, evaluate, losses, train
+from allspark_jax import convert, losses, optimizer, state as state_lib, train_step
+from allspark_jax.evaluation import metrics
 from allspark_jax.models.head import TorchBatchNorm
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
@@ -183,7 +184,7 @@ def case_miou(ref: Reference) -> list[Result]:
     if "miou/pred" not in ref.data:
         return []
     k = ref.meta["num_classes"]
-    inter, union, area = evaluate.intersection_and_union(ref.data["miou/pred"],
+    inter, union, area = metrics.intersection_and_union(ref.data["miou/pred"],
                                                          ref.data["miou/target"], k)
     return [compare("miou counting", {"intersection": (inter, ref.data["miou/intersection"]),
                                       "union": (union, ref.data["miou/union"]),
@@ -230,13 +231,13 @@ def case_train_steps(ref: Reference) -> list[Result]:
     tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, teacher="online",
                                           ema_decay=0.0, conf_thresh=0.0,
                                           loss_u_ignore_padding=False, key_group_size=None))
-    tx, schedules = train.create_optimizer(optim, m["total_iters"])
+    tx, schedules = optimizer.create_optimizer(optim, m["total_iters"])
     ours_lrs = np.array([[schedules["encoder"](t), schedules["rest"](t)] for t in range(steps)])
     results = [compare("train_step lrs", {"lrs": (ours_lrs, lrs)})]
 
-    state = train.create_train_state(ref.model, tx, jax.random.key(0), ref.x_l.shape[1], ema=False,
+    state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), ref.x_l.shape[1], ema=False,
                                      variables=jax.tree.map(jnp.copy, ref.variables))
-    step = train.make_train_step(ref.model, tx, tcfg, use_memory=True, with_outputs=True)
+    step = train_step.make_train_step(ref.model, tx, tcfg, use_memory=True, with_outputs=True)
     batches = reference_batches(ref, steps)
     for t, batch in enumerate(batches):
         before = convert.to_state_dict(state.variables())
@@ -297,7 +298,7 @@ def grads_case(ref, grads, state, batch, tx, tcfg) -> Result:
     if plain.ok:
         return plain
     with nn.intercept_methods(_kink_flip(KINK_FRACTION)):
-        _, out = jax.jit(lambda s, b: train.train_step(
+        _, out = jax.jit(lambda s, b: train_step.train_step(
             s, b, model=ref.model, tx=tx, train_config=tcfg, use_memory=True))(state, batch)
         kinks = int(jax.jit(lambda v: ref.model.apply(
             v, np.concatenate([batch["image_l"], batch["image_u_s"]]), mode="train",

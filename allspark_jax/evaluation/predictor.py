@@ -1,6 +1,6 @@
-"""Evaluation as the release does it: per-image predictions, mIoU over the whole validation set.
+"""The release's per-image evaluation modes as jitted programs.
 
-Modes (SPEC 4, "Evaluation"):
+Modes (`config.eval.mode`):
   * ``original``       the whole image at its own size;
   * ``center_crop``    the central crop_size x crop_size window (image and mask);
   * ``sliding_window`` windows of crop_size at stride floor(2/3 * crop_size), clipped at the borders,
@@ -15,40 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from allspark_jax.sharding import to_host
-
-IGNORE_INDEX = 255
 EVAL_MODES = ("original", "center_crop", "sliding_window")
 
 
-def intersection_and_union(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX):
-    """The release's `intersectionAndUnion`: per-class pixel counts.
-
-    Args:
-      pred, target: int arrays of the same shape (any rank); target pixels equal to
-        `ignore_index` are excluded.
-    Returns:
-      (intersection, union, target_area), each (num_classes,) int32.
-    """
-    pred, target = jnp.asarray(pred).reshape(-1), jnp.asarray(target).reshape(-1)
-    valid = target != ignore_index
-    out_of_range = num_classes  # bincount bin that is cut off below
-    pred = jnp.where(valid, pred, out_of_range)
-    target = jnp.where(valid, target, out_of_range)
-    count = lambda x: jnp.bincount(x, length=num_classes + 1)[:num_classes]  # noqa: E731
-    inter = count(jnp.where(pred == target, pred, out_of_range))
-    area_pred, area_target = count(pred), count(target)
-    return inter, area_pred + area_target - inter, area_target
-
-
-def miou(intersection, union) -> tuple[float, np.ndarray]:
-    """Mean IoU in percent over ALL classes, and the per-class IoU: I / (U + 1e-10) * 100."""
-    iou = np.asarray(intersection, np.float64) / (np.asarray(union, np.float64) + 1e-10) * 100.0
-    return float(iou.mean()), iou
-
-
-# ------------------------------------------------------------------------------ per-image inference
-#
 # Compilation: the model is jitted once per distinct input shape (cached by jax.jit for the life of
 # the Predictor). Pascal and COCO validation images come in hundreds of sizes, so a first
 # evaluation in "original" mode spends much of its time compiling (seconds per shape on an
@@ -150,88 +119,3 @@ class Predictor:
     def predict(self, variables, image):
         image, _ = self.prepare(np.asarray(image))
         return np.asarray(self.predict_async(variables, image))
-
-
-def intersection_and_union_np(pred, target, num_classes: int, ignore_index: int = IGNORE_INDEX):
-    """numpy twin of `intersection_and_union` (host counting, no per-shape compilation)."""
-    pred = np.asarray(pred).reshape(-1).astype(np.int64)
-    target = np.asarray(target).reshape(-1).astype(np.int64)
-    valid = target != ignore_index
-    pred, target = pred[valid], target[valid]
-    count = lambda x: np.bincount(x, minlength=num_classes)[:num_classes]  # noqa: E731
-    inter = count(pred[pred == target])
-    area_pred, area_target = count(pred[pred < num_classes]), count(target)
-    return inter, area_pred + area_target - inter, area_target
-
-
-def _progress(total, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
-
-
-def evaluate(predictor: Predictor, variables, examples, num_classes: int, *,
-             class_names=None, num_images: int | None = None, progress: bool = False,
-             desc: str = "eval", max_in_flight: int = 4) -> dict:
-    """mIoU of `variables` over `examples` (this process's share), summed over all processes.
-
-    Args:
-      predictor: a `Predictor` (mode and crop).
-      variables: model variables (params, batch_stats[, memory]); host numpy or jax arrays. They are
-        copied to every local device and images are dealt round-robin to the devices.
-      examples: iterable of dicts with 'image' (H, W, 3) float32 normalised and 'mask' (H, W) int.
-      num_classes: K.
-      class_names: names for the per-class table (default: class_0 ...).
-      num_images: this process's image count (for the progress bar), if known.
-    Returns:
-      {'miou': float, 'iou': {name: float}, 'num_images': int (all processes), 'mode': str}.
-    """
-    devices = jax.local_devices()
-    host_vars = to_host(variables)
-    per_device = [jax.device_put(host_vars, d) for d in devices]
-    counts = np.zeros((3, num_classes), np.int64)
-    bar = _progress(num_images, progress, desc)
-    pending, n = [], 0
-
-    def drain(limit):
-        while len(pending) > limit:
-            out, mask = pending.pop(0)
-            counts[:] += np.stack(intersection_and_union_np(np.asarray(out), mask, num_classes))
-            if bar is not None:
-                bar.update(1)
-
-    for ex in examples:
-        image, mask = predictor.prepare(np.asarray(ex["image"]), np.asarray(ex["mask"]))
-        d = n % len(devices)
-        pending.append((predictor.predict_async(per_device[d], image, devices[d]), mask))
-        n += 1
-        drain(max_in_flight * len(devices))
-    drain(0)
-    if bar is not None:
-        bar.close()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        gathered = multihost_utils.process_allgather(
-            np.concatenate([counts.reshape(-1), [n]]).astype(np.int64))
-        gathered = np.asarray(gathered).reshape(jax.process_count(), -1).sum(0)
-        counts, n = gathered[:-1].reshape(3, num_classes), int(gathered[-1])
-    mean, iou = miou(counts[0], counts[1])
-    names = list(class_names) if class_names is not None else [f"class_{k}" for k in
-                                                                range(num_classes)]
-    return {"miou": mean, "iou": {name: float(v) for name, v in zip(names, iou)},
-            "num_images": int(n), "mode": predictor.mode}
-
-
-def format_iou_table(result: dict, title: str = "") -> str:
-    """A per-class IoU table (text) with the mean at the bottom."""
-    names = list(result["iou"])
-    width = max([len(s) for s in names] + [8])
-    lines = [title] if title else []
-    lines += [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
-    lines += [f"{name:<{width}}  {v:7.2f}" for name, v in result["iou"].items()]
-    lines += ["-" * (width + 9), f"{'mIoU':<{width}}  {result['miou']:7.2f}"]
-    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""`python -m allspark_jax.benchmark`: the command line of the benchmark (see the package docstring)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from allspark_jax import config as config_lib
+from allspark_jax import runtime
+from allspark_jax.benchmark import measure
+from allspark_jax.benchmark import report
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", os.path.join(config_lib.configs_dir(), "pascal.py"),
+                                "Config file (model, crop, batch, precision, remat, train step "
+                                "settings).")
+flags.DEFINE_string("what", "matmul,train,infer",
+                    f"Comma-separated subset of {','.join(measure.ALL)}.")
+flags.DEFINE_integer("steps", 5, "Timed calls per measurement (median reported).")
+flags.DEFINE_integer("warmup", 1, "Untimed calls after compilation.")
+flags.DEFINE_integer("per_device_batch", None, "Labeled (= unlabeled) images per device; "
+                     "default: config.data.batch_size / devices.")
+flags.DEFINE_integer("num_devices", None, "CPU only: simulate this many devices.")
+flags.DEFINE_string("devices", "1,2,4,8", "Device counts for 'scaling'.")
+flags.DEFINE_integer("matmul_size", 4096, "N of the (N, N) @ (N, N) peak measurement.")
+flags.DEFINE_integer("profile_steps", 2, "Steps traced by 'profile'.")
+flags.DEFINE_string("json", None, "Write the results as JSON here.")
+flags.DEFINE_string("table", None, "Print a Markdown table of the results JSONs in this folder "
+                    "and exit.")
+flags.DEFINE_bool("quiet", False, "Print nothing (for the scaling subprocesses).")
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.table:
+        paths = sorted(os.path.join(FLAGS.table, p) for p in os.listdir(FLAGS.table)
+                       if p.endswith(".json"))
+        print(report.markdown_table(paths))
+        return
+    import jax  # pylint: disable=g-import-not-at-top
+    runtime.set_xla_flags(FLAGS.config)
+    if FLAGS.num_devices:
+        jax.config.update("jax_num_cpu_devices", int(FLAGS.num_devices))
+    what = [w for w in FLAGS.what.split(",") if w]
+    devices = [int(d) for d in FLAGS.devices.split(",") if d]
+    # The scaling subprocesses get this command line back (later flags override earlier ones).
+    passthrough = [a for a in sys.argv[1:] if not a.startswith(("--what", "--json", "--devices"))]
+    results = measure.run(FLAGS.config, what=what, steps=FLAGS.steps, warmup=FLAGS.warmup,
+                          per_device_batch=FLAGS.per_device_batch, matmul_size=FLAGS.matmul_size,
+                          profile_steps=FLAGS.profile_steps, devices=devices, argv=passthrough,
+                          log=(lambda s: None) if FLAGS.quiet else (lambda s: print(s, flush=True)))
+    if not FLAGS.quiet:
+        print(report.format_report(results), flush=True)
+    if FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as fh:
+            json.dump(results, fh, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+    config_lib.register_configs_package()
+    app.run(main)

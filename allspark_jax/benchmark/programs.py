@@ -1,0 +1,103 @@
+"""What the benchmark runs: the train state, the jitted train step and inference, synthetic batches.
+
+Built the way training builds them (`state.create_train_state`, `train_step.make_train_step`,
+`sharding`), so the measured programs are the ones a run compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from allspark_jax import optimizer
+from allspark_jax import sharding as sharding_lib
+from allspark_jax import state as state_lib
+from allspark_jax import train_step as train_step_lib
+from allspark_jax.models.segmentor import build_model, init_variables
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The model and placement every measurement shares. `batch` is the GLOBAL labeled batch."""
+
+    model: Any
+    tx: Any
+    mesh: Any
+    state_sharding: Any
+    batch_sharding: Any
+    batch: int
+    crop: int
+    devices: int
+
+
+def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainState]:
+    """The Setup of `config` and a train state (params random; the Semantic Memory filled).
+
+    The parameters do not depend on the crop, so they are initialised at a small crop (a fraction
+    of the compile of the full one); the Semantic Memory gets the full crop's shape from
+    `jax.eval_shape`.
+    """
+    mesh = sharding_lib.create_mesh()
+    n_dev = mesh.devices.size
+    if per_device_batch is None:
+        batch = int(config.data.batch_size)
+        sharding_lib.check_batch_divisible(batch, mesh)
+    else:
+        batch = int(per_device_batch) * n_dev
+    crop = int(config.data.crop_size)
+    model = build_model(config.model)
+    tx, _ = optimizer.create_optimizer(config.optim, 1000)
+    rng = jax.random.key(int(config.seed))
+    memory_shape = jax.eval_shape(lambda r: init_variables(model, r, crop), rng)["memory"]
+    init_crop = min(crop, 64)
+
+    def init(r):
+        variables = init_variables(model, r, init_crop)
+        variables["memory"] = jax.tree.map(
+            lambda s, v: (jax.random.normal(r, s.shape, s.dtype) if s.dtype == jnp.float32
+                          else jnp.zeros(s.shape, s.dtype)), memory_shape, variables["memory"])
+        return state_lib.create_train_state(model, tx, r, init_crop,
+                                            ema=config.train.teacher == "ema", variables=variables)
+
+    s_sharding = state_lib.state_sharding(jax.eval_shape(init, rng), mesh,
+                                          bool(config.shard_params))
+    state = jax.jit(init, out_shardings=s_sharding)(rng)
+    return Setup(model=model, tx=tx, mesh=mesh, state_sharding=s_sharding,
+                 batch_sharding=sharding_lib.batch_sharding(mesh), batch=batch, crop=crop,
+                 devices=n_dev), state
+
+
+def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int = 0) -> dict:
+    """A training batch of random normalised images and labels, placed with `sharding`."""
+    r = np.random.default_rng(seed)
+    host = {
+        "image_l": r.standard_normal((batch, crop, crop, 3), np.float32),
+        "mask_l": r.integers(0, num_classes, (batch, crop, crop), dtype=np.int32),
+        "image_u_w": r.standard_normal((batch, crop, crop, 3), np.float32),
+        "image_u_s": r.standard_normal((batch, crop, crop, 3), np.float32),
+        "pad_u": np.zeros((batch, crop, crop), bool),
+    }
+    return sharding_lib.put_global({k: host[k] for k in train_step_lib.BATCH_KEYS},
+                                   {k: sharding for k in train_step_lib.BATCH_KEYS})
+
+
+def train_program(s: Setup, config):
+    """The jitted train step (memory read, state donated) and a synthetic batch for it."""
+    step = train_step_lib.make_train_step(s.model, s.tx, config.train, use_memory=True,
+                                          state_sharding=s.state_sharding,
+                                          batch_sharding=s.batch_sharding)
+    batch = synthetic_batch(s.batch, s.crop, int(config.data.num_classes), s.batch_sharding)
+    return step, batch
+
+
+def infer_program(s: Setup, config):
+    """The jitted eval-mode forward of B images at the crop, and a synthetic batch of images."""
+    model = s.model
+    fn = jax.jit(lambda v, x: model.apply(v, x, mode="eval"),
+                 in_shardings=(sharding_lib.replicated(s.mesh), s.batch_sharding),
+                 out_shardings=s.batch_sharding)
+    x = synthetic_batch(s.batch, s.crop, int(config.data.num_classes), s.batch_sharding)["image_l"]
+    return fn, x

@@ -1,0 +1,301 @@
+"""The run's configuration: loading config files, validating every key once, resolving data options.
+
+`configs/default.py` is the only home of defaults; every key a run reads is there, with its meaning.
+This module reads a config and never adds values of its own:
+
+  * `load_config("configs/pascal.py:1_16")` loads a config file (with its optional argument) by path,
+    so notebooks and tests need no `sys.path` edits;
+  * `validate(config)` checks every enum, range and cross-key constraint and raises a one-line
+    `ConfigError` (a `DataError` for `data.*` keys) naming the key, its value and what is allowed.
+    `main.py` calls it before anything starts;
+  * `data_options(config, workdir)` resolves the data keys once per run into a frozen `DataOptions`
+    (absolute root, the synthetic dataset written when asked for, class names checked against
+    `data.num_classes`), which the input pipelines take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import ml_collections
+
+from allspark_jax.data import datasets
+from allspark_jax.data.datasets import DataError
+
+TEACHERS = ("online", "ema")
+LOSSES_X = ("ce", "ohem")
+STUDENT_VIEWS = ("weak", "strong")
+SOURCES = ("files", "tfds")
+BEST_OF = ("student", "ema")
+SYNTHETIC_DIR = "synthetic_data"  # <workdir>/synthetic_data when data.name == 'synthetic', no root
+
+
+class ConfigError(ValueError):
+    """A config key whose value is not allowed; the message names the key and what is allowed."""
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _config_package(directory: str) -> str:
+    """Registers `directory` (holding __init__.py) as an importable package; returns its name.
+
+    Config files import their siblings (`from configs import default`); registering the folder as
+    a package in `sys.modules` lets them do so wherever the repository lies.
+    """
+    name = os.path.basename(directory)
+    module = sys.modules.get(name)
+    if module is not None and os.path.dirname(os.path.abspath(getattr(module, "__file__", "") or
+                                                              "")) == directory:
+        return name
+    init = os.path.join(directory, "__init__.py")
+    if not os.path.isfile(init):
+        raise ConfigError(f"config folder {directory!r} has no __init__.py; expected the "
+                          "repository's configs/ folder")
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[directory])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return name
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> the ConfigDict its `get_config(arg)` returns."""
+    path, _, arg = str(spec).partition(":")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    package = _config_package(os.path.dirname(path))
+    module = importlib.import_module(f"{package}.{os.path.splitext(os.path.basename(path))[0]}")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def configs_dir() -> str:
+    """The repository's `configs/` folder (beside the package, in a source checkout)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def register_configs_package(directory: str | None = None) -> None:
+    """Makes `from configs import default` work in config files loaded by `ml_collections`' flags."""
+    _config_package(directory or configs_dir())
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _error(key: str, value: Any, expected: str, data: bool = False) -> Exception:
+    cls = DataError if key.startswith("data.") or data else ConfigError
+    return cls(f"config.{key}={value!r}: expected {expected}")
+
+
+def _one_of(config, key: str, allowed) -> None:
+    value = _get(config, key)
+    if value not in allowed:
+        raise _error(key, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _in_range(config, key: str, lo=None, hi=None, *, integer=False, lo_open=False,
+              hi_open=False, optional=False) -> None:
+    value = _get(config, key)
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if integer:
+        ok = ok and float(value) == int(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        bounds = []
+        if lo is not None:
+            bounds.append(f"{'>' if lo_open else '>='} {lo}")
+        if hi is not None:
+            bounds.append(f"{'<' if hi_open else '<='} {hi}")
+        raise _error(key, value, kind + (" " + " and ".join(bounds) if bounds else "")
+                     + (" or None" if optional else ""))
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _validate_data(config) -> None:
+    datasets.layout(config.data.name)
+    if not config.data.split:
+        raise _error("data.split", config.data.split, "a split name or the path of a labeled list")
+    _in_range(config, "data.num_classes", 2, 255, integer=True)
+    _in_range(config, "data.crop_size", 1, integer=True)
+    _in_range(config, "data.batch_size", 1, integer=True)
+    _one_of(config, "data.source", SOURCES)
+    _one_of(config, "data.student_view", STUDENT_VIEWS)
+    _in_range(config, "data.cutmix_prob", 0.0, 1.0)
+    scale = tuple(config.data.scale_range)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+        raise _error("data.scale_range", config.data.scale_range, "(low, high) with 0 < low <= high")
+    if not (config.data.num_parallel_calls == -1 or config.data.num_parallel_calls >= 1):
+        raise _error("data.num_parallel_calls", config.data.num_parallel_calls, "-1 (AUTOTUNE) or >= 1")
+    _in_range(config, "data.prefetch", 1, integer=True)
+
+
+def validate(config) -> None:
+    """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
+
+    Pure: reads nothing from disk (data roots and lists are checked by `data_options`).
+    """
+    from allspark_jax.evaluation.predictor import EVAL_MODES  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
+
+    _validate_data(config)
+    # model
+    try:
+        segmentor.model_config_from(config.model)
+    except ValueError as e:
+        raise ConfigError(f"config.model.backbone: {e}") from None
+    if config.model.num_classes != config.data.num_classes:
+        raise _error("model.num_classes", config.model.num_classes,
+                     f"data.num_classes ({config.data.num_classes})")
+    _in_range(config, "model.drop_path_rate", 0.0, 1.0, hi_open=True, optional=True)
+    _in_range(config, "model.allspark_heads", 1, integer=True)
+    _in_range(config, "model.decoder_dim", 1, integer=True)
+    for key in ("head_dropout", "attn_drop", "proj_drop"):
+        _in_range(config, f"model.{key}", 0.0, 1.0, hi_open=True)
+    _one_of(config, "model.dtype", tuple(segmentor.DTYPES))
+    # optimiser
+    _in_range(config, "optim.lr", 0.0, lo_open=True)
+    _in_range(config, "optim.lr_multi", 0.0, lo_open=True)
+    _in_range(config, "optim.momentum", 0.0, 1.0, hi_open=True)
+    _in_range(config, "optim.weight_decay", 0.0)
+    _in_range(config, "optim.poly_power", 0.0)
+    # training
+    batch = int(config.data.batch_size)
+    _in_range(config, "train.epochs", 1, integer=True)
+    _in_range(config, "train.num_train_steps", integer=True)
+    _in_range(config, "train.warmup_epoch", 0, integer=True)
+    _one_of(config, "train.loss_x", LOSSES_X)
+    _in_range(config, "train.ohem_thresh", 0.0, 1.0)
+    _in_range(config, "train.ohem_min_kept", 0, integer=True)
+    _in_range(config, "train.loss_groups", 1, integer=True)
+    if batch % int(config.train.loss_groups):
+        raise _error("train.loss_groups", config.train.loss_groups,
+                     f"a divisor of data.batch_size ({batch})")
+    _one_of(config, "train.teacher", TEACHERS)
+    _in_range(config, "train.ema_decay", 0.0, 1.0)
+    _in_range(config, "train.conf_thresh", 0.0, 1.0)
+    _in_range(config, "train.key_group_size", 1, integer=True, optional=True)
+    if config.train.key_group_size is not None and batch % int(config.train.key_group_size):
+        raise _error("train.key_group_size", config.train.key_group_size,
+                     f"None or a divisor of data.batch_size ({batch})")
+    # evaluation
+    _one_of(config, "eval.mode", EVAL_MODES)
+    _in_range(config, "eval.crop_size", 1, integer=True, optional=True)
+    _one_of(config, "eval.best_of", BEST_OF)
+    if config.eval.best_of == "ema" and config.train.teacher != "ema":
+        raise _error("eval.best_of", "ema", "'student' unless config.train.teacher == 'ema'")
+    _in_range(config, "eval.max_images", integer=True)
+    # run loop
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        _in_range(config, key, integer=True)
+    _in_range(config, "keep_checkpoints", 1, integer=True)
+    _in_range(config, "profile_first_step", 0, integer=True)
+    _in_range(config, "profile_num_steps", 1, integer=True)
+
+
+def eval_crop_size(config) -> int:
+    """The window / crop side of center_crop and sliding_window evaluation."""
+    return int(config.eval.crop_size or config.data.crop_size)
+
+
+# ------------------------------------------------------------------------------------ data options
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """The data keys of a run, resolved once (`data_options`). Field meanings: configs/default.py.
+
+    `root` is absolute (or None for source 'tfds' without a root); `class_names` are the dataset's,
+    checked against `data.num_classes`; `seed` is the run's seed (epoch order and augmentation).
+    """
+
+    name: str
+    root: str | None
+    split: str
+    unlabeled_split: str | None
+    val_split: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    crop_size: int
+    batch_size: int
+    source: str
+    tfds_data_dir: str | None
+    student_view: str
+    cutmix_prob: float
+    labeled_strong: bool
+    scale_range: tuple[float, float]
+    check_files: bool
+    num_parallel_calls: int
+    prefetch: int
+    seed: int
+
+
+def synthetic_root(config, workdir: str | None) -> str | None:
+    """The data root a run reads: data.root, or <workdir>/synthetic_data for an unrooted synthetic."""
+    if config.data.root or config.data.name != "synthetic" or config.data.source == "tfds":
+        return config.data.root
+    if not workdir:
+        raise DataError("config.data.root is not set; data.name='synthetic' without a root writes "
+                        "its dataset into the workdir, and no workdir was given")
+    return os.path.join(datasets.absolute_path(workdir), SYNTHETIC_DIR)
+
+
+def _write_synthetic(config, root: str) -> None:
+    """Process 0 writes the synthetic dataset described by data.synthetic; the others wait."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+        s = config.data.synthetic
+        synthetic.ensure_dataset(root, num_train=s.num_train, num_val=s.num_val, size=s.size,
+                                 num_classes=config.data.num_classes, seed=s.seed,
+                                 num_labeled=s.num_labeled)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("synthetic data written")
+
+
+def data_options(config, workdir: str | None = None) -> DataOptions:
+    """Resolves `config.data` (and `seed`) into DataOptions; writes the synthetic data if asked.
+
+    Raises DataError naming the option or path when the root, the dataset or its class count is wrong.
+    """
+    d = config.data
+    _validate_data(config)
+    root = synthetic_root(config, workdir)
+    if root != d.root:
+        _write_synthetic(config, root)
+    if root or d.source == "files":
+        root = datasets.check_root(root)
+    tfds_meta = None
+    if d.name == "synthetic" and d.source == "tfds" and not root:
+        from allspark_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+        tfds_meta = tfds_builders.open_prepared(d.name, d.tfds_data_dir).info.metadata
+    names = datasets.class_names_for(d.name, root, tfds_meta)
+    if int(d.num_classes) != len(names):
+        raise DataError(f"config.data.num_classes={d.num_classes} but dataset {d.name!r} has "
+                        f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    return DataOptions(
+        name=d.name, root=root, split=str(d.split), unlabeled_split=d.unlabeled_split,
+        val_split=str(d.val_split), num_classes=int(d.num_classes), class_names=tuple(names),
+        crop_size=int(d.crop_size), batch_size=int(d.batch_size), source=d.source,
+        tfds_data_dir=d.tfds_data_dir, student_view=d.student_view,
+        cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
+        scale_range=tuple(float(x) for x in d.scale_range), check_files=bool(d.check_files),
+        num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
+        seed=int(config.seed))

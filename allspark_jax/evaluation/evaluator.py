@@ -1,0 +1,149 @@
+"""A validation set through a Predictor: mIoU over every process's images, results and their JSON.
+
+`evaluate` is the loop (images dealt round-robin to the local devices, counts summed over
+processes); `evaluate_variables` / `evaluate_state` run it on the configured validation set (the EMA
+teacher too when there is one); `run_evaluation` is `main.py --mode eval`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from allspark_jax import checkpoints
+from allspark_jax import config as config_lib
+from allspark_jax import runtime
+from allspark_jax import workdir as workdir_lib
+from allspark_jax.data import input_pipeline
+from allspark_jax.evaluation import metrics
+from allspark_jax.evaluation.predictor import Predictor
+from allspark_jax.models.segmentor import build_model
+from allspark_jax.sharding import to_host
+
+
+def _progress(total, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
+
+
+def evaluate(predictor: Predictor, variables, examples, num_classes: int, *,
+             class_names=None, num_images: int | None = None, progress: bool = False,
+             desc: str = "eval", max_in_flight: int = 4) -> dict:
+    """mIoU of `variables` over `examples` (this process's share), summed over all processes.
+
+    Args:
+      predictor: a `Predictor` (mode and crop).
+      variables: model variables (params, batch_stats[, memory]); host numpy or jax arrays. They are
+        copied to every local device and images are dealt round-robin to the devices.
+      examples: iterable of dicts with 'image' (H, W, 3) float32 normalised and 'mask' (H, W) int.
+      num_classes: K.
+      class_names: names for the per-class table (default: class_0 ...).
+      num_images: this process's image count (for the progress bar), if known.
+    Returns:
+      {'miou': float, 'iou': {name: float}, 'num_images': int (all processes), 'mode': str}.
+    """
+    devices = jax.local_devices()
+    host_vars = to_host(variables)
+    per_device = [jax.device_put(host_vars, d) for d in devices]
+    counts = np.zeros((3, num_classes), np.int64)
+    bar = _progress(num_images, progress, desc)
+    pending, n = [], 0
+
+    def drain(limit):
+        while len(pending) > limit:
+            out, mask = pending.pop(0)
+            counts[:] += np.stack(metrics.intersection_and_union(np.asarray(out), mask, num_classes))
+            if bar is not None:
+                bar.update(1)
+
+    for ex in examples:
+        image, mask = predictor.prepare(np.asarray(ex["image"]), np.asarray(ex["mask"]))
+        d = n % len(devices)
+        pending.append((predictor.predict_async(per_device[d], image, devices[d]), mask))
+        n += 1
+        drain(max_in_flight * len(devices))
+    drain(0)
+    if bar is not None:
+        bar.close()
+    if jax.process_count() > 1:
+        gathered = multihost_utils.process_allgather(
+            np.concatenate([counts.reshape(-1), [n]]).astype(np.int64))
+        gathered = np.asarray(gathered).reshape(jax.process_count(), -1).sum(0)
+        counts, n = gathered[:-1].reshape(3, num_classes), int(gathered[-1])
+    mean, iou = metrics.miou(counts[0], counts[1])
+    names = list(class_names) if class_names is not None else [f"class_{k}" for k in
+                                                                range(num_classes)]
+    return {"miou": mean, "iou": {name: float(v) for name, v in zip(names, iou)},
+            "num_images": int(n), "mode": predictor.mode}
+
+
+def format_iou_table(result: dict, title: str = "") -> str:
+    """A per-class IoU table (text) with the mean at the bottom."""
+    names = list(result["iou"])
+    width = max([len(s) for s in names] + [8])
+    lines = [title] if title else []
+    lines += [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
+    lines += [f"{name:<{width}}  {v:7.2f}" for name, v in result["iou"].items()]
+    lines += ["-" * (width + 9), f"{'mIoU':<{width}}  {result['miou']:7.2f}"]
+    return "\n".join(lines)
+
+
+def make_predictor(config, model=None) -> Predictor:
+    """The Predictor of `config.eval` for `model` (default: the model of `config.model`)."""
+    model = model if model is not None else build_model(config.model)
+    return Predictor(model, config.eval.mode, config_lib.eval_crop_size(config))
+
+
+def evaluate_variables(config, opts, predictor: Predictor, variables, *, desc: str = "eval") -> dict:
+    """mIoU of one set of variables on the validation set of `opts` (every process calls it)."""
+    ds = input_pipeline.create_val_dataset(
+        opts, process_index=jax.process_index(), process_count=jax.process_count())
+    count = int(ds.cardinality())
+    max_images = int(config.eval.max_images)
+    if max_images > 0:
+        # positions p, p + P, ... of this process below max_images
+        ds = ds.filter(lambda ex: ex["index"] < max_images)
+        count = len(range(jax.process_index(), max_images, jax.process_count()))
+    inference_vars = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    return evaluate(
+        predictor, inference_vars, ds.as_numpy_iterator(), opts.num_classes,
+        class_names=opts.class_names,
+        progress=bool(config.eval.progress_bar) and jax.process_index() == 0,
+        desc=desc, num_images=count if count >= 0 else None)
+
+
+def evaluate_state(config, opts, predictor: Predictor, state) -> dict:
+    """{'student': result[, 'ema': result]}: the EMA teacher is evaluated too when there is one."""
+    results = {"student": evaluate_variables(config, opts, predictor, state.variables(),
+                                             desc="eval")}
+    if state.ema_params is not None:
+        results["ema"] = evaluate_variables(config, opts, predictor, state.variables(teacher=True),
+                                            desc="eval (ema)")
+    return results
+
+
+def run_evaluation(config, workdir: str, spec) -> dict:
+    """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json."""
+    runtime.setup_compilation_cache(config, workdir)
+    opts = config_lib.data_options(config, workdir)
+    variables, info = checkpoints.load_inference_variables(config, workdir, spec)
+    predictor = make_predictor(config)
+    results = {}
+    for k, v in variables.items():
+        results[k] = evaluate_variables(config, opts, predictor, v, desc=f"eval ({k})")
+        print(format_iou_table(results[k], f"{k} weights, {info['checkpoint']} "
+                                           f"(step {info['step']}), mode {config.eval.mode}"),
+              flush=True)
+    tag = (os.path.splitext(os.path.basename(str(spec)))[0]
+           if checkpoints.is_weight_file(str(spec)) else str(spec))
+    out = {"checkpoint": info["checkpoint"], "step": info["step"], "results": results}
+    if jax.process_index() == 0:
+        workdir_lib.write_json(workdir_lib.resolve(workdir) / f"eval_{tag}.json", out)
+    return out

@@ -1,0 +1,46 @@
+"""The shared first steps of the notebooks in `colabs/`: a config by name, its data, a short summary.
+
+    from allspark_jax import notebook
+    config, opts = notebook.setup("demo", workdir="/tmp/allspark_notebooks")
+
+Configs are read from the repository's `configs/` folder by file path (no `sys.path` edits); the
+synthetic demo dataset is written into the workdir when the config asks for it.
+"""
+from __future__ import annotations
+
+import os
+
+from allspark_jax import config as config_lib
+
+
+def setup(config_name: str = "demo", split: str | None = None, data_root: str | None = None,
+          workdir: str = "/tmp/allspark_notebooks", *, overrides: dict | None = None,
+          configs_dir: str | None = None):
+    """Loads `configs/<config_name>.py[:split]`, points it at `data_root`, resolves its data.
+
+    `overrides`: {"data.student_view": "strong", ...} applied before validation. Returns (config,
+    DataOptions). Keeps tf.data off any accelerator, turns the evaluation progress bar off
+    (notebook output) and prints the dataset, its classes and the JAX devices.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.set_visible_devices([], "GPU")  # tf.data stays on the host
+
+    path = os.path.join(configs_dir or config_lib.configs_dir(), f"{config_name}.py")
+    config = config_lib.load_config(f"{path}:{split}" if split else path)
+    if data_root:
+        config.data.root = data_root
+    config.eval.progress_bar = False
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    config_lib.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    opts = config_lib.data_options(config, workdir)
+    print(f"{opts.name}: root {opts.root}, split {opts.split}, {opts.num_classes} classes:",
+          ", ".join(opts.class_names))
+    print("JAX devices:", jax.devices())
+    return config, opts

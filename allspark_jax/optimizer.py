@@ -1,0 +1,51 @@
+"""The release's optimiser: SGD with momentum, PyTorch-coupled weight decay, two learning-rate groups
+(`lr` for the MiT encoder, `lr * lr_multi` for the rest) and the poly schedule with its offset."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> Callable:
+    """Learning rate of optimizer step t, with the release's offset.
+
+    The release sets the rate AFTER iteration i from iters = i: step 0 runs at the base rate set at
+    start-up, and step t >= 1 at base * (1 - (t - 1) / total)^power.
+    """
+
+    def schedule(step):
+        t = jnp.maximum(step - 1, 0).astype(jnp.float32)
+        return base_lr * jnp.maximum(1.0 - t / total_steps, 0.0) ** power
+
+    return schedule
+
+
+def param_groups(params) -> Any:
+    """'encoder' for the MiT backbone, 'rest' for everything else (the release's two groups)."""
+    return {k: jax.tree.map(lambda _: "encoder" if k == "backbone" else "rest", v)
+            for k, v in params.items()}
+
+
+def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
+    """SGD, momentum, PyTorch-coupled weight decay on every parameter, two learning-rate groups.
+
+    PyTorch SGD adds `wd * p` to the gradient before the momentum buffer and multiplies by the
+    learning rate after it; optax's add_decayed_weights -> trace -> scale does the same.
+    Returns the transformation and the two schedules {'encoder': fn, 'rest': fn} for logging. The
+    optimizer state's structure does not depend on `total_steps`.
+    """
+    schedules = {
+        "encoder": poly_schedule(optim_config.lr, total_steps, optim_config.poly_power),
+        "rest": poly_schedule(optim_config.lr * optim_config.lr_multi, total_steps,
+                              optim_config.poly_power),
+    }
+    tx = optax.chain(
+        optax.add_decayed_weights(optim_config.weight_decay),
+        optax.trace(decay=optim_config.momentum, nesterov=False),
+        optax.multi_transform({g: optax.scale_by_learning_rate(s) for g, s in schedules.items()},
+                              param_groups),
+    )
+    return tx, schedules

@@ -1,0 +1,70 @@
+"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache.
+
+Everything here runs once per process, before the first computation (`main.py` and the benchmark
+call it first), because XLA and `jax.distributed` read their settings when JAX starts its backends.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+# Environment variables naming the coordinator, the process count and this process's id.
+ENV_COORDINATOR = "ALLSPARK_COORDINATOR"
+ENV_NUM_PROCESSES = "ALLSPARK_NUM_PROCESSES"
+ENV_PROCESS_ID = "ALLSPARK_PROCESS_ID"
+COMPILATION_CACHE_DIR = "jax_cache"  # <workdir>/jax_cache with config.compilation_cache
+
+
+def set_xla_flags(config) -> None:
+    """Appends `config.xla_flags` to the XLA_FLAGS environment variable.
+
+    XLA reads XLA_FLAGS once, when JAX starts its backends, so this must run before the first
+    computation or device query. A flag already present in the environment is left as the user set it.
+    """
+    extra = str(config.get("xla_flags", None) or "").split()
+    if not extra:
+        return
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError(f"config.xla_flags={' '.join(extra)!r} can only take effect before JAX "
+                           "starts its backends; call runtime.set_xla_flags(config) first")
+    current = os.environ.get("XLA_FLAGS", "").split()
+    present = {f.split("=")[0] for f in current}
+    os.environ["XLA_FLAGS"] = " ".join(current + [f for f in extra if f.split("=")[0] not in present])
+
+
+def initialize_distributed(config) -> None:
+    """`jax.distributed.initialize` for multi-host runs.
+
+    Settings come from `config.distributed` (coordinator_address, num_processes, process_id) when
+    given, else from the environment (ALLSPARK_COORDINATOR / ALLSPARK_NUM_PROCESSES /
+    ALLSPARK_PROCESS_ID, or JAX's own auto-detection on TPU pods and SLURM with
+    `distributed.auto`). Single-host runs with no settings skip it.
+    """
+    dist = config.get("distributed", None) or {}
+    address = dist.get("coordinator_address") or os.environ.get(ENV_COORDINATOR)
+    num = dist.get("num_processes") or os.environ.get(ENV_NUM_PROCESSES)
+    pid = dist.get("process_id")
+    pid = os.environ.get(ENV_PROCESS_ID) if pid is None else pid
+    if address:
+        if num is None or pid is None:
+            raise ValueError("distributed: coordinator_address needs num_processes and process_id "
+                             f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
+        jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                                   process_id=int(pid))
+    elif dist.get("auto", False):
+        jax.distributed.initialize()
+
+
+def setup_compilation_cache(config, workdir: str) -> None:
+    """Persistent XLA compilation cache in <workdir>/jax_cache (`config.compilation_cache`)."""
+    if config.get("compilation_cache", False):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, COMPILATION_CACHE_DIR))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def start(config) -> None:
+    """XLA flags and jax.distributed, in that order (both before JAX starts its backends)."""
+    set_xla_flags(config)
+    initialize_distributed(config)

@@ -1,0 +1,107 @@
+"""One AllSpark training iteration as the release's train_allspark.py runs it, jitted.
+
+A step:
+  1. teacher pass ("teacher" mode: BN running statistics, no dropout, no memory) on the unlabeled
+     weak view -> logits; pseudo-labels = argmax;
+  2. student pass ("train" mode) on concat(labeled, unlabeled student view): BN batch statistics
+     over the whole global batch, dropout, stochastic depth, memory update; the memory is read by
+     the labeled-to-unlabeled attention once `use_memory` (epoch >= warmup_epoch);
+  3. loss = (loss_x + loss_u) / 2; the optimiser update (`allspark_jax.optimizer`); the EMA teacher.
+Batches are dicts of NHWC arrays (`input_pipeline.create_train_iterator`): image_l (B, S, S, 3),
+mask_l (B, S, S), image_u_w, image_u_s (B, S, S, 3), pad_u (B, S, S) bool.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from allspark_jax import losses
+from allspark_jax.data.datasets import IGNORE_INDEX
+from allspark_jax.models.segmentor import AllSparkSegmentor
+from allspark_jax.state import TrainState
+
+# The batch entries a step reads.
+BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u")
+
+
+def supervised_loss(logits, target, train_config):
+    """loss_x: CE (ignore 255) or the release's OHEM, per `train_config.loss_x` ('ce' | 'ohem')."""
+    if train_config.loss_x == "ohem":
+        return losses.ohem_cross_entropy(logits, target, thresh=train_config.ohem_thresh,
+                                         min_kept=train_config.ohem_min_kept,
+                                         groups=train_config.loss_groups)
+    return losses.cross_entropy(logits, target, groups=train_config.loss_groups)
+
+
+def pseudo_labels(teacher_logits, pad_u, train_config):
+    """argmax of the teacher; optionally 255 below a confidence threshold and on padded pixels."""
+    label = jnp.argmax(teacher_logits, axis=-1).astype(jnp.int32)
+    if train_config.conf_thresh > 0:
+        conf = jnp.max(jax.nn.softmax(teacher_logits, axis=-1), axis=-1)
+        label = jnp.where(conf >= train_config.conf_thresh, label, IGNORE_INDEX)
+    if train_config.loss_u_ignore_padding:
+        label = jnp.where(pad_u, IGNORE_INDEX, label)
+    return label
+
+
+def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
+               tx: optax.GradientTransformation, train_config, use_memory: bool):
+    """One official AllSpark iteration. Returns (new state, metrics dict of scalars + 'grads')."""
+    teacher_logits = jax.lax.stop_gradient(model.apply(
+        state.variables(teacher=train_config.teacher == "ema"), batch["image_u_w"], mode="teacher",
+        key_group_size=train_config.key_group_size))
+    pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
+    x = jnp.concatenate([batch["image_l"], batch["image_u_s"]], axis=0)
+    n_l = batch["image_l"].shape[0]
+    dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats, "memory": state.memory}, x,
+            mode="train", teacher_logits=teacher_logits, use_memory=use_memory,
+            rngs={"dropout": dropout_rng}, mutable=["batch_stats", "memory"])
+        loss_x = supervised_loss(logits[:n_l], batch["mask_l"], train_config)
+        loss_u = losses.cross_entropy(logits[n_l:], pseudo, groups=train_config.loss_groups)
+        return (loss_x + loss_u) / 2, (loss_x, loss_u, updates)
+
+    (loss, (loss_x, loss_u, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, opt_updates)
+    ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
+    if ema_params is not None:
+        d = train_config.ema_decay
+        ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
+        # BN running statistics are themselves averages: the teacher takes the student's.
+        ema_batch_stats = updates["batch_stats"]
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=updates["batch_stats"],
+        memory=updates["memory"], opt_state=opt_state, ema_params=ema_params,
+        ema_batch_stats=ema_batch_stats)
+    metrics = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "pseudo_label": pseudo,
+               "grads": grads}
+    return new_state, metrics
+
+
+def make_train_step(model: AllSparkSegmentor, tx: optax.GradientTransformation, train_config, *,
+                    use_memory: bool, state_sharding=None, batch_sharding=None,
+                    with_outputs: bool = False):
+    """The jitted step. `use_memory` is static: a run compiles one step before warm-up, one after.
+
+    The state buffers are donated. Unless `with_outputs`, only the scalar losses leave the step
+    (the pseudo-labels and gradients are for verification).
+    """
+
+    def step(state, batch):
+        state, metrics = train_step(state, batch, model=model, tx=tx, train_config=train_config,
+                                    use_memory=use_memory)
+        if not with_outputs:
+            metrics = {k: metrics[k] for k in ("loss", "loss_x", "loss_u")}
+        return state, metrics
+
+    kwargs = {}
+    if state_sharding is not None:
+        kwargs = dict(in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, None))
+    return jax.jit(step, donate_argnums=(0,), **kwargs)
