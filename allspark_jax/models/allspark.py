@@ -94,6 +94,8 @@ class CrossAttnMem(nn.Module):
 
     `__call__(emb)`: emb (2B, n, C) in "train" mode (labeled first), (B, n, C) otherwise.
     Returns (2B, n, C) = concat(out_l2u, out_u) in "train" mode, (B, n, C) = out_l2u otherwise.
+    `token_mask` ("eval" mode only) (B, n) bool, or None: padded tokens are zeroed before the
+    (bias-free) projections, so the attention's sums over tokens run over true tokens only.
     """
 
     dim: int
@@ -109,9 +111,14 @@ class CrossAttnMem(nn.Module):
 
     @nn.compact
     def __call__(self, emb, *, mode: str, grid: tuple[int, int], teacher_logits=None,
-                 use_memory: bool = False, key_group_size: int | None = None):
+                 use_memory: bool = False, key_group_size: int | None = None, token_mask=None):
         if mode not in MODES:
             raise ValueError(f"AllSpark mode must be one of {MODES}, got {mode!r}")
+        if token_mask is not None:
+            if mode != "eval":
+                raise ValueError(f"AllSpark: a token mask (true image sizes) is an \"eval\" mode "
+                                 f"input, got mode={mode!r}")
+            emb = jnp.where(token_mask[..., None], emb, 0)
         train = mode == "train"
         c, heads, hc = self.dim, self.num_heads, self.dim * self.num_heads
         attn_dropout = nn.Dropout(self.attn_drop, deterministic=not train)
@@ -180,7 +187,11 @@ class CrossAttnMem(nn.Module):
 
 
 class AllSpark(nn.Module):
-    """map_in -> LN -> CrossAttnMem -> residual -> LN -> map_out. (B, h, w, C) -> (B, h, w, C)."""
+    """map_in -> LN -> CrossAttnMem -> residual -> LN -> map_out. (B, h, w, C) -> (B, h, w, C).
+
+    `valid` ("eval" mode only) (B, h, w) bool, or None: the true tokens of each image of a padded
+    batch. Every other step is per token, so only the attention's token sums need the mask.
+    """
 
     num_heads: int
     num_classes: int
@@ -190,7 +201,7 @@ class AllSpark(nn.Module):
 
     @nn.compact
     def __call__(self, e4, *, mode: str, teacher_logits=None, use_memory: bool = False,
-                 key_group_size: int | None = None):
+                 key_group_size: int | None = None, valid=None):
         b, h, w, c = e4.shape
         conv = lambda name: Conv1x1(c, dtype=self.dtype, name=name)  # noqa: E731
         en = nn.gelu(conv("map_in")(e4), approximate=False).reshape(b, h * w, c)
@@ -198,6 +209,7 @@ class AllSpark(nn.Module):
         emb = CrossAttnMem(c, self.num_heads, self.num_classes, self.attn_drop, self.proj_drop,
                            self.dtype, name="attn")(
             emb, mode=mode, grid=(h, w), teacher_logits=teacher_logits, use_memory=use_memory,
-            key_group_size=key_group_size)
+            key_group_size=key_group_size,
+            token_mask=None if valid is None else valid.reshape(b, h * w))
         emb = nn.LayerNorm(1e-6, name="encoder_norm")(emb + en)
         return nn.gelu(conv("map_out")(emb.reshape(b, h, w, c)), approximate=False)

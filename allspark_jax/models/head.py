@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allspark_jax.models.resize import resize_bilinear
+from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
 
 Dtype = Any
 
@@ -116,22 +116,31 @@ class LinearFuse(nn.Module):
     forms the (B, H/4, W/4, n E) concatenation: the (n E x E) matmul at stage-1 resolution, most of
     the head's FLOPs, is gone (BENCHMARKS.md, "Folded decode head"). Same parameters, same
     function; float32 round-off differs.
+
+    `valid_sizes` (one (B, 2) int per input) and `valid_out` ((B, 2) int), or None: the true
+    (height, width) of each map of a padded batch and of the output; the upsampling then works
+    with the scale of the true sizes (`resize_bilinear_valid`) and reads true tokens only.
     """
 
     dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs, size: tuple[int, int], train: bool):
+    def __call__(self, inputs, size: tuple[int, int], train: bool, valid_sizes=None,
+                 valid_out=None):
         kernel, _ = DenseParams((1, 1, len(inputs) * self.dim, self.dim), use_bias=False,
                                 name="conv")()
         blocks = jnp.split(kernel[0, 0], len(inputs), axis=0)  # F_i: (E, E) each
+        if valid_sizes is None:
+            valid_sizes = [None] * len(inputs)
         y, shift = None, None
-        for (x, w, b), f in zip(inputs, blocks):
+        for (x, w, b), f, valid in zip(inputs, blocks, valid_sizes):
             x, w, b, f = nn.dtypes.promote_dtype(x, w, b, f, dtype=self.dtype)
             z = jnp.dot(x, jnp.dot(w, f))
+            # A map already on the output grid is the stage-1 map itself: same true size, no resize.
             if z.shape[1:3] != tuple(size):
-                z = resize_bilinear(z, size)
+                z = (resize_bilinear(z, size) if valid is None
+                     else resize_bilinear_valid(z, size, valid, valid_out))
             y = z if y is None else y + z
             shift = jnp.dot(b, f) if shift is None else shift + jnp.dot(b, f)
         return nn.relu(TorchBatchNorm(name="bn")(y + shift, train))
@@ -143,6 +152,9 @@ class SegFormerHead(nn.Module):
     As the release: the stage-2..4 projections are upsampled to the stage-1 grid, concatenated as
     [c4, c3, c2, c1] (the order fixes the layout of `linear_fuse`'s kernel) and fused; computed in
     the folded form of `LinearFuse`.
+
+    `valid_sizes` (four (B, 2) int, the true token grid of each map of a padded batch), or None:
+    the true part of the logits (the top-left `valid_sizes[0]`) is then that of each image alone.
     """
 
     num_classes: int
@@ -151,13 +163,18 @@ class SegFormerHead(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence[jax.Array], train: bool = False):
+    def __call__(self, features: Sequence[jax.Array], train: bool = False, valid_sizes=None):
         size = features[0].shape[1:3]
         inputs = []
         for i in (4, 3, 2, 1):
             w, b = MLPProjection(self.embed_dim, name=f"linear_c{i}")(features[i - 1].shape[-1])
             inputs.append((features[i - 1], w, b))
-        x = LinearFuse(self.embed_dim, self.dtype, name="linear_fuse")(inputs, size, train)
+        fuse = LinearFuse(self.embed_dim, self.dtype, name="linear_fuse")
+        if valid_sizes is None:
+            x = fuse(inputs, size, train)
+        else:
+            x = fuse(inputs, size, train, [valid_sizes[i - 1] for i in (4, 3, 2, 1)],
+                     valid_sizes[0])
         # Dropout2d: whole channels of a sample are dropped together.
         x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
         return Conv1x1(self.num_classes, dtype=self.dtype, name="linear_pred")(x)

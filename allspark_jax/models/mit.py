@@ -69,6 +69,25 @@ def token_grid(size: int, config: MiTConfig) -> list[int]:
     return sides
 
 
+def token_grid_sizes(valid_size: jax.Array, config: MiTConfig) -> list[jax.Array]:
+    """`token_grid` on arrays, inside a program: (B, 2) int true input (height, width) -> per stage
+    (B, 2) int32 true token-grid (height, width). Floor division as Python's, so size 0 (an empty
+    filler slot) gives 0 at every stage."""
+    sizes, out = jnp.asarray(valid_size).astype(jnp.int32), []
+    for k, s in zip(config.patch_kernels, config.patch_strides):
+        sizes = (sizes + 2 * (k // 2) - k) // s + 1
+        out.append(sizes)
+    return out
+
+
+def grid_mask(sizes: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """(B, 2) int true (height, width) -> (B, h, w) bool, True on the top-left true part of a
+    padded (h, w) grid."""
+    rows = jnp.arange(shape[0])[None, :] < sizes[:, 0:1]
+    cols = jnp.arange(shape[1])[None, :] < sizes[:, 1:2]
+    return rows[:, :, None] & cols[:, None, :]
+
+
 # PyTorch-release initialisers (SPEC 3, "Initialisation"): trunc-normal linears, fan-out convs.
 dense_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
@@ -209,7 +228,10 @@ class DepthwiseConv(nn.Module):
 class EfficientAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced map.
 
-    x: (B, h, w, C) -> (B, h, w, C).
+    x: (B, h, w, C) -> (B, h, w, C). `key_mask` (B, h // sr, w // sr) bool (sr = 1: (B, h, w)), or
+    None: keys where it is False (built from padded tokens) get no attention. A query with no true
+    key (a true grid smaller than sr, which the VALID reduction leaves without keys) gets a zero
+    attention output, as the empty softmax of the image at its own size gives.
     """
 
     dim: int
@@ -219,7 +241,7 @@ class EfficientAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None):
         b, h, w, c = x.shape
         hd = c // self.num_heads
         dense = lambda f, name, bias=True: nn.Dense(  # noqa: E731
@@ -232,28 +254,45 @@ class EfficientAttention(nn.Module):
         kv = dense(2 * c, "kv", self.qkv_bias)(x).reshape(b, -1, 2, self.num_heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
         attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
-        attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+        if key_mask is None:
+            attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+        else:
+            keep = key_mask.reshape(b, 1, 1, -1)
+            attn = jnp.where(keep, attn.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+            # exp(min - max) is exactly 0 when one key is true; with none, every weight is zeroed.
+            attn = jnp.where(keep, jax.nn.softmax(attn, axis=-1), 0.0).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
         return dense(c, "proj")(out)
 
 
 class MixFFN(nn.Module):
-    """Linear -> depthwise 3x3 conv -> exact GELU -> Linear. (B, h, w, C) -> (B, h, w, C)."""
+    """Linear -> depthwise 3x3 conv -> exact GELU -> Linear. (B, h, w, C) -> (B, h, w, C).
+
+    `mask` (B, h, w) bool or None: the hidden features of padded tokens are zeroed before the
+    convolution, which then reads zeros beyond the true grid, as its zero padding does at the
+    image's own size.
+    """
 
     dim: int
     hidden: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         x = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, 0)
         x = DepthwiseConv(3, self.dtype, name="dwconv")(x)
         x = nn.gelu(x, approximate=False)
         return nn.Dense(self.dim, kernel_init=dense_init, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth. (B, h, w, C) -> (B, h, w, C)."""
+    """Pre-norm transformer block with stochastic depth. (B, h, w, C) -> (B, h, w, C).
+
+    `mask` (B, h, w) and `key_mask` (the attention's reduced key grid) bool, or None: see
+    `MixVisionTransformer`'s `valid_size`.
+    """
 
     dim: int
     num_heads: int
@@ -264,38 +303,60 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool):
+    def __call__(self, x, train: bool, mask=None, key_mask=None):
         # DropPath drops whole samples: one Bernoulli per batch element, broadcast over h, w, C.
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
         y = EfficientAttention(self.dim, self.num_heads, self.sr_ratio, self.qkv_bias, self.dtype,
-                               name="attn")(layer_norm(1e-6, "norm1")(x))
+                               name="attn")(layer_norm(1e-6, "norm1")(x), key_mask)
         x = x + drop(y)
         y = MixFFN(self.dim, self.dim * self.mlp_ratio, self.dtype,
-                   name="mlp")(layer_norm(1e-6, "norm2")(x))
+                   name="mlp")(layer_norm(1e-6, "norm2")(x), mask)
         return x + drop(y)
 
 
 class MixVisionTransformer(nn.Module):
-    """MiT encoder. (B, H, W, 3) -> four maps (B, H/4, W/4, C1) ... (B, H/32, W/32, C4)."""
+    """MiT encoder. (B, H, W, 3) -> four maps (B, H/4, W/4, C1) ... (B, H/32, W/32, C4).
+
+    `valid_size` (B, 2) int, or None: the true (height, width) of each image, placed at the top-left
+    of the padded batch (inference only). The true part of every output map (its top-left
+    `token_grid_sizes`) then equals the map of the image alone at its own size: the input is zeroed
+    beyond the true size (the stage-1 convolution pads with zeros), every convolution that would
+    read padded tokens reads zeros (the Mix-FFN's hidden features, each stage's output before the
+    next patch embedding), and attention keys built from padded tokens are masked out (a reduction
+    patch is true iff it lies inside the true grid: floor(h / sr) x floor(w / sr) keys). Outputs are
+    0 beyond the true grid.
+    """
 
     config: MiTConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool = False) -> list[jax.Array]:
+    def __call__(self, x, train: bool = False, valid_size=None) -> list[jax.Array]:
         cfg = self.config
         rates = np.linspace(0.0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        if valid_size is not None:
+            sizes = token_grid_sizes(valid_size, cfg)
+            x = jnp.where(grid_mask(jnp.asarray(valid_size), x.shape[1:3])[..., None], x, 0)
         outs, i = [], 0
         for s, depth in enumerate(cfg.depths):
             x = OverlapPatchEmbed(cfg.embed_dims[s], cfg.patch_kernels[s], cfg.patch_strides[s],
                                   self.dtype, name=f"patch_embed{s + 1}")(x)
+            masks = ()
+            if valid_size is not None:  # computed once per stage, shared by its blocks
+                r, grid = cfg.sr_ratios[s], x.shape[1:3]
+                mask = grid_mask(sizes[s], grid)
+                key_mask = mask if r == 1 else grid_mask(sizes[s] // r,
+                                                         (grid[0] // r, grid[1] // r))
+                masks = (mask, key_mask)
             for j in range(depth):
                 x = block_cls(cfg.embed_dims[s], cfg.num_heads[s], cfg.sr_ratios[s],
                               cfg.mlp_ratios[s], rates[i], cfg.qkv_bias, self.dtype,
-                              name=f"block{s + 1}_{j}")(x, train)
+                              name=f"block{s + 1}_{j}")(x, train, *masks)
                 i += 1
             x = layer_norm(1e-6, f"norm{s + 1}")(x)
+            if valid_size is not None:
+                x = jnp.where(masks[0][..., None], x, 0)
             outs.append(x)
         return outs

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from allspark_jax.models.allspark import AllSpark
 from allspark_jax.models.head import SegFormerHead
-from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
-from allspark_jax.models.resize import resize_bilinear
+from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
+from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
 
 Dtype = Any
 
@@ -40,6 +40,14 @@ class AllSparkSegmentor(nn.Module):
     mode `x` is ``concat(labeled, unlabeled)`` and `teacher_logits` (B_u, H, W, K) are required;
     dropout and stochastic depth need a ``"dropout"`` PRNG stream, and ``batch_stats`` and
     ``memory`` must be mutable.
+
+    `valid_size` ("eval" mode only) (B, 2) int, or None: x is a padded batch and image b is
+    x[b, :valid_size[b, 0], :valid_size[b, 1]] (top-left). Its logits, the same region of the
+    output, then equal those of the image alone at its own size, as the release evaluates; the
+    rest of the output is 0. The sizes are traced: one program serves every size up to (H, W)
+    (see `allspark_jax.bucketing`). Each layer's rule is documented where it is applied: the
+    encoder's masks (`MixVisionTransformer`), AllSpark's token sums (`CrossAttnMem`), the true-size
+    upsampling (`LinearFuse`, `resize_bilinear_valid`).
     """
 
     config: ModelConfig
@@ -48,18 +56,36 @@ class AllSparkSegmentor(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mode: str = "eval", teacher_logits=None, use_memory: bool = False,
-                 key_group_size: int | None = None):
+                 key_group_size: int | None = None, valid_size=None):
         cfg = self.config
         train = mode == "train"
+        if valid_size is None:
+            grids = None
+        else:
+            if mode != "eval":
+                raise ValueError(f"valid_size (true image sizes of a padded batch) is an \"eval\" "
+                                 f"mode input, got mode={mode!r}")
+            valid_size = jnp.asarray(valid_size)
+            if valid_size.shape != (x.shape[0], 2) or not jnp.issubdtype(valid_size.dtype,
+                                                                          jnp.integer):
+                raise ValueError(f"valid_size must be ({x.shape[0]}, 2) int (height, width) for a "
+                                 f"batch of {x.shape[0]}, got {valid_size.shape} "
+                                 f"{valid_size.dtype}")
+            grids = token_grid_sizes(valid_size, cfg.backbone)
         c1, c2, c3, c4 = MixVisionTransformer(cfg.backbone, self.dtype, self.remat,
-                                              name="backbone")(x.astype(self.dtype), train)
+                                              name="backbone")(x.astype(self.dtype), train,
+                                                               valid_size)
         c4 = AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
                       self.dtype, name="allspark")(
             c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
-            key_group_size=key_group_size)
+            key_group_size=key_group_size,
+            valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
         logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
-                               name="head")([c1, c2, c3, c4], train)
-        return resize_bilinear(logits.astype(jnp.float32), x.shape[1:3])
+                               name="head")([c1, c2, c3, c4], train, grids)
+        if grids is None:
+            return resize_bilinear(logits.astype(jnp.float32), x.shape[1:3])
+        return resize_bilinear_valid(logits.astype(jnp.float32), x.shape[1:3], grids[0],
+                                     valid_size)
 
 
 def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tuple[int, int],
