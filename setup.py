@@ -22,6 +22,7 @@ setuptools.setup(
         "tensorboard",  # clu's SummaryWriter writes through tf.summary; the board itself reads them
         "absl-py",
         "pillow",
+        "safetensors",  # Hugging Face checkpoints (allspark_jax.huggingface)
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],

@@ -150,6 +150,7 @@ def validate(config) -> None:
 
     Pure: reads nothing from disk (data roots and lists are checked by `data_options`).
     """
+    from allspark_jax.evaluation import bucketing  # pylint: disable=g-import-not-at-top
     from allspark_jax.evaluation.predictor import EVAL_MODES  # pylint: disable=g-import-not-at-top
     from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
 
@@ -196,6 +197,12 @@ def validate(config) -> None:
     # evaluation
     _one_of(config, "eval.mode", EVAL_MODES)
     _in_range(config, "eval.crop_size", 1, integer=True, optional=True)
+    try:
+        bucketing.as_buckets(config.eval.buckets)
+    except (ValueError, TypeError) as e:
+        raise _error("eval.buckets", config.eval.buckets,
+                     "positive sides or (height, width) pairs") from None
+    _in_range(config, "eval.batch_size", 1, integer=True)
     _one_of(config, "eval.best_of", BEST_OF)
     if config.eval.best_of == "ema" and config.train.teacher != "ema":
         raise _error("eval.best_of", "ema", "'student' unless config.train.teacher == 'ema'")

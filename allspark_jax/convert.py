@@ -11,7 +11,11 @@ Supported sources (`load_variables`):
     the DDP state dict, keys prefixed `module.`);
   * plain state dicts (`.pth` or `.npz`, keys as in the release, optionally `module.`-prefixed);
   * SegFormer ImageNet-pretrained encoders (`mit_b0.pth` ... `mit_b5.pth`) via `load_pretrained_encoder`
-    (encoder keys without prefix; the classifier `head.*` is ignored).
+    (encoder keys without prefix; the classifier `head.*` is ignored);
+  * Hugging Face `transformers` checkpoints (a directory with config.json + model.safetensors, a
+    `.safetensors` file, or a hub id): MiT encoders via `load_pretrained_encoder`, whole
+    `SegformerForSemanticSegmentation` networks (into a model without AllSpark) via
+    `load_variables`; see `allspark_jax.huggingface`.
 """
 from __future__ import annotations
 
@@ -127,8 +131,22 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
     return flax.traverse_util.unflatten_dict(flat)
 
 
+def _huggingface(path: str | os.PathLike):
+    """The `allspark_jax.huggingface` module if `path` is a transformers checkpoint, else None."""
+    # Imported here: allspark_jax.huggingface builds on this module (from_state_dict, ...).
+    from allspark_jax import huggingface
+    return huggingface if huggingface.is_checkpoint(path) else None
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a state dict from `.npz` or `.pth`; an official training checkpoint gives its `model`."""
+    """Reads a state dict from `.npz` or `.pth`; an official training checkpoint gives its `model`.
+
+    A transformers checkpoint (`allspark_jax.huggingface.is_checkpoint`) comes back in the release's
+    names, unchecked (config.json is not read; `load_variables` checks it).
+    """
+    if hf := _huggingface(path):
+        state, _, source = hf.read_checkpoint(path)
+        return hf.to_release_state_dict(state, source=source)
     path = os.fspath(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as f:
@@ -144,13 +162,25 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return obj
 
 
-def load_variables(path: str | os.PathLike, template: Mapping) -> dict:
-    """Full-model weights (official checkpoint, `.pth` or `.npz` state dict) -> Flax variables."""
+def load_variables(path: str | os.PathLike, template: Mapping, *, model_config=None) -> dict:
+    """Full-model weights (official checkpoint, `.pth` or `.npz` state dict, or a transformers
+    `SegformerForSemanticSegmentation` checkpoint) -> Flax variables shaped like `template`.
+
+    `model_config` (a ModelConfig) is used by transformers checkpoints only: their config.json is
+    compared with it field by field (without it, with what the template's shapes show).
+    """
+    if hf := _huggingface(path):
+        return hf.load_variables(path, template, model_config=model_config)
     return from_state_dict(read_state_dict(path), template, source=os.fspath(path))
 
 
-def load_pretrained_encoder(path: str | os.PathLike, variables: Mapping) -> dict:
-    """Replaces `variables['params']['backbone']` with a SegFormer `mit_bX.pth` encoder."""
+def load_pretrained_encoder(path: str | os.PathLike, variables: Mapping, *,
+                            model_config=None) -> dict:
+    """Replaces `variables['params']['backbone']` with a SegFormer `mit_bX.pth` encoder or the
+    encoder of a transformers `SegformerModel` / `SegformerForImageClassification` checkpoint
+    (`model_config`, a ModelConfig or MiTConfig, as in `load_variables`)."""
+    if hf := _huggingface(path):
+        return hf.load_encoder(path, variables, model_config=model_config)
     template = {"params": {"backbone": variables["params"]["backbone"]}}
     loaded = from_state_dict(read_state_dict(path), template, source=os.fspath(path),
                              name_prefix="backbone.", ignore=ENCODER_IGNORED)

@@ -19,6 +19,7 @@ AllSpark internals:
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -90,32 +91,28 @@ def class_pixel_counts(masks: Iterable[Any] | np.ndarray, num_classes: int,
 
 def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, model=None,
                    max_images: int | None = None) -> list[dict]:
-    """Predicts validation examples one at a time, as the evaluation does (`config.eval.mode`).
+    """Predicts validation examples as the evaluation does (`config.eval.mode`, bucketed batches).
 
     Args:
       config: the run's ConfigDict (model.*, eval.mode, eval.crop_size, data.crop_size are read).
       variables: {'params', 'batch_stats', ...} (extra collections such as 'memory' are dropped).
       examples: dicts with 'image' (H, W, 3) normalised float32 and 'mask' (H, W) int (e.g.
-        `input_pipeline.create_val_dataset(config).as_numpy_iterator()`); 'name' is passed through.
+        `input_pipeline.create_val_dataset(opts).as_numpy_iterator()`); 'name' is passed through.
       model: the Flax module; default `build_model(config.model)`.
       max_images: stop after this many.
     Returns:
-      one dict per image: 'image' (h, w, 3) and 'mask' (h, w) as the model saw them (center_crop crops
-      both), 'pred' (h, w) int32, 'name' (str or None).
+      one dict per image, in the order of `examples`: 'image' (h, w, 3) and 'mask' (h, w) as the
+      model saw them (center_crop crops both), 'pred' (h, w) int32, 'name' (str or None).
     """
     predictor = evaluator.make_predictor(config, model)
-    inference = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    out = []
-    for i, ex in enumerate(examples):
-        if max_images is not None and i >= max_images:
-            break
+    records = []
+    for ex in itertools.islice(examples, max_images):
         image, mask = predictor.prepare(np.asarray(ex["image"]), np.asarray(ex["mask"]))
-        pred = np.asarray(predictor.predict_async(inference, image))
         name = ex.get("name")
-        if isinstance(name, bytes):
-            name = name.decode()
-        out.append({"image": image, "mask": mask, "pred": pred, "name": name})
-    return out
+        records.append({"image": image, "mask": mask,
+                        "name": name.decode() if isinstance(name, bytes) else name})
+    preds = predictor.predict(variables, [r["image"] for r in records])
+    return [{**r, "pred": p} for r, p in zip(records, preds)]
 
 
 # --------------------------------------------------------------------------------- AllSpark internals

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 from PIL import Image
 
 from allspark_jax import checkpoints
 from allspark_jax.data import datasets
+from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
-from allspark_jax.evaluation.predictor import center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_ALPHA = 0.5
@@ -85,17 +84,20 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str) -> l
     """Predicts every input image with the checkpoint `spec`; returns one record per image."""
     files = list_images(inputs)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
-    variables = {k: v for k, v in variables["student"].items() if k in ("params", "batch_stats")}
-    variables = jax.device_put(variables)
     predictor = evaluator.make_predictor(config)
     pal = palette(config.data.name)
     os.makedirs(output_dir, exist_ok=True)
+
+    def images():
+        for path in files:
+            rgb, image = load_image(path)
+            image, _ = predictor.prepare(image)
+            yield (path, rgb), image
+
     records = []
-    for path in files:
-        rgb, image = load_image(path)
+    for (path, rgb), pred in predictor.predict_stream(variables["student"], images()):
         if predictor.mode == "center_crop":
-            rgb, _ = center_crop(rgb, None, predictor.crop)
-        pred = predictor.predict(variables, image)
+            rgb = bucketing.center_crop(rgb, predictor.crop)
         name = os.path.splitext(os.path.basename(path))[0]
         mask_path, overlay_path = save_outputs(rgb, pred, pal, output_dir, name)
         records.append({"image": path, "mask": mask_path, "overlay": overlay_path,
@@ -103,4 +105,4 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str) -> l
         print(f"{path} -> {mask_path}, {overlay_path}", flush=True)
     print(f"predicted {len(files)} image(s) with checkpoint {info['checkpoint']} "
           f"(step {info['step']}) into {output_dir}", flush=True)
-    return records
+    return sorted(records, key=lambda r: files.index(r["image"]))

@@ -32,4 +32,5 @@ def get_config(split: str = "1_16"):
     config.train.ohem_thresh = 0.7
     config.train.ohem_min_kept = 200000
     config.eval.mode = "sliding_window"
+    config.eval.buckets = ((1024, 2048),)  # the canvas of the window sums
     return config

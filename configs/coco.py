@@ -31,4 +31,5 @@ def get_config(split: str = "1_512"):
     config.train.warmup_epoch = 1  # not in the release (see the module docstring)
     config.train.loss_x = "ce"
     config.eval.mode = "original"
+    config.eval.buckets = (640,)  # COCO images are at most 640 x 640
     return config

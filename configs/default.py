@@ -89,6 +89,12 @@ def get_config():
     config.eval = ev = ml_collections.ConfigDict()
     ev.mode = "original"  # 'original' | 'center_crop' | 'sliding_window'.
     ev.crop_size = None  # Window / crop side for center_crop and sliding_window; None = data.crop_size.
+    # Whole images ('original', and the canvas of sliding-window sums) run zero-padded in the
+    # smallest of these (sides or (height, width) pairs) that holds them, each image's true size an
+    # input of the program: one compilation per bucket, results equal to each image alone. An image
+    # larger than every bucket runs in its own size rounded up to 128.
+    ev.buckets = (512,)  # Pascal VOC images are at most 500 x 500.
+    ev.batch_size = 8  # Images (or windows) per device in one evaluation program call.
     ev.best_of = "student"  # Which weights pick the 'best' checkpoint: 'student' | 'ema'.
     ev.progress_bar = True  # Console progress bar during evaluation.
     ev.max_images = -1  # > 0: evaluate only the first images (quick checks); -1 = all.

@@ -1,4 +1,4 @@
-"""Size-bucketed evaluation (allspark_jax.bucketing, the model's `valid_size`) against the per-size
+"""Size-bucketed evaluation (evaluation.bucketing, the model's `valid_size`) against the per-size
 program the release's evaluation corresponds to: every image alone at its own size.
 
 The model is the tiny official-architecture reference (tests/data/allspark_tiny.npz: 4 stages with
@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allspark_jax import bucketing, evaluate
+import release_loops
+from allspark_jax.evaluation import bucketing, evaluator, metrics, predictor as predictor_lib
 from allspark_jax.models.mit import OverlapPatchEmbed, token_grid, token_grid_sizes
 from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
 from reference_model import reference
@@ -185,22 +186,22 @@ def test_resize_by_matrices_equals_resize_bilinear():
 
 @pytest.fixture(scope="module")
 def crop_programs(ref):
-    return bucketing.make_logits_fn(ref.model), evaluate.Predictor(ref.model, "sliding_window",
-                                                                     CROP)
+    forward = jax.jit(lambda v, x: ref.model.apply(v, x, mode="eval"))
+    return bucketing.make_logits_fn(ref.model), lambda x: np.asarray(forward(ref.variables, x))
 
 
-def test_sliding_window_equals_the_predictor(ref, crop_programs):
+def test_sliding_window_equals_the_release_loop(ref, crop_programs):
     """53 x 20 at crop 32 (stride 21): 3 clipped windows of 32, 32 and 11 rows, all 20 columns wide.
     The 11-row window has a 3-row stage-1 grid, smaller than its reduction ratio 8: no keys. Run
     as one call of 4 windows (padded with an empty one)."""
-    logits_fn, predictor = crop_programs
+    logits_fn, forward = crop_programs
     x = image(53, 20, seed=7)
-    want = np.asarray(predictor.sliding_window_probs(ref.variables, x))
+    want = release_loops.sliding_window(forward, x.transpose(2, 0, 1)[None], CROP, 5)[0]
+    want = want.transpose(1, 2, 0)
     windows, sizes, offsets = bucketing.window_batch(x, CROP)
     assert sizes.tolist() == [[32, 20], [32, 20], [11, 20]]
     got = np.asarray(bucketing.sliding_window_probs(logits_fn, ref.variables, x, CROP, BATCH))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got.argmax(-1), np.asarray(predictor.predict(ref.variables, x)))
     # on a larger canvas (a bucket shared by many image sizes): the same sums at the top-left
     canvas = np.asarray(bucketing.sliding_window_probs(logits_fn, ref.variables, x, CROP, BATCH,
                                                        canvas=(64, 64)))
@@ -208,20 +209,19 @@ def test_sliding_window_equals_the_predictor(ref, crop_programs):
     assert not canvas[53:].any() and not canvas[:, 20:].any()
 
 
-def test_center_crop_equals_the_predictor(ref, crop_programs):
+def test_center_crop_equals_the_release(ref, crop_programs):
     """(40, 50) gives a full 32 x 32 crop; (20, 45) a 6 x 32 one (negative start: the last 6
     rows), padded into the same 32 x 32 program."""
-    logits_fn, _ = crop_programs
-    predictor = evaluate.Predictor(ref.model, "center_crop", CROP)
+    logits_fn, forward = crop_programs
     images = [image(40, 50, seed=8), image(20, 45, seed=9)]
     crops = [bucketing.center_crop(x, CROP) for x in images]
-    for x, c in zip(images, crops):
-        np.testing.assert_array_equal(c, evaluate.center_crop(x, None, CROP)[0])
     assert [c.shape[:2] for c in crops] == [(32, 32), (6, 32)]
     batch, sizes = bucketing.pad_batch(crops, CROP, BATCH)
     preds = bucketing.unpad(np.asarray(logits_fn(ref.variables, batch, sizes)).argmax(-1), sizes)
     for x, pred in zip(images, preds):
-        np.testing.assert_array_equal(pred, predictor.predict(ref.variables, x))
+        mask = np.zeros(x.shape[:2], np.int32)
+        want, _ = release_loops.center_crop(forward, x.transpose(2, 0, 1)[None], mask[None], CROP)
+        np.testing.assert_array_equal(pred, want[0])
 
 
 def test_empty_slots_are_zero_and_do_not_touch_the_others(ref, crop_programs):
@@ -235,10 +235,8 @@ def test_empty_slots_are_zero_and_do_not_touch_the_others(ref, crop_programs):
     np.testing.assert_array_equal(np.asarray(logits_fn(ref.variables, batch, sizes))[0], out[0])
 
 
-def test_window_geometry_matches_the_evaluator():
-    for size in (1, 20, 30, 31, 42, 513, 1024, 2048):
-        for crop in (30, 32, 513, 801):
-            assert bucketing.window_starts(size, crop) == evaluate.window_starts(size, crop)
+def test_window_geometry():
+    assert bucketing.window_starts(1, 32) == [0] and bucketing.window_starts(31, 30) == [0, 20]
     x = image(42, 53, seed=11)
     windows, sizes, offsets = bucketing.window_batch(x, CROP, num_windows=8)
     assert offsets.tolist()[:6] == [[0, 0], [0, 21], [0, 42], [21, 0], [21, 21], [21, 42]]
@@ -277,3 +275,38 @@ def test_bad_input_is_a_clear_error(ref, crop_programs):
     with pytest.raises(ValueError, match=r"valid_size must be \(2, 2\) int"):
         jax.eval_shape(lambda x: ref.model.apply(ref.variables, x, valid_size=jnp.ones((3, 2),
                                                                                        int)), x)
+
+
+def test_bucketed_evaluation_gives_each_image_its_alone_miou(ref, runs):
+    """The evaluator (Predictor, batches of mixed sizes) on the 30 images with random masks: the
+    same counts and mIoU as the per-size predictions."""
+    rng = np.random.default_rng(3)
+    masks = [rng.integers(0, 5, size=(h, w)) for h, w in SIZES]
+    for m in masks:
+        m[:2] = 255
+    alone = sum(np.stack(metrics.intersection_and_union(a.argmax(-1), m, 5))
+                for a, m in zip(runs["alone"], masks))
+    examples = [{"image": image(h, w, seed), "mask": m}
+                for seed, ((h, w), m) in enumerate(zip(SIZES, masks))]
+    predictor = predictor_lib.Predictor(ref.model, "original", buckets=BUCKETS, batch_size=BATCH)
+    result = evaluator.evaluate(predictor, ref.variables, examples, 5)
+    assert result["num_images"] == len(SIZES)
+    assert result["miou"] == metrics.miou(alone[0], alone[1])[0]
+
+
+def test_200_images_in_100_sizes_compile_one_program_per_bucket(ref):
+    """A validation set of 200 images in 100 distinct sizes (two of each, sides 33..96, both
+    buckets, batches of 3 so that no earlier test compiled these programs): exactly one XLA
+    compilation per bucket through the whole evaluation."""
+    rng = np.random.default_rng(4)
+    sizes = set()
+    while len(sizes) < 100:
+        sizes.add(tuple(int(v) for v in rng.integers(33, 97, size=2)))
+    examples = [{"image": image(h, w, i), "mask": np.zeros((h, w), np.int32)}
+                for i, (h, w) in enumerate(sorted(sizes) * 2)]
+    predictor = predictor_lib.Predictor(ref.model, "original", buckets=BUCKETS, batch_size=3)
+    with CompileCounter() as counter:
+        result = evaluator.evaluate(predictor, ref.variables, examples, 5)
+    assert result["num_images"] == 200
+    buckets = {bucketing.choose_bucket(ex["image"].shape, BUCKETS) for ex in examples}
+    assert len(buckets) == 2 and counter.count == len(buckets)

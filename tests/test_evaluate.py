@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from allspark_jax.evaluation import evaluator, metrics, predictor as predictor_lib
+import release_loops
+from allspark_jax.evaluation import bucketing, evaluator, metrics, predictor as predictor_lib
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 
@@ -27,41 +28,10 @@ def model_and_vars():
 
 @pytest.fixture(scope="module")
 def forward(model_and_vars):
-    """The model on a batch of one: NHWC logits. It shares the Predictors' compiled programs (the
-    loops around it are what these tests check; the model is checked in test_model*.py)."""
+    """The model on a batch alone, at its own size: NHWC logits (the release's per-image call)."""
     model, variables = model_and_vars
-    fn = predictor_lib.Predictor(model).logits_fn
-    return lambda x: np.asarray(fn(variables, jnp.asarray(x[0])))[None]
-
-
-def softmax_nchw(logits):
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def release_sliding_window(forward, img_nchw, grid, num_classes):
-    """The release's loop (evaluate() in train_allspark.py / UniMatch), in numpy NCHW."""
-    b, _, h, w = img_nchw.shape
-    final = np.zeros((b, num_classes, h, w), np.float32)
-    row = 0
-    while row < h:
-        col = 0
-        while col < w:
-            win = img_nchw[:, :, row: min(h, row + grid), col: min(w, col + grid)]
-            pred = forward(win.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
-            final[:, :, row: min(h, row + grid), col: min(w, col + grid)] += softmax_nchw(pred)
-            col += int(grid * 2 / 3)
-        row += int(grid * 2 / 3)
-    return final
-
-
-def release_center_crop(forward, img_nchw, mask, crop):
-    h, w = img_nchw.shape[-2:]
-    start_h, start_w = (h - crop) // 2, (w - crop) // 2
-    img = img_nchw[:, :, start_h:start_h + crop, start_w:start_w + crop]
-    mask = mask[:, start_h:start_h + crop, start_w:start_w + crop]
-    pred = forward(img.transpose(0, 2, 3, 1)).argmax(-1)
-    return pred, mask
+    fn = jax.jit(lambda v, x: model.apply(v, x, mode="eval"))
+    return lambda x: np.asarray(fn(variables, jnp.asarray(x)))
 
 
 def image(h, w, seed=0):
@@ -69,22 +39,24 @@ def image(h, w, seed=0):
 
 
 def test_window_starts_are_clipped_not_shifted():
-    assert predictor_lib.window_starts(1024, 801) == [0, 534]
-    assert predictor_lib.window_starts(2048, 801) == [0, 534, 1068, 1602]
-    assert predictor_lib.window_starts(40, 30) == [0, 20]
-    assert predictor_lib.window_starts(30, 30) == [0, 20]  # the second window is 10 px: release quirk
+    assert bucketing.window_starts(1024, 801) == [0, 534]
+    assert bucketing.window_starts(2048, 801) == [0, 534, 1068, 1602]
+    assert bucketing.window_starts(40, 30) == [0, 20]
+    assert bucketing.window_starts(30, 30) == [0, 20]  # the second window is 10 px: release quirk
 
 
 @pytest.mark.parametrize("hw", [(40, 50), (30, 30)])
 def test_sliding_window_matches_the_release_loop(model_and_vars, forward, hw):
     model, variables = model_and_vars
     x = image(*hw)
-    ref = release_sliding_window(forward, x.transpose(2, 0, 1)[None], CROP, 3)[0]
-    predictor = predictor_lib.Predictor(model, "sliding_window", CROP)
-    probs = np.asarray(predictor.sliding_window_probs(variables, x))
+    ref = release_loops.sliding_window(forward, x.transpose(2, 0, 1)[None], CROP, 3)[0]
+    probs = np.asarray(bucketing.sliding_window_probs(bucketing.make_logits_fn(model), variables,
+                                                      x, CROP, batch_size=2))
     np.testing.assert_allclose(probs, ref.transpose(1, 2, 0), rtol=1e-5, atol=1e-5)
-    pred = predictor.predict(variables, x)
-    np.testing.assert_array_equal(pred, ref.argmax(0))
+    # the Predictor: windows in calls of 2 per device, summed on a 64 x 64 canvas
+    predictor = predictor_lib.Predictor(model, "sliding_window", CROP, buckets=(64,),
+                                        batch_size=2)
+    np.testing.assert_array_equal(predictor.predict(variables, [x])[0], ref.argmax(0))
 
 
 @pytest.mark.parametrize("hw", [(40, 50), (20, 40)])  # (20, 40): crop taller than the image
@@ -92,11 +64,12 @@ def test_center_crop_matches_the_release(model_and_vars, forward, hw):
     model, variables = model_and_vars
     x = image(*hw, seed=1)
     mask = np.random.default_rng(2).integers(0, 3, size=hw)
-    ref_pred, ref_mask = release_center_crop(forward, x.transpose(2, 0, 1)[None], mask[None], CROP)
-    predictor = predictor_lib.Predictor(model, "center_crop", CROP)
+    ref_pred, ref_mask = release_loops.center_crop(forward, x.transpose(2, 0, 1)[None], mask[None],
+                                                   CROP)
+    predictor = predictor_lib.Predictor(model, "center_crop", CROP, batch_size=2)
     img_c, mask_c = predictor.prepare(x, mask)
     np.testing.assert_array_equal(mask_c, ref_mask[0])
-    np.testing.assert_array_equal(predictor.predict(variables, x), ref_pred[0])
+    np.testing.assert_array_equal(predictor.predict(variables, [img_c])[0], ref_pred[0])
     if hw[0] < CROP:  # negative start slices from the end, as Python / PyTorch slicing does
         assert img_c.shape[:2] == (5, CROP)
 
@@ -104,19 +77,8 @@ def test_center_crop_matches_the_release(model_and_vars, forward, hw):
 def test_original_is_the_whole_image_alone(model_and_vars, forward):
     model, variables = model_and_vars
     x = image(20, 30, seed=3)
-    pred = predictor_lib.Predictor(model, "original").predict(variables, x)
+    pred = predictor_lib.Predictor(model, "original", buckets=(32,)).predict(variables, [x])[0]
     np.testing.assert_array_equal(pred, forward(x[None])[0].argmax(-1))
-
-
-def release_intersection_and_union(output, target, k, ignore_index=255):
-    """The release's intersectionAndUnion (util/utils.py), transcribed literally in numpy."""
-    output, target = output.reshape(-1).copy(), target.reshape(-1)
-    output[np.where(target == ignore_index)[0]] = ignore_index
-    intersection = output[np.where(output == target)[0]]
-    area_intersection, _ = np.histogram(intersection, bins=np.arange(k + 1))
-    area_output, _ = np.histogram(output, bins=np.arange(k + 1))
-    area_target, _ = np.histogram(target, bins=np.arange(k + 1))
-    return area_intersection, area_output + area_target - area_intersection, area_target
 
 
 def test_counts_match_the_release_transcription():
@@ -125,7 +87,7 @@ def test_counts_match_the_release_transcription():
     target = rng.integers(0, 4, size=(17, 23))
     target[rng.random((17, 23)) < 0.2] = 255
     for a, b in zip(metrics.intersection_and_union(pred, target, 4),
-                    release_intersection_and_union(pred, target, 4)):
+                    release_loops.intersection_and_union(pred, target, 4)):
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
@@ -140,7 +102,8 @@ def test_evaluate_sums_over_images_of_many_sizes(model_and_vars, forward):
         examples.append({"image": x, "mask": mask})
         ii, uu, _ = metrics.intersection_and_union(forward(x[None])[0].argmax(-1), mask, 3)
         inter, union = inter + ii, union + uu
-    result = evaluator.evaluate(predictor_lib.Predictor(model, "original"), variables, iter(examples), 3,
+    result = evaluator.evaluate(predictor_lib.Predictor(model, "original", buckets=(32,),
+                                                        batch_size=3), variables, iter(examples), 3,
                                class_names=["a", "b", "c"], num_images=4)
     expected, iou = metrics.miou(inter, union)
     assert result["miou"] == pytest.approx(expected)

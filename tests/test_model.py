@@ -182,3 +182,24 @@ def test_xla_flags_are_refused_once_jax_has_started():
     config = make_config()
     config.xla_flags = ""
     runtime.set_xla_flags(config)  # nothing to set: no error
+
+
+def test_segformer_without_allspark():
+    """ModelConfig(allspark=False): plain SegFormer, no allspark params, no memory; the stage-4 map
+    reaches the head unchanged, and training needs no teacher logits."""
+    from allspark_jax.models.head import SegFormerHead
+    from allspark_jax.models.resize import resize_bilinear
+    cfg = ModelConfig(backbone=TINY.backbone, num_classes=3, decoder_dim=16, allspark=False)
+    model = AllSparkSegmentor(cfg)
+    variables = init_variables(model, jax.random.key(0), 40)
+    assert set(variables) == {"params", "batch_stats"}
+    assert set(variables["params"]) == {"backbone", "head"}
+    x = jax.random.normal(jax.random.key(1), (2, 40, 40, 3))
+    feats = MixVisionTransformer(cfg.backbone).apply({"params": variables["params"]["backbone"]}, x)
+    logits = SegFormerHead(3, 16).apply({"params": variables["params"]["head"],
+                                         "batch_stats": variables["batch_stats"]["head"]}, feats)
+    np.testing.assert_array_equal(model.apply(variables, x, mode="eval"),
+                                  resize_bilinear(logits, (40, 40)))
+    out, updates = model.apply(variables, x, mode="train", mutable=["batch_stats"],
+                               rngs={"dropout": jax.random.key(2)})
+    assert out.shape == (2, 40, 40, 3) and set(updates) == {"batch_stats"}

@@ -35,13 +35,13 @@ def _progress(total, enabled: bool, desc: str):
 
 def evaluate(predictor: Predictor, variables, examples, num_classes: int, *,
              class_names=None, num_images: int | None = None, progress: bool = False,
-             desc: str = "eval", max_in_flight: int = 4) -> dict:
+             desc: str = "eval") -> dict:
     """mIoU of `variables` over `examples` (this process's share), summed over all processes.
 
     Args:
-      predictor: a `Predictor` (mode and crop).
-      variables: model variables (params, batch_stats[, memory]); host numpy or jax arrays. They are
-        copied to every local device and images are dealt round-robin to the devices.
+      predictor: a `Predictor` (mode, crop, buckets, batch).
+      variables: model variables (params, batch_stats[, memory]); host numpy or jax arrays (global
+        arrays of a training state included). They are replicated on the predictor's devices.
       examples: iterable of dicts with 'image' (H, W, 3) float32 normalised and 'mask' (H, W) int.
       num_classes: K.
       class_names: names for the per-class table (default: class_0 ...).
@@ -49,27 +49,20 @@ def evaluate(predictor: Predictor, variables, examples, num_classes: int, *,
     Returns:
       {'miou': float, 'iou': {name: float}, 'num_images': int (all processes), 'mode': str}.
     """
-    devices = jax.local_devices()
-    host_vars = to_host(variables)
-    per_device = [jax.device_put(host_vars, d) for d in devices]
     counts = np.zeros((3, num_classes), np.int64)
     bar = _progress(num_images, progress, desc)
-    pending, n = [], 0
+    n = 0
 
-    def drain(limit):
-        while len(pending) > limit:
-            out, mask = pending.pop(0)
-            counts[:] += np.stack(metrics.intersection_and_union(np.asarray(out), mask, num_classes))
-            if bar is not None:
-                bar.update(1)
+    def prepared():
+        for ex in examples:
+            image, mask = predictor.prepare(np.asarray(ex["image"]), np.asarray(ex["mask"]))
+            yield mask, image
 
-    for ex in examples:
-        image, mask = predictor.prepare(np.asarray(ex["image"]), np.asarray(ex["mask"]))
-        d = n % len(devices)
-        pending.append((predictor.predict_async(per_device[d], image, devices[d]), mask))
+    for mask, pred in predictor.predict_stream(to_host(variables), prepared()):
+        counts += np.stack(metrics.intersection_and_union(pred, mask, num_classes))
         n += 1
-        drain(max_in_flight * len(devices))
-    drain(0)
+        if bar is not None:
+            bar.update(1)
     if bar is not None:
         bar.close()
     if jax.process_count() > 1:
@@ -98,7 +91,8 @@ def format_iou_table(result: dict, title: str = "") -> str:
 def make_predictor(config, model=None) -> Predictor:
     """The Predictor of `config.eval` for `model` (default: the model of `config.model`)."""
     model = model if model is not None else build_model(config.model)
-    return Predictor(model, config.eval.mode, config_lib.eval_crop_size(config))
+    return Predictor(model, config.eval.mode, config_lib.eval_crop_size(config),
+                     buckets=config.eval.buckets, batch_size=config.eval.batch_size)
 
 
 def evaluate_variables(config, opts, predictor: Predictor, variables, *, desc: str = "eval") -> dict:

@@ -42,6 +42,10 @@ class MiTConfig:
     # (kernel, stride, padding) of the four overlapping patch embeddings.
     patch_kernels: tuple[int, ...] = (7, 3, 3, 3)
     patch_strides: tuple[int, ...] = (4, 2, 2, 2)
+    # Epsilon of the blocks' (norm1, norm2) and stages' (norm1..4) LayerNorms: 1e-6 in the release;
+    # transformers' SegFormer uses torch's default 1e-5 there (allspark_jax.huggingface). The
+    # patch-embedding and spatial-reduction norms use 1e-5 in both.
+    norm_eps: float = 1e-6
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "MiTConfig":
@@ -301,16 +305,17 @@ class Block(nn.Module):
     drop_path: float
     qkv_bias: bool = True
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None, key_mask=None):
         # DropPath drops whole samples: one Bernoulli per batch element, broadcast over h, w, C.
         drop = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train)
         y = EfficientAttention(self.dim, self.num_heads, self.sr_ratio, self.qkv_bias, self.dtype,
-                               name="attn")(layer_norm(1e-6, "norm1")(x), key_mask)
+                               name="attn")(layer_norm(self.norm_eps, "norm1")(x), key_mask)
         x = x + drop(y)
         y = MixFFN(self.dim, self.dim * self.mlp_ratio, self.dtype,
-                   name="mlp")(layer_norm(1e-6, "norm2")(x), mask)
+                   name="mlp")(layer_norm(self.norm_eps, "norm2")(x), mask)
         return x + drop(y)
 
 
@@ -352,10 +357,10 @@ class MixVisionTransformer(nn.Module):
                 masks = (mask, key_mask)
             for j in range(depth):
                 x = block_cls(cfg.embed_dims[s], cfg.num_heads[s], cfg.sr_ratios[s],
-                              cfg.mlp_ratios[s], rates[i], cfg.qkv_bias, self.dtype,
+                              cfg.mlp_ratios[s], rates[i], cfg.qkv_bias, self.dtype, cfg.norm_eps,
                               name=f"block{s + 1}_{j}")(x, train, *masks)
                 i += 1
-            x = layer_norm(1e-6, f"norm{s + 1}")(x)
+            x = layer_norm(cfg.norm_eps, f"norm{s + 1}")(x)
             if valid_size is not None:
                 x = jnp.where(masks[0][..., None], x, 0)
             outs.append(x)

@@ -2,6 +2,8 @@
 
 Variables: ``params``; ``batch_stats`` (the head's BatchNorm); ``memory`` (the Semantic Memory and
 its write pointers). All three are produced by `init_variables` and consumed by `apply`.
+With ``ModelConfig.allspark=False`` the network is plain SegFormer (MiT encoder -> SegFormer head):
+no ``allspark`` params and no ``memory`` collection.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class ModelConfig:
     head_dropout: float = 0.1
     attn_drop: float = 0.1
     proj_drop: float = 0.1
+    # False: plain SegFormer, the stage-4 map goes to the head unchanged (no allspark params, no
+    # memory; `mode` then only switches dropout and BatchNorm statistics).
+    allspark: bool = True
 
 
 class AllSparkSegmentor(nn.Module):
@@ -75,11 +80,12 @@ class AllSparkSegmentor(nn.Module):
         c1, c2, c3, c4 = MixVisionTransformer(cfg.backbone, self.dtype, self.remat,
                                               name="backbone")(x.astype(self.dtype), train,
                                                                valid_size)
-        c4 = AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
-                      self.dtype, name="allspark")(
-            c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
-            key_group_size=key_group_size,
-            valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
+        if cfg.allspark:
+            c4 = AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
+                          self.dtype, name="allspark")(
+                c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
+                key_group_size=key_group_size,
+                valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
         logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
                                name="head")([c1, c2, c3, c4], train, grids)
         if grids is None:
@@ -93,6 +99,8 @@ def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tu
     """Initialises params, batch_stats and memory for training crops of `crop_size`.
 
     The memory's token count n depends on the crop, so initialisation runs the training path.
+    Without AllSpark (`ModelConfig.allspark=False`) there is no memory and the result has no
+    ``memory`` entry.
     """
     h, w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
     x = jnp.zeros((2 * batch_size, h, w, 3), jnp.float32)
@@ -124,7 +132,7 @@ def model_config_from(config) -> ModelConfig:
     return ModelConfig(backbone=mit, num_classes=config.num_classes,
                        allspark_heads=config.allspark_heads, decoder_dim=config.decoder_dim,
                        head_dropout=config.head_dropout, attn_drop=config.attn_drop,
-                       proj_drop=config.proj_drop)
+                       proj_drop=config.proj_drop, allspark=config.get("allspark", True))
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
