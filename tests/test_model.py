@@ -25,8 +25,8 @@ def encoder_params(variant: str) -> float:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) / 1e6
 
 
-# SPEC section 1's table. For B2 and B3 the table's "~25M" and "~45M" are rounded up by 3.2% and
-# 2.1%; the architecture (checked to 1e-7 against the release) has SegFormer's published 24.2M and
+# The release's variant table (~3.3M ... ~82M). For B2 and B3 its "~25M" and "~45M" are rounded
+# up by 3.2% and 2.1%; the architecture (checked to 1e-7 against the release) has SegFormer's published 24.2M and
 # 44.0M encoder parameters, so those two rows are checked against the published figures.
 @pytest.mark.parametrize("variant,millions", [
     ("b0", 3.3), ("b1", 13.0), ("b2", 24.2), ("b3", 44.0), ("b4", 62.0), ("b5", 82.0)])
@@ -84,7 +84,8 @@ def test_eval_result_independent_of_batch(tiny_ref):
 
 
 def release_memory_update(memory, ptr, cls, feats):
-    """SPEC 3b, literally: samples in order, classes present, channels in increasing order."""
+    """The release's memory update, literally: samples in order, classes present, channels in
+    increasing order."""
     memory, ptr = memory.copy(), ptr.copy()
     k_classes, c, _ = memory.shape
     for b in range(cls.shape[0]):

@@ -1,11 +1,11 @@
-"""The AllSpark module: channel-wise cross-attention with a class-wise Semantic Memory (SPEC 3).
+"""The AllSpark module: channel-wise cross-attention with a class-wise Semantic Memory.
 
 Layouts: feature maps NHWC; tokens `(B, n, C)` with n = h * w in row-major order (the order of
 PyTorch's `flatten(2).transpose(1, 2)`), so every flattening below reproduces the release's.
 
 Modes (`mode=`):
   * ``"train"``   input is ``concat(labeled, unlabeled)`` (2B images). The teacher's logits group the
-    unlabeled channels by class, the Semantic Memory is written (FIFO, SPEC 3b), and the labeled
+    unlabeled channels by class, the Semantic Memory is written (a FIFO per class), and the labeled
     queries attend to the memory (``use_memory=True``) or to the unlabeled batch.
   * ``"teacher"`` the release's inference pass during training: every image is both labeled and
     unlabeled, and the keys mix the images of a key group (default: the whole batch).
@@ -44,7 +44,7 @@ def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
 
 
 def group_channels(teacher_logits: jax.Array, emb_u: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Class of each unlabeled channel (SPEC 3a).
+    """Class of each unlabeled channel (grouping by the teacher's class maps, no gradient).
 
     Args:
       teacher_logits: (B, H, W, K) the teacher's LOGITS for the unlabeled images.

@@ -20,8 +20,8 @@ class Conv1x1(nn.Module):
 
     Same parameters, initialisation and result as `nn.Conv(features, (1, 1))` (kernel
     (1, 1, C_in, features), bias (features,)), so state dicts map unchanged. Why not `nn.Conv`:
-    XLA:CPU hands 1x1 convolutions to a library kernel whose weight gradient ran at 1.5 % of the
-    matmul peak, 50 % of a MiT-B0 train step (BENCHMARKS.md, "1x1 convolutions as matmuls").
+    XLA:CPU hands 1x1 convolutions to a library kernel whose weight gradient runs far below the
+    matmul peak (BENCHMARKS.md, "1x1 convolutions as matmuls").
     """
 
     features: int

@@ -17,7 +17,7 @@ import numpy as np
 Dtype = Any
 
 # embed dims, depths and heads of the published variants; every variant shares mlp ratio 4 and
-# spatial-reduction ratios 8, 4, 2, 1 (SPEC section 1).
+# spatial-reduction ratios 8, 4, 2, 1, qkv bias, stochastic depth 0.1.
 MIT_PRESETS: dict[str, dict[str, tuple[int, ...]]] = {
     "b0": dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)),
     "b1": dict(embed_dims=(64, 128, 320, 512), depths=(2, 2, 2, 2)),
@@ -92,7 +92,7 @@ def grid_mask(sizes: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return rows[:, :, None] & cols[:, None, :]
 
 
-# PyTorch-release initialisers (SPEC 3, "Initialisation"): trunc-normal linears, fan-out convs.
+# The release's initialisers (SegFormer's _init_weights): trunc-normal linears, fan-out convs.
 dense_init = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
 
 
@@ -134,7 +134,7 @@ class PatchConv(nn.Module):
     (B, h, w, C) -> (B, h // r, w // r, features); rows / columns past the last whole patch are
     dropped, as by the VALID convolution. Same parameters (kernel (r, r, C, features), bias) and
     result. Why: the weight gradient of a strided convolution is a window-dilated convolution that
-    XLA:CPU ran at a few % of the matmul peak; as a matmul it is a plain dot (BENCHMARKS.md,
+    XLA:CPU ran far below the matmul peak; as a matmul it is a plain dot (BENCHMARKS.md,
     "Spatial reduction as a patch matmul").
     """
 
