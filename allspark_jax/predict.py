@@ -80,8 +80,13 @@ def save_outputs(rgb: np.ndarray, pred: np.ndarray, pal: np.ndarray, out_dir: st
     return mask_path, overlay_path
 
 
-def run_predict(config, workdir: str | None, spec, inputs, output_dir: str) -> list[dict]:
-    """Predicts every input image with the checkpoint `spec`; returns one record per image."""
+def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
+                quiet: bool = False) -> list[dict]:
+    """Predicts every input image with the checkpoint `spec`; returns one record per image.
+
+    Images run in the bucketed programs of `config.eval` (`evaluation.predictor`), several per call.
+    `quiet`: print nothing (the default prints one line per image and a summary).
+    """
     files = list_images(inputs)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
     predictor = evaluator.make_predictor(config)
@@ -102,7 +107,9 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str) -> l
         mask_path, overlay_path = save_outputs(rgb, pred, pal, output_dir, name)
         records.append({"image": path, "mask": mask_path, "overlay": overlay_path,
                         "classes": sorted(int(c) for c in np.unique(pred))})
-        print(f"{path} -> {mask_path}, {overlay_path}", flush=True)
-    print(f"predicted {len(files)} image(s) with checkpoint {info['checkpoint']} "
+        if not quiet:
+            print(f"{path} -> {mask_path}, {overlay_path}", flush=True)
+    if not quiet:
+        print(f"predicted {len(files)} image(s) with checkpoint {info['checkpoint']} "
           f"(step {info['step']}) into {output_dir}", flush=True)
     return sorted(records, key=lambda r: files.index(r["image"]))

@@ -131,6 +131,18 @@ ENTRY %main (a: f32[4]) -> f32[4] {
     assert profile.op_kind(*names["ynn_fusion.4"][:1], "ynn_fusion.4") == "conv"
 
 
+def test_eval_and_predict_speed_measurements():
+    """Per-size programs compile once per size, buckets once; both predict the same pixels."""
+    config = tiny_config(**{"eval.buckets": (48,), "eval.batch_size": 2})
+    r = measure.run(config, what=["eval", "predict"], eval_images=6, eval_sizes=3,
+                    eval_sides=(20, 40), log=lambda s: None)
+    e = r["eval"]
+    assert e["per_size"]["programs"] == 3 and e["bucketed"]["programs"] == 1
+    assert e["pixels_differing"] == 0 and e["speedup"] > 0
+    assert r["predict"]["bucketed"]["seconds"] > 0 and r["predict"]["speedup"] > 0
+    assert "eval: 6 images in 3 sizes" in report.format_report(r)
+
+
 def test_unknown_measurement_is_named():
     with pytest.raises(ValueError, match="--what.*'speed'"):
         measure.run(tiny_config(), what=["speed"], log=lambda s: None)

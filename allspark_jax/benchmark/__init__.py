@@ -25,6 +25,10 @@ with `block_until_ready`; compile time excludes tracing, which is reported apart
              examples/s, against the examples/s the step consumes; and the step fed by it.
   * compile  the train step compiled, not run: compile time, FLOPs and XLA's memory estimate, for
              configurations that do not fit the host.
+  * eval     cold-start evaluation of a set of images in many sizes (`--eval_images`,
+             `--eval_sizes`, `--eval_sides`), compilation included: per-size programs (the
+             release's one image at a time) against size buckets (`config.eval.buckets`).
+  * predict  the same for `--mode predict` on a folder of JPEGs.
   * scaling  the train step in subprocesses with 1..N devices (`--devices`) at a fixed per-device
              batch; on CPU the devices are simulated (`jax_num_cpu_devices`) and share the host.
 """

@@ -28,6 +28,11 @@ flags.DEFINE_integer("num_devices", None, "CPU only: simulate this many devices.
 flags.DEFINE_string("devices", "1,2,4,8", "Device counts for 'scaling'.")
 flags.DEFINE_integer("matmul_size", 4096, "N of the (N, N) @ (N, N) peak measurement.")
 flags.DEFINE_integer("profile_steps", 2, "Steps traced by 'profile'.")
+flags.DEFINE_integer("eval_images", 200, "'eval' / 'predict': images in the set.")
+flags.DEFINE_integer("eval_sizes", 100, "'eval' / 'predict': distinct image sizes in the set.")
+flags.DEFINE_list("eval_sides", ["100", "500"], "'eval' / 'predict': smallest and largest side.")
+flags.DEFINE_list("eval_ways", ["per_size", "bucketed"], "'eval' / 'predict': per-size programs "
+                  "(the release's one image at a time) and / or size buckets.")
 flags.DEFINE_string("json", None, "Write the results as JSON here.")
 flags.DEFINE_string("table", None, "Print a Markdown table of the results JSONs in this folder "
                     "and exit.")
@@ -52,6 +57,9 @@ def main(argv) -> None:
     results = measure.run(FLAGS.config, what=what, steps=FLAGS.steps, warmup=FLAGS.warmup,
                           per_device_batch=FLAGS.per_device_batch, matmul_size=FLAGS.matmul_size,
                           profile_steps=FLAGS.profile_steps, devices=devices, argv=passthrough,
+                          eval_images=FLAGS.eval_images, eval_sizes=FLAGS.eval_sizes,
+                          eval_sides=tuple(int(s) for s in FLAGS.eval_sides),
+                          eval_ways=FLAGS.eval_ways,
                           log=(lambda s: None) if FLAGS.quiet else (lambda s: print(s, flush=True)))
     if not FLAGS.quiet:
         print(report.format_report(results), flush=True)

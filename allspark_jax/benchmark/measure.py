@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from allspark_jax import train_step as train_step_lib
+from allspark_jax.benchmark import evaluation as evaluation_lib
 from allspark_jax.benchmark import profile as profile_lib
 from allspark_jax.benchmark import programs
 from allspark_jax.benchmark.timing import (compile_stats, device_peak_bytes, host_peak_rss_bytes,
@@ -20,7 +21,7 @@ from allspark_jax.data import benchmark as data_benchmark
 from allspark_jax.data import input_pipeline, synthetic
 from allspark_jax.models.segmentor import DTYPES
 
-ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling", "compile")
+ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling", "compile", "eval", "predict")
 
 
 def _host_shared() -> bool:
@@ -147,7 +148,9 @@ def bench_scaling(argv: list[str], devices: list[int], per_device_batch: int) ->
 
 def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int | None = None,
         matmul_size: int = 4096, profile_steps: int = 2, devices=(1, 2, 4, 8),
-        pipeline_images: int = 64, pipeline_image_size: int = 500,
+        pipeline_images: int = 64, pipeline_image_size: int = 500, eval_images: int = 200,
+        eval_sizes: int = 100, eval_sides: tuple[int, int] = (100, 500),
+        eval_ways=("per_size", "bucketed"),
         argv: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Runs the measurements named in `what` (subset of ALL) and returns the JSON-able results."""
     unknown = set(what) - set(ALL)
@@ -189,6 +192,14 @@ def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int 
         r["pipeline"], state = bench_pipeline(s, config, state, step, steps, warmup,
                                               r["train"]["seconds"], pipeline_images,
                                               pipeline_image_size)
+    eval_args = dict(num_images=eval_images, num_sizes=eval_sizes, min_side=eval_sides[0],
+                     max_side=eval_sides[1], ways=tuple(eval_ways))
+    if "eval" in what:
+        r["eval"] = evaluation_lib.bench_eval(config, **eval_args)
+        log(f"eval: {r['eval']}")
+    if "predict" in what:
+        r["predict"] = evaluation_lib.bench_predict(config, **eval_args)
+        log(f"predict: {r['predict']}")
     if "scaling" in what:
         r["scaling"] = bench_scaling(argv or [], list(devices), r["per_device_batch"] or 1)
     return r

@@ -47,6 +47,14 @@ def format_report(r: dict) -> str:
                      f"{p['step_examples_per_s']:.2f} (ratio {p['pipeline_over_step']:.2f}); step fed "
                      f"by the pipeline {p['fed_step_seconds']:.3f} s vs {p['resident_step_seconds']:.3f}"
                      f" s on a resident batch (x{p['fed_slowdown']:.2f})")
+    for key in ("eval", "predict"):
+        if key in r:
+            e = r[key]
+            ways = [w for w in ("per_size", "bucketed") if w in e]
+            lines.append(f"{key}: {e['num_images']} images in {e['num_sizes']} sizes: " + "; ".join(
+                f"{w} {e[w]['seconds']:.1f} s ({e[w]['images_per_s']:.2f} img/s"
+                + (f", {e[w]['programs']} programs" if "programs" in e[w] else "") + ")"
+                for w in ways) + (f"; bucketed {e['speedup']:.1f}x faster" if "speedup" in e else ""))
     if "scaling" in r:
         lines.append(f"scaling (per-device batch {r['per_device_batch']}):")
         lines.append(f"  {'devices':>7} {'batch':>6} {'median s':>9} {'img/s':>8} {'efficiency':>10}")

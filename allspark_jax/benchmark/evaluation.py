@@ -1,0 +1,139 @@
+"""Evaluation and predict speed, compilation included: per-size programs against size buckets.
+
+A set of `num_images` random images in `num_sizes` distinct sizes (sides uniform in
+[min_side, max_side]; every size used equally often) is evaluated from a cold start twice:
+  * per_size: the release's way in JAX: each image alone (`model.apply(..., mode="eval")` on a batch
+    of one), jitted, so one compilation per distinct size;
+  * bucketed: `evaluation.predictor.Predictor` (`config.eval.buckets`, `config.eval.batch_size`),
+    one compilation per bucket.
+`predict` times `main.py --mode predict`'s path (`predict.run_predict`: JPEG files in a folder ->
+palette PNGs and overlays) on such a folder, against the same loop with per-size programs.
+Every figure is wall time from the first image to the last result on the host.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+from allspark_jax import convert
+from allspark_jax import predict as predict_lib
+from allspark_jax.evaluation import bucketing
+from allspark_jax.evaluation import evaluator
+from allspark_jax.models.segmentor import build_model, init_variables
+
+
+def image_sizes(num_sizes: int, min_side: int, max_side: int, seed: int = 0) -> list[tuple]:
+    """`num_sizes` distinct (height, width) pairs with sides uniform in [min_side, max_side]."""
+    rng = np.random.default_rng(seed)
+    sizes: list[tuple] = []
+    while len(sizes) < num_sizes:
+        hw = tuple(int(v) for v in rng.integers(min_side, max_side + 1, size=2))
+        if hw not in sizes:
+            sizes.append(hw)
+    return sizes
+
+
+def _images(sizes, num_images: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((*sizes[i % len(sizes)], 3)).astype(np.float32)
+            for i in range(num_images)]
+
+
+def _original(config):
+    """`config` evaluating whole images (the mode whose compilations depend on image sizes)."""
+    config = config.copy_and_resolve_references()
+    config.eval.mode = "original"
+    return config
+
+
+def _variables(config, model):
+    """Random inference variables (params and BatchNorm statistics) of `config.model`."""
+    v = jax.jit(lambda r: init_variables(model, r, 64))(jax.random.key(int(config.seed)))
+    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+
+
+def _per_size_predictions(model, variables, images):
+    fn = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, mode="eval"), -1))
+    return [np.asarray(fn(variables, im[None]))[0] for im in images], fn._cache_size()
+
+
+def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
+               max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
+    """Cold-start evaluation of the image set each way: seconds, images/s, programs compiled."""
+    config = _original(config)
+    model = build_model(config.model)
+    variables = _variables(config, model)
+    sizes = image_sizes(num_sizes, min_side, max_side)
+    images = _images(sizes, num_images)
+    out = {"num_images": num_images, "num_sizes": num_sizes, "min_side": min_side,
+           "max_side": max_side, "buckets": [list(b) for b in bucketing.as_buckets(
+               config.eval.buckets)], "batch_per_device": int(config.eval.batch_size),
+           "devices": jax.local_device_count()}
+    preds = {}
+    for way in ways:
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        if way == "per_size":
+            preds[way], programs = _per_size_predictions(model, variables, images)
+        else:
+            predictor = evaluator.make_predictor(config, model)
+            before = bucketing.compiled_programs()
+            preds[way] = predictor.predict(variables, images)
+            programs = bucketing.compiled_programs() - before
+        seconds = time.perf_counter() - t0
+        out[way] = {"seconds": seconds, "images_per_s": num_images / seconds,
+                    "programs": programs}
+    if len(preds) == 2:
+        a, b = preds["per_size"], preds["bucketed"]
+        out["pixels_differing"] = int(sum(np.sum(x != y) for x, y in zip(a, b)))
+        out["speedup"] = out["per_size"]["seconds"] / out["bucketed"]["seconds"]
+    return out
+
+
+def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
+                  max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
+    """`--mode predict` on a folder of JPEGs: per-size programs against `predict.run_predict`."""
+    config = _original(config)
+    model = build_model(config.model)
+    variables = _variables(config, model)
+    sizes = image_sizes(num_sizes, min_side, max_side)
+    rng = np.random.default_rng(0)
+    out = {"num_images": num_images, "num_sizes": num_sizes}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "images")
+        os.makedirs(folder)
+        for i in range(num_images):
+            h, w = sizes[i % len(sizes)]
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                os.path.join(folder, f"{i:04d}.jpg"))
+        weights = os.path.join(tmp, "weights.npz")
+        template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0),
+                                                         int(config.data.crop_size)))
+        full = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template),
+                **jax.tree.map(np.asarray, variables)}
+        np.savez(weights, **convert.to_state_dict(full))
+        for way in ways:
+            jax.clear_caches()
+            dest = os.path.join(tmp, way)
+            t0 = time.perf_counter()
+            if way == "per_size":
+                fn = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, mode="eval"), -1))
+                pal = predict_lib.palette(config.data.name)
+                os.makedirs(dest)
+                for path in predict_lib.list_images(folder):
+                    rgb, image = predict_lib.load_image(path)
+                    pred = np.asarray(fn(variables, image[None]))[0]
+                    name = os.path.splitext(os.path.basename(path))[0]
+                    predict_lib.save_outputs(rgb, pred, pal, dest, name)
+            else:
+                predict_lib.run_predict(config, None, weights, [folder], dest, quiet=True)
+            seconds = time.perf_counter() - t0
+            out[way] = {"seconds": seconds, "images_per_s": num_images / seconds}
+    if {"per_size", "bucketed"} <= set(ways):
+        out["speedup"] = out["per_size"]["seconds"] / out["bucketed"]["seconds"]
+    return out
