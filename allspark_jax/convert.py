@@ -42,6 +42,13 @@ class WeightImportError(ValueError):
     """The file's keys or shapes do not fit the model."""
 
 
+def key_mismatch_lines(missing, unexpected, wrong) -> list[str]:
+    """The indented report lines of a WeightImportError: each non-empty list, counted."""
+    return [f"  {title} ({len(items)}): " + ", ".join(items)
+            for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", wrong)) if items]
+
+
 def torch_name(path: tuple[str, ...]) -> str:
     """('backbone', 'block1_0', 'attn', 'q', 'kernel') -> 'backbone.block1.0.attn.q.weight'."""
     top, *middle, leaf = path
@@ -122,12 +129,8 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
                          f"{tuple(_to_torch_layout(np.zeros(like.shape), path[-1]).shape)}")
         flat[path] = value
     if missing or unexpected or wrong:
-        lines = [f"{source} does not fit the model:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
-        raise WeightImportError("\n".join(lines))
+        raise WeightImportError("\n".join([f"{source} does not fit the model:",
+                                            *key_mismatch_lines(missing, unexpected, wrong)]))
     return flax.traverse_util.unflatten_dict(flat)
 
 

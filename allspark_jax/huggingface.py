@@ -116,50 +116,48 @@ _BLOCK_MODULES = {
     "layer_norm_2": "norm2", "mlp.dense1": "mlp.fc1", "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
     "mlp.dense2": "mlp.fc2",
 }
-_BLOCK_MODULES_INV = {v: k for k, v in _BLOCK_MODULES.items()}
 _HEAD_MODULES = {"linear_fuse": "linear_fuse.conv", "batch_norm": "linear_fuse.bn",
                  "classifier": "linear_pred"}
-_HEAD_MODULES_INV = {v: k for k, v in _HEAD_MODULES.items()}
 _KV = re.compile(r"^encoder\.block\.(\d+)\.(\d+)\.attention\.self\.(key|value)\.(weight|bias)$")
 
 
 # ----------------------------------------------------------------------------- names and layouts
 
-def _hf_to_release_module(module: str) -> str | None:
-    """transformers module path (no `segformer.` prefix) -> release module path; None if unknown."""
-    if m := re.fullmatch(r"encoder\.patch_embeddings\.(\d+)\.(proj|layer_norm)", module):
-        return f"backbone.patch_embed{int(m[1]) + 1}.{'proj' if m[2] == 'proj' else 'norm'}"
-    if m := re.fullmatch(r"encoder\.block\.(\d+)\.(\d+)\.(.+)", module):
-        inner = _BLOCK_MODULES.get(m[3])
-        return inner and f"backbone.block{int(m[1]) + 1}.{m[2]}.{inner}"
-    if m := re.fullmatch(r"encoder\.layer_norm\.(\d+)", module):
-        return f"backbone.norm{int(m[1]) + 1}"
-    if m := re.fullmatch(r"decode_head\.linear_c\.(\d+)\.proj", module):
-        return f"decoder.decoder.linear_c{int(m[1]) + 1}.proj"
-    if m := re.fullmatch(r"decode_head\.(\w+)", module):
-        inner = _HEAD_MODULES.get(m[1])
-        return inner and f"decoder.decoder.{inner}"
-    if module == "classifier":
-        return "backbone.head"
-    return None
+# (transformers module, release module, renames of {m}); {s} is a stage, 0-based in transformers
+# and 1-based in the release; {b} a block; {m} a sub-module renamed through the table. First match wins.
+_MODULE_RULES = (
+    ("encoder.patch_embeddings.{s}.proj", "backbone.patch_embed{s}.proj", None),
+    ("encoder.patch_embeddings.{s}.layer_norm", "backbone.patch_embed{s}.norm", None),
+    ("encoder.block.{s}.{b}.{m}", "backbone.block{s}.{b}.{m}", _BLOCK_MODULES),
+    ("encoder.layer_norm.{s}", "backbone.norm{s}", None),
+    ("decode_head.linear_c.{s}.proj", "decoder.decoder.linear_c{s}.proj", None),
+    ("decode_head.{m}", "decoder.decoder.{m}", _HEAD_MODULES),
+    ("classifier", "backbone.head", None),
+)
+_FIELD_PATTERNS = {"s": r"(?P<s>\d+)", "b": r"(?P<b>\d+)", "m": r"(?P<m>.+)"}
 
 
-def _release_to_hf_module(module: str) -> str | None:
-    """Inverse of `_hf_to_release_module` (attn.kv excepted); None if transformers has no such module."""
-    if m := re.fullmatch(r"backbone\.patch_embed(\d+)\.(proj|norm)", module):
-        return f"encoder.patch_embeddings.{int(m[1]) - 1}.{'proj' if m[2] == 'proj' else 'layer_norm'}"
-    if m := re.fullmatch(r"backbone\.block(\d+)\.(\d+)\.(.+)", module):
-        inner = _BLOCK_MODULES_INV.get(m[3])
-        return inner and f"encoder.block.{int(m[1]) - 1}.{m[2]}.{inner}"
-    if m := re.fullmatch(r"backbone\.norm(\d+)", module):
-        return f"encoder.layer_norm.{int(m[1]) - 1}"
-    if m := re.fullmatch(r"decoder\.decoder\.linear_c(\d+)\.proj", module):
-        return f"decode_head.linear_c.{int(m[1]) - 1}.proj"
-    if m := re.fullmatch(r"decoder\.decoder\.(.+)", module):
-        inner = _HEAD_MODULES_INV.get(m[1])
-        return inner and f"decode_head.{inner}"
-    if module == "backbone.head":
-        return "classifier"
+def _template_regex(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, field, ..., literal
+    return re.compile("".join(re.escape(p) if i % 2 == 0 else _FIELD_PATTERNS[p]
+                              for i, p in enumerate(parts)))
+
+
+def _map_module(module: str, to_release: bool) -> str | None:
+    """A module path (no `segformer.` prefix) in one naming -> the other's; None if it has none."""
+    for hf, release, renames in _MODULE_RULES:
+        source, target = (hf, release) if to_release else (release, hf)
+        if not (m := _template_regex(source).fullmatch(module)):
+            continue
+        fields = m.groupdict()
+        if "s" in fields:
+            fields["s"] = int(fields["s"]) + (1 if to_release else -1)
+        if "m" in fields:
+            table = renames if to_release else {v: k for k, v in renames.items()}
+            fields["m"] = table.get(fields["m"])
+            if fields["m"] is None:
+                return None
+        return target.format(**fields)
     return None
 
 
@@ -182,7 +180,7 @@ def to_release_state_dict(hf_state: Mapping[str, np.ndarray], *,
             kv.setdefault((m[1], m[2], m[4]), {})[m[3]] = value
             continue
         module, _, leaf = name.rpartition(".")
-        target = _hf_to_release_module(module)
+        target = _map_module(module, to_release=True)
         if target is None:
             unknown.append(name)
         else:
@@ -225,7 +223,7 @@ def from_release_state_dict(release_state: Mapping[str, np.ndarray], *,
             key, val = np.split(np.asarray(value), 2, axis=0)
             out[f"{hf}.key.{leaf}"], out[f"{hf}.value.{leaf}"] = key, val
             continue
-        target = _release_to_hf_module(module)
+        target = _map_module(module, to_release=False)
         if target is None:
             unknown.append(name)
         else:
@@ -546,11 +544,8 @@ def _import(state: Mapping[str, np.ndarray], config: Mapping[str, Any], source: 
     wrong = [f"{k}: file {tuple(np.shape(given[k]))}, model expects {tuple(expected[k])}"
              for k in sorted(set(expected) & set(given)) if np.shape(given[k]) != expected[k]]
     if missing or unexpected or wrong:
-        lines = [f"{source}: the weights do not fit the model:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", wrong)):
-            if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items))
+        lines = [f"{source}: the weights do not fit the model:",
+                 *convert.key_mismatch_lines(missing, unexpected, wrong)]
         if not encoder_only and not any(k.startswith("decode_head.") for k in given):
             lines.append(f"  (no decode_head: {config.get('architectures')} is an encoder "
                          f"checkpoint; load it with convert.load_pretrained_encoder)")

@@ -8,7 +8,8 @@ from allspark_jax.tools import verify_reference
 from allspark_jax.tools.verify_reference import FORWARD_RTOL, MAX_KINK_FLIPS, TRAINED_RTOL
 from reference_model import REFERENCE_NPZ, reference
 
-FORWARD_CASES = ("encoder_eval", "encoder_eval_u", "eval_single", "train_forward_nomem",
+FORWARD_CASES = ("encoder_eval", "encoder_eval_u", "eval_single", "eval_single_bucketed",
+                 "train_forward_nomem",
                  "train_forward_mem", "loss (ce, ohem)", "miou counting", "train_step lrs",
                  "train_step 0 losses")
 TRAINED_CASES = ("train_step grads0", "train_step state1", "train_step 1 losses",
@@ -44,8 +45,8 @@ def test_every_case_within_its_tolerance(results):
     results, lines = results
     print("\n".join(lines))
     assert [r.name for r in results] == [
-        "encoder_eval", "encoder_eval_u", "eval_single", "train_forward_nomem",
-        "train_forward_mem", "loss (ce, ohem)", "miou counting", "train_step lrs",
+        "encoder_eval", "encoder_eval_u", "eval_single", "eval_single_bucketed",
+        "train_forward_nomem", "train_forward_mem", "loss (ce, ohem)", "miou counting", "train_step lrs",
         "train_step 0 losses", "train_step grads0", "train_step state1", "train_step 1 losses",
         "train_step state2", "train_step 2 losses", "train_step state3"]
     bad = [r.line() for r in results if not r.ok]
@@ -63,8 +64,9 @@ def test_perturbed_reference_fails(tmp_path, recorded, capsys):
     data["miou/union"] = data["miou/union"] + 1
     status, out = run_main(tmp_path, data, capsys)
     assert status == 1
-    assert "FAIL eval_single" in out and "FAIL miou counting" in out
-    assert "0 cases ok, 2 failed" in out
+    assert "FAIL eval_single " in out and "FAIL eval_single_bucketed" in out
+    assert "FAIL miou counting" in out
+    assert "0 cases ok, 3 failed" in out
 
 
 def test_file_without_cases_fails(tmp_path, recorded, capsys):

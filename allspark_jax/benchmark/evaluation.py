@@ -44,17 +44,17 @@ def _images(sizes, num_images: int, seed: int = 0) -> list[np.ndarray]:
             for i in range(num_images)]
 
 
-def _original(config):
-    """`config` evaluating whole images (the mode whose compilations depend on image sizes)."""
+def _setup(config, num_sizes: int, min_side: int, max_side: int):
+    """(config evaluating whole images, its model, random inference variables, the image sizes).
+
+    Whole images ('original') are the mode whose compilations depend on the image sizes.
+    """
     config = config.copy_and_resolve_references()
     config.eval.mode = "original"
-    return config
-
-
-def _variables(config, model):
-    """Random inference variables (params and BatchNorm statistics) of `config.model`."""
+    model = build_model(config.model)
     v = jax.jit(lambda r: init_variables(model, r, 64))(jax.random.key(int(config.seed)))
-    return {"params": v["params"], "batch_stats": v["batch_stats"]}
+    variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
+    return config, model, variables, image_sizes(num_sizes, min_side, max_side)
 
 
 def _per_size_predictions(model, variables, images):
@@ -65,10 +65,7 @@ def _per_size_predictions(model, variables, images):
 def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
                max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
     """Cold-start evaluation of the image set each way: seconds, images/s, programs compiled."""
-    config = _original(config)
-    model = build_model(config.model)
-    variables = _variables(config, model)
-    sizes = image_sizes(num_sizes, min_side, max_side)
+    config, model, variables, sizes = _setup(config, num_sizes, min_side, max_side)
     images = _images(sizes, num_images)
     out = {"num_images": num_images, "num_sizes": num_sizes, "min_side": min_side,
            "max_side": max_side, "buckets": [list(b) for b in bucketing.as_buckets(
@@ -98,10 +95,7 @@ def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: in
 def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
                   max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
     """`--mode predict` on a folder of JPEGs: per-size programs against `predict.run_predict`."""
-    config = _original(config)
-    model = build_model(config.model)
-    variables = _variables(config, model)
-    sizes = image_sizes(num_sizes, min_side, max_side)
+    config, model, variables, sizes = _setup(config, num_sizes, min_side, max_side)
     rng = np.random.default_rng(0)
     out = {"num_images": num_images, "num_sizes": num_sizes}
     with tempfile.TemporaryDirectory() as tmp:
