@@ -140,6 +140,8 @@ def test_eval_and_predict_speed_measurements():
     assert e["per_size"]["programs"] == 3 and e["bucketed"]["programs"] == 1
     assert e["pixels_differing"] == 0 and e["speedup"] > 0
     assert r["predict"]["bucketed"]["seconds"] > 0 and r["predict"]["speedup"] > 0
+    assert e["bucketed"]["memory"]["bucket"] == [48, 48]
+    assert e["bucketed"]["memory"]["xla_memory_bytes"] > 0
     assert "eval: 6 images in 3 sizes" in report.format_report(r)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from allspark_jax import convert
 from allspark_jax import predict as predict_lib
+from allspark_jax.benchmark.timing import compile_stats, host_peak_rss_bytes
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables
@@ -62,6 +63,22 @@ def _per_size_predictions(model, variables, images):
     return [np.asarray(fn(variables, im[None]))[0] for im in images], fn._cache_size()
 
 
+def bucket_memory(config, model, variables) -> dict:
+    """Memory of the bucketed logits program for the largest bucket at `eval.batch_size` per device.
+
+    XLA's estimate (arguments + outputs + temporaries, per device; `timing.compile_stats`) of the
+    program compiled on its own, and this process's peak resident memory so far.
+    """
+    bucket = max(bucketing.as_buckets(config.eval.buckets), key=lambda hw: hw[0] * hw[1])
+    batch = int(config.eval.batch_size)
+    fn = jax.jit(lambda v, x, s: model.apply(v, x, mode="eval", valid_size=s))
+    _, stats = compile_stats(fn, variables, jax.ShapeDtypeStruct((batch, *bucket, 3), np.float32),
+                             jax.ShapeDtypeStruct((batch, 2), np.int32))
+    return {"bucket": list(bucket), "batch_per_device": batch,
+            "xla_memory_bytes": stats.get("xla_memory_bytes"),
+            "host_peak_rss_bytes": host_peak_rss_bytes()}
+
+
 def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
                max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
     """Cold-start evaluation of the image set each way: seconds, images/s, programs compiled."""
@@ -85,6 +102,8 @@ def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: in
         seconds = time.perf_counter() - t0
         out[way] = {"seconds": seconds, "images_per_s": num_images / seconds,
                     "programs": programs}
+    if "bucketed" in ways:
+        out["bucketed"]["memory"] = bucket_memory(config, model, variables)
     if len(preds) == 2:
         a, b = preds["per_size"], preds["bucketed"]
         out["pixels_differing"] = int(sum(np.sum(x != y) for x, y in zip(a, b)))

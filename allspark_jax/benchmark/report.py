@@ -55,6 +55,11 @@ def format_report(r: dict) -> str:
                 f"{w} {e[w]['seconds']:.1f} s ({e[w]['images_per_s']:.2f} img/s"
                 + (f", {e[w]['programs']} programs" if "programs" in e[w] else "") + ")"
                 for w in ways) + (f"; bucketed {e['speedup']:.1f}x faster" if "speedup" in e else ""))
+            if "memory" in e.get("bucketed", {}):
+                m = e["bucketed"]["memory"]
+                lines.append(f"  bucket {m['bucket'][0]}x{m['bucket'][1]}, {m['batch_per_device']} "
+                             f"images per device: XLA memory {_fmt_bytes(m['xla_memory_bytes'])}, "
+                             f"host peak RSS {_fmt_bytes(m['host_peak_rss_bytes'])}")
     if "scaling" in r:
         lines.append(f"scaling (per-device batch {r['per_device_batch']}):")
         lines.append(f"  {'devices':>7} {'batch':>6} {'median s':>9} {'img/s':>8} {'efficiency':>10}")
