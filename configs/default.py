@@ -35,7 +35,7 @@ def get_config():
     data.cutmix_prob = 0.0  # Probability of a CutMix box per unlabeled image (release: 0, off).
     data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
     data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
-    data.check_files = True  # Check eagerly that every listed file exists (source 'files').
+    data.check_files = "exist"  # Before reading: 'none' | 'exist' (files present) | 'decode' (all decoded).
     data.num_parallel_calls = -1  # tf.data map parallelism (-1 = AUTOTUNE).
     data.prefetch = 2  # Batches prefetched by tf.data (host) and to the devices.
     # Only for data.name == 'synthetic' with data.root None: the dataset written into
