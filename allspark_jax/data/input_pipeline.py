@@ -146,39 +146,56 @@ def _clean_message(message: str) -> str:
     return re.sub(r"\s*\[Op:\w+\].*$", "", line).strip()
 
 
+# A TF error whose message holds bytes that are not UTF-8 (a decoder quoting the corrupt file, e.g. a
+# PNG chunk name) reaches Python as a UnicodeDecodeError over those bytes instead of an OpError.
+_TF_ERRORS = (tf.errors.OpError, UnicodeDecodeError)
+
+
+def _tf_error_message(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return bytes(e.object).decode("utf-8", "replace")
+    return e.message
+
+
 def _error_of(fn, i: int) -> str | None:
-    """The TF error message of fn(i) run as the pipelines run it (a tf.data map), or None."""
+    """The TF error message of the traced fn(i), or None when it runs."""
     try:
-        for _ in tf.data.Dataset.from_tensors(tf.constant(i, tf.int64)).map(fn):
-            pass
-    except tf.errors.OpError as e:
-        return e.message
+        fn(tf.constant(int(i), tf.int64))
+    except _TF_ERRORS as e:
+        return _tf_error_message(e)
     return None
 
 
-def _example_error(reader, i: int, num_classes: int, labeled: bool) -> str | None:
-    """Why example i of a list cannot be read, naming the file and the fault; None if it reads.
+def _example_errors(reader, indices, num_classes: int, labeled: bool) -> list[str]:
+    """What is wrong with each example of `indices` (of one list) that cannot be read, naming the file.
 
-    The image, the mask and the pair are tried one after the other, so the message names the
-    failing file even when the decoder's own error (`jpeg::Uncompress failed`) does not.
+    A bad example's image, mask and pair are tried one after the other, so the message names the
+    failing file even when the decoder's own error (`jpeg::Uncompress failed`) does not. Each step is
+    traced once for all `indices`.
     """
-    i = int(i)
-    image_path = reader.image_paths[i].numpy().decode()
-    steps = [(f"image {image_path!r}", "an intact JPEG or PNG file",
-              lambda j: tf.shape(_decode_example(reader, j, num_classes, False)[0]))]
+    steps = [("image", "an intact JPEG or PNG file", reader.image_paths,
+              tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, False)[0])))]
     if labeled:
-        mask_path = reader.mask_paths[i].numpy().decode()
-        steps += [(f"mask {mask_path!r}", "an intact PNG file",
-                   lambda j: tf.shape(augment.decode_mask(*reader.mask(j), num_classes))),
-                  ("", "", lambda j: tf.shape(_decode_example(reader, j, num_classes, True)[0]))]
-    for what, expected, fn in steps:
-        message = _error_of(fn, i)
-        if message is None:
+        steps += [("mask", "an intact PNG file", reader.mask_paths,
+                   tf.function(lambda i: tf.shape(augment.decode_mask(*reader.mask(i), num_classes)))),
+                  ("", "", None,
+                   tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, True)[0])))]
+    errors = []
+    for i in indices:
+        if _error_of(steps[-1][-1], i) is None:  # the whole example reads
             continue
-        if not what or "assertion failed:" in message:  # our own checks name the files
-            return _clean_message(message)
-        return f"cannot read {what} ({_clean_message(message).rstrip('.')}); expected {expected}"
-    return None
+        for what, expected, paths, fn in steps:
+            message = _error_of(fn, i)
+            if message is None:
+                continue
+            if not what or "assertion failed:" in message:  # our own checks name the files
+                errors.append(_clean_message(message))
+            else:
+                path = paths[int(i)].numpy().decode()
+                errors.append(f"cannot read {what} {path!r} ({_clean_message(message).rstrip('.')}); "
+                              f"expected {expected}")
+            break
+    return errors
 
 
 def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> None:
@@ -200,10 +217,10 @@ def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> No
             for i, _ in ds.ignore_errors().as_numpy_iterator():
                 decoded[i] = True
                 bar.update()
-            for i in np.flatnonzero(~decoded):
-                errors.append(_example_error(reader, i, num_classes, labeled))
-                bar.update()
-    errors = list(dict.fromkeys(e for e in errors if e))  # an image in two lists is named once
+            bad = np.flatnonzero(~decoded)
+            errors += _example_errors(reader, bad, num_classes, labeled)
+            bar.update(len(bad))
+    errors = list(dict.fromkeys(errors))  # an image in two lists is named once
     if errors:
         raise DataError(f"{len(errors)} bad data file(s) (data.check_files='decode'):\n  "
                         + "\n  ".join(errors))
@@ -368,7 +385,7 @@ def _numpy_iterator(ds: tf.data.Dataset, what: str, culprits) -> Iterator[dict[s
 
     tf.data errors surface in element order (deterministic pipelines), so the failure belongs to
     element n (the count yielded so far): `culprits(n)` reads that element's examples again one by
-    one and returns what is wrong with each bad one (an empty list if none fails on its own).
+    one (`_example_errors`) and returns what is wrong with the bad ones (empty if none fails alone).
     """
     it = iter(ds)
     for n in itertools.count():
@@ -376,10 +393,9 @@ def _numpy_iterator(ds: tf.data.Dataset, what: str, culprits) -> Iterator[dict[s
             batch = next(it)
         except StopIteration:
             return
-        except tf.errors.OpError as e:
-            errors = culprits(n)
-            raise DataError(f"{what}: {'; '.join(errors) if errors else _clean_message(e.message)}"
-                            ) from None
+        except _TF_ERRORS as e:
+            errors = culprits(n) or [_clean_message(_tf_error_message(e))]
+            raise DataError(f"{what}: {'; '.join(errors)}") from None
         yield {k: v.numpy() for k, v in batch.items()}
 
 
@@ -406,11 +422,11 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
         epoch, offset = divmod(start_step + n, plan.steps_per_epoch)
         batch = slice(offset * local_batch, (offset + 1) * local_batch)
         el = positions(epoch)
-        errors = [_example_error(plan.labeled_reader, i, opts.num_classes, True)
-                  for i in np.unique(el["l"][batch].numpy())]
-        errors += [_example_error(plan.unlabeled_reader, i, opts.num_classes, False)
-                   for i in np.unique(el["u"][batch].numpy())]
-        return [f"step {start_step + n}: {e}" for e in errors if e]
+        errors = _example_errors(plan.labeled_reader, np.unique(el["l"][batch].numpy()),
+                                 opts.num_classes, True)
+        errors += _example_errors(plan.unlabeled_reader, np.unique(el["u"][batch].numpy()),
+                                  opts.num_classes, False)
+        return [f"step {start_step + n}: {e}" for e in errors]
 
     return _numpy_iterator(ds, "training input pipeline", culprits)
 
@@ -459,8 +475,7 @@ def create_val_iterator(opts, *, process_index: int | None = None, process_count
         ds = ds.take(count)
 
     def culprits(n):
-        error = _example_error(reader, process_index + n * process_count, opts.num_classes, True)
-        return [error] if error else []
+        return _example_errors(reader, [process_index + n * process_count], opts.num_classes, True)
 
     return _numpy_iterator(ds, "validation input pipeline", culprits), count
 
