@@ -143,13 +143,20 @@ def test_corrupt_labeled_file_in_training_names_it(broken, what, corrupt, patter
 
 
 def test_corrupt_unlabeled_image_in_training_names_it_and_the_step(broken):
-    _with_unlabeled(broken, ["JPEGImages/train_00003.jpg"] * 2 + ["JPEGImages/train_00004.jpg"] * 2)
+    # one of the two steps of each epoch holds the corrupt image (with seed 0, in epoch 1 the second);
+    # the error must name the step at which the iterator fails, after yielding the batches before it
+    _with_unlabeled(broken, ["JPEGImages/train_00003.jpg"] * 3 + ["JPEGImages/train_00004.jpg"])
     _randomize(os.path.join(broken, "JPEGImages", "train_00004.jpg"))
     it = input_pipeline.create_train_iterator(_config(broken), start_step=2, process_index=0,
                                               process_count=1)
-    with pytest.raises(DataError, match=r"step [23]: cannot read image '.*train_00004.jpg'") as e:
-        next(it), next(it)  # epoch 1: one of its two steps holds the corrupt image
-    _assert_clean(str(e.value))
+    yielded = 0
+    with pytest.raises(DataError) as e:
+        for _ in it:
+            yielded += 1
+    assert yielded == 1
+    assert re.fullmatch(rf"training input pipeline: step {2 + yielded}: cannot read image "
+                        r"'.*train_00004.jpg' \(jpeg::Uncompress failed.*\); expected an intact "
+                        r"JPEG or PNG file", str(e.value)), str(e.value)
 
 
 def _cityscapes_root(root, rng):

@@ -11,6 +11,10 @@ so steps_per_epoch = U // B. Process p of P takes positions [t B + p b, t B + (p
 of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
 depend neither on P nor on the source ('files' and 'tfds' give identical batches) and a run started
 at `start_step` sees exactly the batches an uninterrupted run would (skipping costs no decoding).
+
+Bad file contents raise DataError naming the file and the fault: the iterators (`create_train_iterator`,
+`create_val_iterator`) catch a failing element and read its examples again one by one (only then, so
+the hot path stays pure tf.data); `data.check_files='decode'` decodes every listed file up front.
 """
 from __future__ import annotations
 
