@@ -240,12 +240,11 @@ def check_override_keys(config, keys) -> None:
 
 
 def override_value_error(config, key: str, value: str, reason: str) -> ConfigError:
-    """The error of `--config.KEY=VALUE` whose VALUE does not parse as the type of the key's value."""
-    current = _get(config, key)
-    kind = _KINDS.get(type(current))
-    if kind is None:
-        kind = f"a {type(current).__name__} ({reason})"
-    return ConfigError(f"config.{key}={value!r}: expected {kind}, as the config's {current!r}")
+    """The error of `--config.KEY=VALUE` whose VALUE does not parse as the key's type."""
+    *parents, leaf = key.split(".")
+    field_type = (_get(config, ".".join(parents)) if parents else config).get_type(leaf)
+    kind = _KINDS.get(field_type) or f"a {field_type.__name__} ({reason})"
+    return ConfigError(f"config.{key}={value!r}: expected {kind} (now {_get(config, key)!r})")
 
 
 def eval_crop_size(config) -> int:

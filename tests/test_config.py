@@ -62,4 +62,7 @@ def test_command_line_override_keys_and_values():
     with pytest.raises(config_lib.ConfigError, match=r"config.seed.x is not a key: config.seed is 0"):
         config_lib.check_override_keys(config, ["seed.x"])
     error = config_lib.override_value_error(config, "data.crop_size", "big", "invalid literal")
-    assert str(error) == "config.data.crop_size='big': expected an integer, as the config's 513"
+    assert str(error) == "config.data.crop_size='big': expected an integer (now 513)"
+    # keys whose default is None have a type too (ml_collections placeholders)
+    error = config_lib.override_value_error(config, "model.drop_path_rate", "x", "not a float")
+    assert str(error) == "config.model.drop_path_rate='x': expected a number (now None)"
