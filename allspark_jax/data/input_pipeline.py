@@ -147,7 +147,7 @@ def _clean_message(message: str) -> str:
     line = re.sub(r"^\{\{.*?\}\}\s*", "", message.strip().split("\n")[0])
     if "Iterator::" in line:  # "... with iterator: Iterator::Root::ParallelMapV2: <reason>"
         line = line.rsplit("Iterator::", 1)[1].split(": ", 1)[-1]
-    return re.sub(r"\s*\[Op:\w+\].*$", "", line).strip()
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", line).strip()
 
 
 # A TF error whose message holds bytes that are not UTF-8 (a decoder quoting the corrupt file, e.g. a
