@@ -12,6 +12,7 @@
 `train` resumes from the latest checkpoint in --workdir when there is one.
 """
 import os
+import re
 import sys
 
 from absl import app
@@ -75,7 +76,6 @@ def parse_flags(argv):
     The config file is loaded and the `--config.KEY` overrides' keys checked here first, so the
     error names the key and the keys allowed there (ml_collections would raise an AttributeError).
     """
-    import re
     from allspark_jax import config as config_lib
     config = None
     try:
