@@ -12,6 +12,7 @@
 `train` resumes from the latest checkpoint in --workdir when there is one.
 """
 import os
+import re
 import sys
 
 from absl import app
@@ -69,6 +70,40 @@ class _QuietLibraries:
         return not any(f"/{p.replace('.', '/')}/" in record.pathname for p in self.PREFIXES)
 
 
+def parse_flags(argv):
+    """absl's flag parsing; a bad config file, key or value is one line on stderr, exit status 2.
+
+    The config file is loaded and the `--config.KEY` overrides' keys checked here first, so the
+    error names the key and the keys allowed there (ml_collections would raise an AttributeError).
+    """
+    from allspark_jax import config as config_lib
+    config = None
+    try:
+        argv = FLAGS.read_flags_from_files(argv, force_gnu=False)
+        for i, arg in enumerate(argv):
+            name, eq, value = arg.partition("=")
+            if name in ("-config", "--config"):
+                spec = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+                config = config_lib.load_config(spec) if spec else None
+        keys = [re.sub(r"^-{1,2}(no)?config\.", "", a.split("=", 1)[0]) for a in argv
+                if re.match(r"-{1,2}(no)?config\.", a)]
+        if keys and config is None:
+            raise UsageError(f"--config.{keys[0]} overrides a key of a config file; expected "
+                             "--config FILE before it")
+        if config is not None:
+            config_lib.check_override_keys(config, keys)
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e).strip().split("\n")[0]
+        bad_value = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)", message)
+        if bad_value and config is not None:
+            message = str(config_lib.override_value_error(config, *bad_value.groups()))
+    except (ValueError, UsageError) as e:  # ConfigError, or get_config(arg) refusing its argument
+        message = " ".join(str(e).split())
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
@@ -119,4 +154,4 @@ if __name__ == "__main__":
     _config_lib.register_configs_package(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "configs"))
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -29,6 +29,7 @@ TEACHERS = ("online", "ema")
 LOSSES_X = ("ce", "ohem")
 STUDENT_VIEWS = ("weak", "strong")
 SOURCES = ("files", "tfds")
+CHECK_FILES = ("none", "exist", "decode")
 BEST_OF = ("student", "ema")
 SYNTHETIC_DIR = "synthetic_data"  # <workdir>/synthetic_data when data.name == 'synthetic', no root
 
@@ -136,6 +137,7 @@ def _validate_data(config) -> None:
     _in_range(config, "data.batch_size", 1, integer=True)
     _one_of(config, "data.source", SOURCES)
     _one_of(config, "data.student_view", STUDENT_VIEWS)
+    _one_of(config, "data.check_files", CHECK_FILES)
     _in_range(config, "data.cutmix_prob", 0.0, 1.0)
     scale = tuple(config.data.scale_range)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
@@ -215,6 +217,36 @@ def validate(config) -> None:
     _in_range(config, "profile_num_steps", 1, integer=True)
 
 
+# --------------------------------------------------------------------------- command-line overrides
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          tuple: "a tuple such as (1, 2)"}
+
+
+def check_override_keys(config, keys) -> None:
+    """Raises ConfigError for the first dotted key of `keys` (`--config.KEY=VALUE` on the command
+    line) that `config` does not have, naming the keys it has at that level."""
+    for key in keys:
+        node, parents = config, []
+        for part in key.split("."):
+            where = "config." + ".".join(parents) if parents else "config"
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"config.{key} is not a key: {where} is {node!r}, not a group of "
+                                  "keys")
+            if part not in node:
+                raise ConfigError(f"config.{key} is not a key; {where} has: "
+                                  f"{', '.join(sorted(node.keys()))}")
+            node, parents = node[part], parents + [part]
+
+
+def override_value_error(config, key: str, value: str, reason: str) -> ConfigError:
+    """The error of `--config.KEY=VALUE` whose VALUE does not parse as the key's type."""
+    *parents, leaf = key.split(".")
+    field_type = (_get(config, ".".join(parents)) if parents else config).get_type(leaf)
+    kind = _KINDS.get(field_type) or f"a {field_type.__name__} ({reason})"
+    return ConfigError(f"config.{key}={value!r}: expected {kind} (now {_get(config, key)!r})")
+
+
 def eval_crop_size(config) -> int:
     """The window / crop side of center_crop and sliding_window evaluation."""
     return int(config.eval.crop_size or config.data.crop_size)
@@ -246,7 +278,7 @@ class DataOptions:
     cutmix_prob: float
     labeled_strong: bool
     scale_range: tuple[float, float]
-    check_files: bool
+    check_files: str
     num_parallel_calls: int
     prefetch: int
     seed: int
@@ -303,6 +335,6 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
         crop_size=int(d.crop_size), batch_size=int(d.batch_size), source=d.source,
         tfds_data_dir=d.tfds_data_dir, student_view=d.student_view,
         cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
-        scale_range=tuple(float(x) for x in d.scale_range), check_files=bool(d.check_files),
+        scale_range=tuple(float(x) for x in d.scale_range), check_files=d.check_files,
         num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
         seed=int(config.seed))

@@ -56,8 +56,19 @@ def list_images(inputs) -> list[str]:
 
 
 def load_image(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 RGB image, normalised float32 image) as the validation pipeline normalises."""
-    rgb = np.asarray(Image.open(path).convert("RGB"))
+    """(uint8 RGB image, normalised float32 image) as the validation pipeline normalises.
+
+    Raises DataError naming `path` when the file is not a readable image (corrupt, truncated, or
+    another format).
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except Exception as e:  # pylint: disable=broad-except
+        # PIL's format plugins report corrupt data with many types (OSError, SyntaxError,
+        # ValueError, struct.error, EOFError, DecompressionBombError, ...).
+        raise datasets.DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); expected "
+                                 f"an intact image file ({', '.join(IMAGE_EXTENSIONS)})") from None
     return rgb, normalize(rgb)
 
 

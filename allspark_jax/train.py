@@ -96,7 +96,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     workdir = os.fspath(wd)
     runtime.setup_compilation_cache(config, workdir)
     opts = config_lib.data_options(config, workdir)
-    plan = input_pipeline.train_plan(opts)
+    plan = input_pipeline.train_plan(opts, progress=jax.process_index() == 0)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False)
     if jax.process_index() == 0:

@@ -13,6 +13,7 @@ different global batch B, scale the learning rate linearly, `optim.lr = paper_lr
 as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder  # None, settable on the command line
 
 
 def get_config():
@@ -22,20 +23,20 @@ def get_config():
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
     data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic'.
-    data.root = None  # Data root in the official layout (split lines are relative to it).
+    data.root = placeholder(str)  # Data root in the official layout (split lines are relative to it).
     data.split = "1_16"  # Split name (e.g. '92'..'1464', '1_16'..'1_2', 'u2pl_1_8') or a labeled list path.
-    data.unlabeled_split = None  # Unlabeled list path / split name; None = the split's own.
+    data.unlabeled_split = placeholder(str)  # Unlabeled list path / split name; None = the split's own.
     data.val_split = "val"  # 'val' or the path of a validation list.
     data.num_classes = 21  # Classes incl. background (VOC 21, Cityscapes 19, COCO 81); checked.
     data.crop_size = 513  # Training crop side S.
     data.batch_size = 8  # GLOBAL labeled batch (unlabeled batch is the same); paper: 2/GPU x 4 GPUs.
     data.source = "files"  # 'files' (decode the root's files) | 'tfds' (allspark_jax.data.prepare records).
-    data.tfds_data_dir = None  # TFDS data dir for source 'tfds' (None = TFDS default).
+    data.tfds_data_dir = placeholder(str)  # TFDS data dir for source 'tfds' (None = TFDS default).
     data.student_view = "weak"  # 'weak' (release: student sees the teacher's view) | 'strong'.
     data.cutmix_prob = 0.0  # Probability of a CutMix box per unlabeled image (release: 0, off).
     data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
     data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
-    data.check_files = True  # Check eagerly that every listed file exists (source 'files').
+    data.check_files = "exist"  # Before reading: 'none' | 'exist' (files present) | 'decode' (all decoded).
     data.num_parallel_calls = -1  # tf.data map parallelism (-1 = AUTOTUNE).
     data.prefetch = 2  # Batches prefetched by tf.data (host) and to the devices.
     # Only for data.name == 'synthetic' with data.root None: the dataset written into
@@ -51,7 +52,7 @@ def get_config():
     # ------------------------------------------------------------------------------------ model
     config.model = model = ml_collections.ConfigDict()
     model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
-    model.drop_path_rate = None  # Stochastic depth of the encoder; None = the preset's 0.1.
+    model.drop_path_rate = placeholder(float)  # Stochastic depth of the encoder; None = the preset's 0.1.
     model.num_classes = data.get_ref("num_classes")  # Output classes (follows data.num_classes).
     model.allspark_heads = 2  # AllSpark heads H (2 in every paper config).
     model.decoder_dim = 768  # SegFormer head embedding dim E.
@@ -60,7 +61,7 @@ def get_config():
     model.proj_drop = 0.1  # AllSpark output projection dropout.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
-    model.pretrained = None  # Path of a SegFormer ImageNet encoder (mit_b5.pth) to start from.
+    model.pretrained = placeholder(str)  # Path of a SegFormer ImageNet encoder (mit_b5.pth) to start from.
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()
@@ -83,12 +84,12 @@ def get_config():
     train.ema_decay = 0.999  # EMA teacher decay (teacher == 'ema').
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
-    train.key_group_size = None  # Teacher keys mix groups of this many images (None = whole batch).
+    train.key_group_size = placeholder(int)  # Teacher keys mix groups of this many images; None = all.
 
     # ------------------------------------------------------------------------------- evaluation
     config.eval = ev = ml_collections.ConfigDict()
     ev.mode = "original"  # 'original' | 'center_crop' | 'sliding_window'.
-    ev.crop_size = None  # Window / crop side for center_crop and sliding_window; None = data.crop_size.
+    ev.crop_size = placeholder(int)  # center_crop / sliding_window side; None = data.crop_size.
     # Whole images ('original', and the canvas of sliding-window sums) run zero-padded in the
     # smallest of these (sides or (height, width) pairs) that holds them, each image's true size an
     # input of the program: one compilation per bucket, results equal to each image alone. An image
@@ -117,9 +118,9 @@ def get_config():
     # ----------------------------------------------------------------------------- distribution
     config.shard_params = False  # Shard params / optimizer state over devices (ZeRO style).
     config.distributed = ml_collections.ConfigDict(dict(
-        coordinator_address=None,  # host:port of process 0 for multi-host runs (or env ALLSPARK_*).
-        num_processes=None,  # Number of processes.
-        process_id=None,  # This process's id.
+        coordinator_address=placeholder(str),  # host:port of process 0, multi-host (or env ALLSPARK_*).
+        num_processes=placeholder(int),  # Number of processes.
+        process_id=placeholder(int),  # This process's id.
         auto=False,  # jax.distributed.initialize() with JAX's cluster auto-detection.
     ))
     return config

@@ -32,6 +32,8 @@ def test_shipped_configs_load_by_path_and_validate(spec):
     ("eval.mode", "tiled", r"config.eval.mode='tiled': expected one of 'original'"),
     ("eval.best_of", "ema", r"config.eval.best_of='ema': expected 'student' unless"),
     ("keep_checkpoints", 0, r"config.keep_checkpoints=0: expected an integer >= 1"),
+    ("data.check_files", "all", r"config.data.check_files='all': expected one of 'none', 'exist', "
+                                r"'decode'"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     config = make_config()
@@ -49,3 +51,18 @@ def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="does not exist"):
         config_lib.load_config(str(tmp_path / "nope.py"))
+
+
+def test_command_line_override_keys_and_values():
+    config = make_config()
+    config_lib.check_override_keys(config, ["optim.lr", "model.backbone", "data.synthetic.size"])
+    with pytest.raises(config_lib.ConfigError, match=r"^config.optim.learning_rate is not a key; "
+                                                     r"config.optim has: lr, lr_multi, momentum,"):
+        config_lib.check_override_keys(config, ["optim.lr", "optim.learning_rate"])
+    with pytest.raises(config_lib.ConfigError, match=r"config.seed.x is not a key: config.seed is 0"):
+        config_lib.check_override_keys(config, ["seed.x"])
+    error = config_lib.override_value_error(config, "data.crop_size", "big", "invalid literal")
+    assert str(error) == "config.data.crop_size='big': expected an integer (now 513)"
+    # keys whose default is None have a type too (ml_collections placeholders)
+    error = config_lib.override_value_error(config, "model.drop_path_rate", "x", "not a float")
+    assert str(error) == "config.model.drop_path_rate='x': expected a number (now None)"

@@ -101,7 +101,8 @@ def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int) -> tf.Tensor
     TensorFlow, so their colours are mapped back to indices through the VOC colour map (a palette other
     than VOC's fails naming `path`). Errors name `path`.
     """
-    is_png = tf.equal(tf.strings.substr(data, 0, 4), b"\x89PNG")
+    # A PNG holds its 8-byte signature and the 25-byte IHDR chunk (colour type at byte 25) first.
+    is_png = tf.equal(tf.strings.substr(data, 0, 4), b"\x89PNG") & (tf.strings.length(data) >= 33)
     with tf.control_dependencies([_assert(is_png, "Unreadable mask (expected a PNG file):", path)]):
         color_type = tf.strings.substr(data, 25, 1)  # IHDR colour type byte
     is_palette = tf.equal(color_type, b"\x03")

@@ -11,11 +11,16 @@ so steps_per_epoch = U // B. Process p of P takes positions [t B + p b, t B + (p
 of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
 depend neither on P nor on the source ('files' and 'tfds' give identical batches) and a run started
 at `start_step` sees exactly the batches an uninterrupted run would (skipping costs no decoding).
+
+Bad file contents raise DataError naming the file and the fault: the iterators (`create_train_iterator`,
+`create_val_iterator`) catch a failing element and read its examples again one by one (only then, so
+the hot path stays pure tf.data); `data.check_files='decode'` decodes every listed file up front.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -115,6 +120,140 @@ def _open_tfds(opts) -> _Tfds:
     return _Tfds(b, os.fspath(b.data_dir))
 
 
+# ------------------------------------------------------------------------- decoding and file checks
+
+
+def _decode_example(reader, i, num_classes: int, labeled: bool):
+    """Example i of a list as every pipeline decodes it; failures name the file.
+
+    Returns (image (H, W, 3) uint8, mask (H, W) uint8 with labels checked and the size checked
+    against the image) when `labeled`, else (image, None).
+    """
+    image_b, image_path = reader.image(i)
+    image = augment.decode_image(image_b, image_path)
+    if not labeled:
+        return image, None
+    mask_b, mask_path = reader.mask(i)
+    mask = augment.decode_mask(mask_b, mask_path, num_classes)
+    return augment.check_same_size(image, mask, image_path, mask_path), mask
+
+
+def _clean_message(message: str) -> str:
+    """The readable part of a TF error: our assertion's text, or the failing op's own reason."""
+    if "assertion failed:" in message:
+        text = message.split("assertion failed:", 1)[1].split("\n")[0]
+        parts = re.findall(r"\[(.*?)\](?= \[|$)", text.strip())
+        return " ".join(p.strip() for p in parts) if parts else text.strip()
+    line = re.sub(r"^\{\{.*?\}\}\s*", "", message.strip().split("\n")[0])
+    if "Iterator::" in line:  # "... with iterator: Iterator::Root::ParallelMapV2: <reason>"
+        line = line.rsplit("Iterator::", 1)[1].split(": ", 1)[-1]
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", line).strip()
+
+
+# A TF error whose message holds bytes that are not UTF-8 (a decoder quoting the corrupt file, e.g. a
+# PNG chunk name) reaches Python as a UnicodeDecodeError over those bytes instead of an OpError.
+_TF_ERRORS = (tf.errors.OpError, UnicodeDecodeError)
+
+
+def _tf_error_message(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return bytes(e.object).decode("utf-8", "replace")
+    return e.message
+
+
+def _error_of(fn, i: int) -> str | None:
+    """The TF error message of the traced fn(i), or None when it runs."""
+    try:
+        fn(tf.constant(int(i), tf.int64))
+    except _TF_ERRORS as e:
+        return _tf_error_message(e)
+    return None
+
+
+def _example_errors(reader, indices, num_classes: int, labeled: bool) -> list[str]:
+    """What is wrong with each example of `indices` (of one list) that cannot be read, naming the file.
+
+    A bad example's image, mask and pair are tried one after the other, so the message names the
+    failing file even when the decoder's own error (`jpeg::Uncompress failed`) does not. Each step is
+    traced once for all `indices`.
+    """
+    steps = [("image", "an intact JPEG or PNG file", reader.image_paths,
+              tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, False)[0])))]
+    if labeled:
+        steps += [("mask", "an intact PNG file", reader.mask_paths,
+                   tf.function(lambda i: tf.shape(augment.decode_mask(*reader.mask(i), num_classes)))),
+                  ("", "", None,
+                   tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, True)[0])))]
+    errors = []
+    for i in indices:
+        if _error_of(steps[-1][-1], i) is None:  # the whole example reads
+            continue
+        for what, expected, paths, fn in steps:
+            message = _error_of(fn, i)
+            if message is None:
+                continue
+            if not what or "assertion failed:" in message:  # our own checks name the files
+                errors.append(_clean_message(message))
+            else:
+                path = paths[int(i)].numpy().decode()
+                errors.append(f"cannot read {what} {path!r} ({_clean_message(message).rstrip('.')}); "
+                              f"expected {expected}")
+            break
+    return errors
+
+
+def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> None:
+    """Decodes every example of `lists` ((reader, size, labeled) each) as the pipelines decode them.
+
+    Raises one DataError naming every bad file (and what is wrong with it). The examples are decoded
+    by a parallel tf.data pipeline that drops failing ones; only those are then tried one by one.
+    """
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    errors = []
+    with tqdm(total=sum(n for _, n, _ in lists), desc="checking data files", unit="img",
+              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for reader, n, labeled in lists:
+            def check(i, reader=reader, labeled=labeled):
+                image, _ = _decode_example(reader, i, num_classes, labeled)
+                return i, tf.shape(image)
+            ds = tf.data.Dataset.range(n).map(check, num_parallel_calls=parallel, deterministic=False)
+            decoded = np.zeros(n, bool)
+            for i, _ in ds.ignore_errors().as_numpy_iterator():
+                decoded[i] = True
+                bar.update()
+            bad = np.flatnonzero(~decoded)
+            errors += _example_errors(reader, bad, num_classes, labeled)
+            bar.update(len(bad))
+    errors = list(dict.fromkeys(errors))  # an image in two lists is named once
+    if errors:
+        raise DataError(f"{len(errors)} bad data file(s) (data.check_files='decode'):\n  "
+                        + "\n  ".join(errors))
+
+
+def _val_reader(opts):
+    """(val pairs, the list's source, their reader); with data.check_files != 'none', checks that the
+    listed files exist (source 'files')."""
+    pairs, list_source = splits_lib.resolve_val_split(opts.name, opts.val_split, opts.root)
+    if opts.source == "tfds":
+        return pairs, list_source, _open_tfds(opts).reader("val", pairs, list_source)
+    if opts.check_files != "none":
+        datasets.check_files_exist(opts.root, pairs, list_source, require_masks=True)
+    return pairs, list_source, _FileReader(opts.root, pairs)
+
+
+def _parallel(opts) -> int:
+    return tf.data.AUTOTUNE if opts.num_parallel_calls < 0 else opts.num_parallel_calls
+
+
+def check_val_files(opts, *, progress: bool = False) -> None:
+    """With data.check_files='decode', decodes every image and mask of the validation list (labels
+    in range, sizes equal); one DataError names every bad file. Other levels: nothing to do here
+    (every validation dataset checks that its files exist)."""
+    if opts.check_files == "decode":
+        pairs, _, reader = _val_reader(opts)
+        _check_decodes([(reader, len(pairs), True)], opts.num_classes, _parallel(opts), progress)
+
+
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -132,8 +271,13 @@ class TrainPlan:
     steps_per_epoch: int
 
 
-def train_plan(opts) -> TrainPlan:
-    """Resolves the split lists of `opts` (and checks the listed files exist, `data.check_files`)."""
+def train_plan(opts, *, progress: bool = False) -> TrainPlan:
+    """Resolves the split lists of `opts` and checks their files at `data.check_files`.
+
+    'exist': every listed file is present (source 'files'). 'decode': besides, every image and mask
+    of the labeled, unlabeled and validation lists is decoded as the pipelines decode it (labels in
+    range, sizes equal), with a progress bar if `progress`; one DataError names every bad file.
+    """
     tfds_meta = _open_tfds(opts) if opts.source == "tfds" else None
     root = opts.root
     if tfds_meta is not None and opts.name == "coco" and not opts.unlabeled_split and not root:
@@ -147,7 +291,7 @@ def train_plan(opts) -> TrainPlan:
                         f"images, fewer than data.batch_size={opts.batch_size}; expected at least one "
                         "full global batch per epoch.")
     if tfds_meta is None:
-        if opts.check_files:
+        if opts.check_files != "none":
             datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
             datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
                                        require_masks=False)
@@ -155,6 +299,12 @@ def train_plan(opts) -> TrainPlan:
     else:
         readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
                    tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
+    if opts.check_files == "decode":
+        val_pairs, _, val_reader = _val_reader(opts)
+        _check_decodes([(readers[0], len(split.labeled), True),
+                        (readers[1], len(split.unlabeled), False),
+                        (val_reader, len(val_pairs), True)],
+                       opts.num_classes, _parallel(opts), progress)
     return TrainPlan(split, *readers, steps)
 
 
@@ -184,39 +334,40 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
             "l": tf.gather(perm_l, pos), "u": tf.gather(perm_u, pos)}
 
 
+def _positions(opts, plan: TrainPlan, process_index: int, process_count: int, start_step: int):
+    """epoch -> that epoch's `_epoch_positions` of this process (the first epoch from `start_step`)."""
+    start_epoch, start_offset = divmod(int(start_step), plan.steps_per_epoch)
+    return functools.partial(
+        _epoch_positions, seed=opts.seed, num_labeled=len(plan.split.labeled),
+        num_unlabeled=len(plan.split.unlabeled), steps=plan.steps_per_epoch, batch=opts.batch_size,
+        local_batch=_local_batch(opts, process_count), process_index=process_index,
+        start_epoch=start_epoch, start_offset=start_offset)
+
+
 def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
                          process_index: int | None = None,
                          process_count: int | None = None) -> tf.data.Dataset:
     """The infinite tf.data pipeline behind create_train_iterator (batched, this process's share)."""
     process_index, process_count = _processes(process_index, process_count)
     plan = train_plan(opts) if plan is None else plan
-    batch, local_batch = opts.batch_size, _local_batch(opts, process_count)
-    steps = plan.steps_per_epoch
+    local_batch = _local_batch(opts, process_count)
     if start_step < 0:
         raise DataError(f"start_step={start_step}; expected >= 0.")
-    start_epoch, start_offset = divmod(int(start_step), steps)
+    start_epoch = int(start_step) // plan.steps_per_epoch
+    positions = _positions(opts, plan, process_index, process_count, start_step)
     crop, seed, num_classes = opts.crop_size, opts.seed, opts.num_classes
     lr, ur = plan.labeled_reader, plan.unlabeled_reader
-    parallel = tf.data.AUTOTUNE if opts.num_parallel_calls < 0 else opts.num_parallel_calls
 
     def epoch_ds(epoch):
-        return tf.data.Dataset.from_tensor_slices(_epoch_positions(
-            epoch, seed=seed, num_labeled=len(plan.split.labeled),
-            num_unlabeled=len(plan.split.unlabeled), steps=steps, batch=batch, local_batch=local_batch,
-            process_index=process_index, start_epoch=start_epoch, start_offset=start_offset))
+        return tf.data.Dataset.from_tensor_slices(positions(epoch))
 
     def load(el):
         step_seed = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), el["epoch"] + 1,
                                       el["pos"])
-        image_b, image_path = lr.image(el["l"])
-        mask_b, mask_path = lr.mask(el["l"])
-        image = augment.decode_image(image_b, image_path)
-        mask = augment.decode_mask(mask_b, mask_path, num_classes)
-        image = augment.check_same_size(image, mask, image_path, mask_path)
+        image, mask = _decode_example(lr, el["l"], num_classes, labeled=True)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
-        u_b, u_path = ur.image(el["u"])
-        u = augment.decode_image(u_b, u_path)
+        u, _ = _decode_example(ur, el["u"], num_classes, labeled=False)
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
                                         opts.student_view == "strong", opts.cutmix_prob,
                                         opts.scale_range)
@@ -224,7 +375,7 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         return out
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_ds)
-    ds = ds.map(load, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(load, num_parallel_calls=_parallel(opts), deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.prefetch(opts.prefetch)
     options = tf.data.Options()
@@ -233,24 +384,22 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
     return ds.with_options(options)
 
 
-def _clean_message(message: str) -> str:
-    """The readable part of a tf.data error: our assertion's text, or TF's first line."""
-    if "assertion failed:" in message:
-        text = message.split("assertion failed:", 1)[1].split("\n")[0]
-        parts = re.findall(r"\[(.*?)\](?= \[|$)", text.strip())
-        return " ".join(p.strip() for p in parts) if parts else text.strip()
-    return message.strip().split("\n")[0]
+def _numpy_iterator(ds: tf.data.Dataset, what: str, culprits) -> Iterator[dict[str, np.ndarray]]:
+    """`ds` as numpy dicts; an error raises DataError naming the bad files.
 
-
-def _numpy_iterator(ds: tf.data.Dataset, what: str) -> Iterator[dict[str, np.ndarray]]:
+    tf.data errors surface in element order (deterministic pipelines), so the failure belongs to
+    element n (the count yielded so far): `culprits(n)` reads that element's examples again one by
+    one (`_example_errors`) and returns what is wrong with the bad ones (empty if none fails alone).
+    """
     it = iter(ds)
-    while True:
+    for n in itertools.count():
         try:
             batch = next(it)
         except StopIteration:
             return
-        except tf.errors.OpError as e:
-            raise DataError(f"{what}: {_clean_message(e.message)}") from None
+        except _TF_ERRORS as e:
+            errors = culprits(n) or [_clean_message(_tf_error_message(e))]
+            raise DataError(f"{what}: {'; '.join(errors)}") from None
         yield {k: v.numpy() for k, v in batch.items()}
 
 
@@ -263,14 +412,46 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
       image_l (b, S, S, 3) float32 normalised; mask_l (b, S, S) int32 (255 ignore);
       image_u_w (b, S, S, 3) float32 teacher view; image_u_s (b, S, S, 3) float32 student view;
       pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off).
-    Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents).
+    Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents,
+    naming the step and every bad file of its batch).
     """
+    process_index, process_count = _processes(process_index, process_count)
+    plan = train_plan(opts) if plan is None else plan
     ds = create_train_dataset(opts, start_step=start_step, plan=plan, process_index=process_index,
                               process_count=process_count)
-    return _numpy_iterator(ds, "training input pipeline")
+    positions = _positions(opts, plan, process_index, process_count, 0)
+    local_batch = _local_batch(opts, process_count)
+
+    def culprits(n):
+        epoch, offset = divmod(start_step + n, plan.steps_per_epoch)
+        batch = slice(offset * local_batch, (offset + 1) * local_batch)
+        el = positions(epoch)
+        errors = _example_errors(plan.labeled_reader, np.unique(el["l"][batch].numpy()),
+                                 opts.num_classes, True)
+        errors += _example_errors(plan.unlabeled_reader, np.unique(el["u"][batch].numpy()),
+                                  opts.num_classes, False)
+        return [f"step {start_step + n}: {e}" for e in errors]
+
+    return _numpy_iterator(ds, "training input pipeline", culprits)
 
 
 # -------------------------------------------------------------------------------------- validation
+
+
+def _val_dataset(opts, process_index: int, process_count: int):
+    """(create_val_dataset's dataset, the val list's reader)."""
+    pairs, _, reader = _val_reader(opts)
+    num_classes = opts.num_classes
+    names = tf.constant([os.path.splitext(os.path.basename(p[0]))[0] for p in pairs])
+
+    def load(i):
+        image, mask = _decode_example(reader, i, num_classes, labeled=True)
+        return {"image": augment.normalize(tf.cast(image, tf.float32) / 255.0),
+                "mask": tf.cast(mask, tf.int32), "index": i, "name": tf.gather(names, i)}
+
+    ds = tf.data.Dataset.range(process_index, len(pairs), process_count)
+    ds = ds.map(load, num_parallel_calls=_parallel(opts), deterministic=True)
+    return ds.prefetch(opts.prefetch), reader
 
 
 def create_val_dataset(opts, *, process_index: int | None = None,
@@ -279,32 +460,28 @@ def create_val_dataset(opts, *, process_index: int | None = None,
 
     Elements: image (H, W, 3) float32 normalised; mask (H, W) int32 (255 ignore); index int64 (the
     position in the val list, to merge results across processes); name string (the image file stem).
+    A bad file fails with TensorFlow's error at iteration; `create_val_iterator` names the file.
+    """
+    return _val_dataset(opts, *_processes(process_index, process_count))[0]
+
+
+def create_val_iterator(opts, *, process_index: int | None = None, process_count: int | None = None,
+                        max_images: int = -1) -> tuple[Iterator[dict[str, np.ndarray]], int]:
+    """create_val_dataset's elements as numpy dicts, and how many this process gets.
+
+    max_images > 0: only list positions below it. A bad file raises DataError naming it and the fault.
     """
     process_index, process_count = _processes(process_index, process_count)
-    pairs, list_source = splits_lib.resolve_val_split(opts.name, opts.val_split, opts.root)
-    num_classes = opts.num_classes
-    if opts.source == "files":
-        if opts.check_files:
-            datasets.check_files_exist(opts.root, pairs, list_source, require_masks=True)
-        reader = _FileReader(opts.root, pairs)
-    else:
-        reader = _open_tfds(opts).reader("val", pairs, list_source)
-    names = tf.constant([os.path.splitext(os.path.basename(p[0]))[0] for p in pairs])
+    ds, reader = _val_dataset(opts, process_index, process_count)
+    count = int(ds.cardinality())
+    if max_images > 0:
+        count = min(count, len(range(process_index, max_images, process_count)))
+        ds = ds.take(count)
 
-    def load(i):
-        image_b, image_path = reader.image(i)
-        mask_b, mask_path = reader.mask(i)
-        image = augment.decode_image(image_b, image_path)
-        mask = augment.decode_mask(mask_b, mask_path, num_classes)
-        image = augment.check_same_size(image, mask, image_path, mask_path)
-        return {"image": augment.normalize(tf.cast(image, tf.float32) / 255.0),
-                "mask": tf.cast(mask, tf.int32), "index": i, "name": tf.gather(names, i)}
+    def culprits(n):
+        return _example_errors(reader, [process_index + n * process_count], opts.num_classes, True)
 
-    parallel = opts.num_parallel_calls
-    ds = tf.data.Dataset.range(process_index, len(pairs), process_count)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE if parallel < 0 else parallel,
-                deterministic=True)
-    return ds.prefetch(opts.prefetch)
+    return _numpy_iterator(ds, "validation input pipeline", culprits), count
 
 
 # ------------------------------------------------------------------------------------------ device

@@ -97,20 +97,14 @@ def make_predictor(config, model=None) -> Predictor:
 
 def evaluate_variables(config, opts, predictor: Predictor, variables, *, desc: str = "eval") -> dict:
     """mIoU of one set of variables on the validation set of `opts` (every process calls it)."""
-    ds = input_pipeline.create_val_dataset(
-        opts, process_index=jax.process_index(), process_count=jax.process_count())
-    count = int(ds.cardinality())
-    max_images = int(config.eval.max_images)
-    if max_images > 0:
-        # positions p, p + P, ... of this process below max_images
-        ds = ds.filter(lambda ex: ex["index"] < max_images)
-        count = len(range(jax.process_index(), max_images, jax.process_count()))
+    examples, count = input_pipeline.create_val_iterator(
+        opts, process_index=jax.process_index(), process_count=jax.process_count(),
+        max_images=int(config.eval.max_images))
     inference_vars = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     return evaluate(
-        predictor, inference_vars, ds.as_numpy_iterator(), opts.num_classes,
-        class_names=opts.class_names,
+        predictor, inference_vars, examples, opts.num_classes, class_names=opts.class_names,
         progress=bool(config.eval.progress_bar) and jax.process_index() == 0,
-        desc=desc, num_images=count if count >= 0 else None)
+        desc=desc, num_images=count)
 
 
 def evaluate_state(config, opts, predictor: Predictor, state) -> dict:
@@ -127,6 +121,7 @@ def run_evaluation(config, workdir: str, spec) -> dict:
     """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json."""
     runtime.setup_compilation_cache(config, workdir)
     opts = config_lib.data_options(config, workdir)
+    input_pipeline.check_val_files(opts, progress=jax.process_index() == 0)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
     predictor = make_predictor(config)
     results = {}
