@@ -8,6 +8,8 @@
         --checkpoint /path/to/official/best.pth
     python main.py --config configs/demo.py --workdir /tmp/demo --mode predict --checkpoint latest \\
         --inputs /tmp/demo/synthetic_data/JPEGImages --output_dir /tmp/demo/predictions
+    python main.py --config configs/cityscapes.py:1_16 --workdir /tmp/cs --mode eval \\
+        --checkpoint nvidia/segformer-b0-finetuned-cityscapes-1024-1024      # or its local directory
 
 `train` resumes from the latest checkpoint in --workdir when there is one.
 """
@@ -27,8 +29,9 @@ config_flags.DEFINE_config_file(
     "keys with --config.key=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval results go here.")
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
-flags.DEFINE_string("checkpoint", "latest", "eval / predict: a step number, 'latest', 'best', or "
-                    "the path of an official .pth / .npz state dict.")
+flags.DEFINE_string("checkpoint", "latest", "eval / predict: a step number, 'latest', 'best', "
+                    "the path of an official .pth / .npz state dict, or a Hugging Face "
+                    "SegformerForSemanticSegmentation checkpoint (directory, .safetensors or hub id).")
 flags.DEFINE_list("inputs", None, "predict: image files and/or folders (comma separated).")
 flags.DEFINE_string("output_dir", None, "predict: where masks and overlays go "
                     "(default <workdir>/predictions).")

@@ -128,7 +128,7 @@ def run_evaluation(config, workdir: str, spec) -> dict:
     runtime.setup_compilation_cache(config, workdir)
     opts = config_lib.data_options(config, workdir)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
-    predictor = make_predictor(config)
+    predictor = make_predictor(config, info["model"])
     results = {}
     for k, v in variables.items():
         results[k] = evaluate_variables(config, opts, predictor, v, desc=f"eval ({k})")
