@@ -21,7 +21,7 @@ def get_config():
 
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
-    data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic'.
+    data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic' | 'custom' (your own layout).
     data.root = None  # Data root in the official layout (split lines are relative to it).
     data.split = "1_16"  # Split name (e.g. '92'..'1464', '1_16'..'1_2', 'u2pl_1_8') or a labeled list path.
     data.unlabeled_split = None  # Unlabeled list path / split name; None = the split's own.
@@ -46,6 +46,14 @@ def get_config():
         num_val=16,  # Validation images.
         size=64,  # Largest image side (each side drawn in [0.75 size, size]).
         seed=0,  # Rendering seed.
+    ))
+
+    # Only for data.name == 'custom' (data.split / unlabeled_split / val_split are then list files,
+    # absolute or relative to data.root; unlabeled lines may hold the image alone).
+    data.custom = ml_collections.ConfigDict(dict(
+        class_names=None,  # File of class names, one per line (line k: class k); relative to root.
+        palette=None,  # Optional file of 'R G B' lines (class k on line k, then the ignore colour).
+        ignore_index=255,  # Mask value of ignored pixels (0..255, no class id).
     ))
 
     # ------------------------------------------------------------------------------------ model

@@ -211,7 +211,8 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         image_b, image_path = lr.image(el["l"])
         mask_b, mask_path = lr.mask(el["l"])
         image = augment.decode_image(image_b, image_path)
-        mask = augment.decode_mask(mask_b, mask_path, num_classes)
+        mask = augment.decode_mask(mask_b, mask_path, num_classes, opts.ignore_index,
+                                   opts.palette)
         image = augment.check_same_size(image, mask, image_path, mask_path)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
@@ -295,7 +296,8 @@ def create_val_dataset(opts, *, process_index: int | None = None,
         image_b, image_path = reader.image(i)
         mask_b, mask_path = reader.mask(i)
         image = augment.decode_image(image_b, image_path)
-        mask = augment.decode_mask(mask_b, mask_path, num_classes)
+        mask = augment.decode_mask(mask_b, mask_path, num_classes, opts.ignore_index,
+                                   opts.palette)
         image = augment.check_same_size(image, mask, image_path, mask_path)
         return {"image": augment.normalize(tf.cast(image, tf.float32) / 255.0),
                 "mask": tf.cast(mask, tf.int32), "index": i, "name": tf.gather(names, i)}
