@@ -211,6 +211,7 @@ def validate(config) -> None:
         raise _error("train.loss_groups", config.train.loss_groups,
                      f"a divisor of data.batch_size ({batch})")
     _one_of(config, "train.teacher", TEACHERS)
+    _one_of(config, "train.progress_bar", (True, False))
     _in_range(config, "train.ema_decay", 0.0, 1.0)
     _in_range(config, "train.conf_thresh", 0.0, 1.0)
     _in_range(config, "train.key_group_size", 1, integer=True, optional=True)

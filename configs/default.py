@@ -92,6 +92,7 @@ def get_config():
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
     train.key_group_size = None  # Teacher keys mix groups of this many images (None = whole batch).
+    train.progress_bar = True  # Console progress bar (main process): step, epoch, losses, img/s, ETA.
 
     # ------------------------------------------------------------------------------- evaluation
     config.eval = ev = ml_collections.ConfigDict()
