@@ -13,6 +13,7 @@ different global batch B, scale the learning rate linearly, `optim.lr = paper_lr
 as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -22,9 +23,10 @@ def get_config():
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
     data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic' | 'custom' (your own layout).
-    data.root = None  # Data root in the official layout (split lines are relative to it).
+    # placeholder(str): None by default, and a path can still be given with --config.KEY=VALUE.
+    data.root = placeholder(str)  # Data root in the official layout (split lines are relative to it).
     data.split = "1_16"  # Split name (e.g. '92'..'1464', '1_16'..'1_2', 'u2pl_1_8') or a labeled list path.
-    data.unlabeled_split = None  # Unlabeled list path / split name; None = the split's own.
+    data.unlabeled_split = placeholder(str)  # Unlabeled list path / split name; None: the split's.
     data.val_split = "val"  # 'val' or the path of a validation list.
     data.num_classes = 21  # Classes incl. background (VOC 21, Cityscapes 19, COCO 81); checked.
     data.crop_size = 513  # Training crop side S.
@@ -51,8 +53,8 @@ def get_config():
     # Only for data.name == 'custom' (data.split / unlabeled_split / val_split are then list files,
     # absolute or relative to data.root; unlabeled lines may hold the image alone).
     data.custom = ml_collections.ConfigDict(dict(
-        class_names=None,  # File of class names, one per line (line k: class k); relative to root.
-        palette=None,  # Optional file of 'R G B' lines (class k on line k, then the ignore colour).
+        class_names=placeholder(str),  # File of class names, one per line (line k: class k).
+        palette=placeholder(str),  # Optional file of 'R G B' lines (class k on line k, then ignore).
         ignore_index=255,  # Mask value of ignored pixels (0..255, no class id).
     ))
 
