@@ -70,7 +70,8 @@ def get_config():
     model.proj_drop = 0.1  # AllSpark output projection dropout.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
-    model.pretrained = None  # Path of a SegFormer ImageNet encoder (mit_b5.pth) to start from.
+    model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
+    # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()
