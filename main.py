@@ -8,9 +8,16 @@
         --checkpoint /path/to/official/best.pth
     python main.py --config configs/demo.py --workdir /tmp/demo --mode predict --checkpoint latest \\
         --inputs /tmp/demo/synthetic_data/JPEGImages --output_dir /tmp/demo/predictions
+    python main.py --config configs/cityscapes.py:1_16 --workdir /tmp/cs --mode eval \\
+        --checkpoint nvidia/segformer-b0-finetuned-cityscapes-1024-1024      # or its local directory
 
-`train` resumes from the latest checkpoint in --workdir when there is one.
+`train` resumes from the latest checkpoint in --workdir when there is one. The console shows a
+progress bar, evaluation tables, warnings and errors; the log lines go to <workdir>/main.INFO
+(--verbose: everything on the console too, TensorFlow's and XLA's C++ logs and JAX's backend
+probe included).
 """
+import contextlib
+import logging as py_logging
 import os
 import re
 import sys
@@ -28,11 +35,19 @@ config_flags.DEFINE_config_file(
     "keys with --config.key=value.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval results go here.")
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
-flags.DEFINE_string("checkpoint", "latest", "eval / predict: a step number, 'latest', 'best', or "
-                    "the path of an official .pth / .npz state dict.")
+flags.DEFINE_string("checkpoint", "latest", "eval / predict: a step number, 'latest', 'best', "
+                    "the path of an official .pth / .npz state dict, or a Hugging Face "
+                    "SegformerForSemanticSegmentation checkpoint (directory, .safetensors or hub id).")
 flags.DEFINE_list("inputs", None, "predict: image files and/or folders (comma separated).")
 flags.DEFINE_string("output_dir", None, "predict: where masks and overlays go "
                     "(default <workdir>/predictions).")
+flags.DEFINE_bool("verbose", False, "Every log line on the console as well: absl INFO, TensorFlow "
+                  "and XLA C++ logs, JAX's backend probe. By default the log lines go to "
+                  "<workdir>/main.INFO and the console shows progress, results and warnings.")
+
+LOG_NAME = "main"  # <workdir>/main.INFO: the log of the latest run (absl's symlink)
+# TensorFlow / XLA C++ log threshold unless the environment sets one: 2 keeps errors only.
+QUIET_TF_CPP_MIN_LOG_LEVEL = "2"
 
 
 class UsageError(app.UsageError):
@@ -102,9 +117,55 @@ def parse_flags(argv):
         message = " ".join(str(e).split())
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+def quiet_native_logs(verbose: bool) -> None:
+    """Off unless `verbose`: TensorFlow's and XLA's C++ INFO / WARNING lines (oneDNN, CPU features,
+    ...) and JAX's backend-probe warnings. Must run before TensorFlow and JAX load, which read
+    TF_CPP_MIN_LOG_LEVEL once; a level set in the environment wins."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_CPP_MIN_LOG_LEVEL)
+    for name in ("tensorflow", "jax._src.xla_bridge"):
+        py_logging.getLogger(name).setLevel(py_logging.ERROR)
+
+
+def log_to_workdir(workdir: str | None, verbose: bool) -> None:
+    """absl log lines into <workdir>/main.INFO (a local workdir; remote ones keep them on stderr);
+    warnings and errors still reach the console, and with `verbose` everything does."""
+    if not workdir or "://" in workdir:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    logging.get_absl_handler().use_absl_log_file(LOG_NAME, workdir)
+    if not FLAGS["stderrthreshold"].present:
+        FLAGS.stderrthreshold = "warning"
+    if verbose:
+        FLAGS.alsologtostderr = True
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(verbose: bool):
+    """Unless `verbose`, the process's stderr (fd 2) goes to the absl log file (or nowhere) while
+    TensorFlow loads and JAX starts its backends: their C++ start-up lines (oneDNN, ...) are
+    written before TF_CPP_MIN_LOG_LEVEL is read. Python exceptions still reach the console."""
+    if verbose:
+        yield
+        return
+    stream = getattr(logging.get_absl_handler().python_handler, "stream", None)
+    target = getattr(stream, "name", None) if stream not in (sys.stderr, None) else None
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(target or os.devnull, "ab") as sink:
+            if stream is not None and target:
+                stream.flush()
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv):
+    quiet_native_logs(FLAGS.verbose)
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -120,9 +181,11 @@ def main(argv):
     except (config_lib.ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    # Hide the GPUs / TPUs from TensorFlow (tf.data runs on the host).
-    import tensorflow as tf
-    tf.config.experimental.set_visible_devices([], "GPU")
+    log_to_workdir(FLAGS.workdir, FLAGS.verbose)
+    with native_stderr_to_log(FLAGS.verbose):
+        import tensorflow as tf
+        # Hide the GPUs / TPUs from TensorFlow (tf.data runs on the host).
+        tf.config.experimental.set_visible_devices([], "GPU")
     import jax
 
     from allspark_jax import predict as predict_lib
@@ -132,8 +195,10 @@ def main(argv):
     from allspark_jax.evaluation import evaluator
 
     runtime.start(config)
+    with native_stderr_to_log(FLAGS.verbose):
+        devices = jax.local_devices()  # starts the backends
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
-                 jax.process_count(), jax.local_devices())
+                 jax.process_count(), devices)
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)

@@ -23,6 +23,7 @@ setuptools.setup(
         "absl-py",
         "pillow",
         "safetensors",  # Hugging Face checkpoints (allspark_jax.huggingface)
+        "tqdm",  # console progress bars
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],

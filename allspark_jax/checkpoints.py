@@ -8,8 +8,10 @@ pointers, PRNG key, step) and `meta` (JSON: step, epoch, mIoU results, ...). Orb
 temporary directory and renames it when complete, so an interrupted save never leaves a checkpoint
 that looks valid. Resuming restores the state; the data position follows from the step.
 
-Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or the path of an
-official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`).
+Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', the path of an
+official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`), or a
+Hugging Face `SegformerForSemanticSegmentation` checkpoint (a directory with config.json, a
+`.safetensors` file beside its config.json, or a hub id), whose config.json fixes the model.
 """
 from __future__ import annotations
 
@@ -38,8 +40,15 @@ def is_weight_file(spec: str) -> bool:
     return str(spec).endswith(WEIGHT_FILE_SUFFIXES)
 
 
+def is_huggingface(spec: str) -> bool:
+    """A transformers SegFormer checkpoint: directory, `.safetensors` file or hub id."""
+    from allspark_jax import huggingface  # pylint: disable=g-import-not-at-top
+    return huggingface.is_checkpoint(str(spec))
+
+
 def parse_spec(spec) -> str | int:
-    """'latest' | 'best' | int step | a .pth/.npz path; anything else is a CheckpointError."""
+    """'latest' | 'best' | int step | a .pth/.npz path | a Hugging Face checkpoint; anything else
+    is a CheckpointError."""
     spec = str(spec).strip()
     if spec in ("latest", "best"):
         return spec
@@ -49,8 +58,12 @@ def parse_spec(spec) -> str | int:
         if not os.path.isfile(spec):
             raise CheckpointError(f"--checkpoint={spec!r}: no such file")
         return spec
-    raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', or "
-                          f"the path of an official weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
+    if is_huggingface(spec):
+        return spec
+    raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', "
+                          f"the path of an official weight file ({', '.join(WEIGHT_FILE_SUFFIXES)}), "
+                          "or a Hugging Face SegFormer checkpoint (a directory holding config.json "
+                          "and model.safetensors, or a hub id)")
 
 
 def _abstract(tree):
@@ -157,19 +170,33 @@ def restore_template(config, model=None) -> state_lib.TrainState:
 
 
 def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, dict]:
-    """Variables to evaluate / predict with: {'student': vars[, 'ema': vars]} and an info dict.
+    """Variables to evaluate / predict with: {'student': vars[, 'ema': vars]} and an info dict
+    (checkpoint, step, and `model`: the Flax module the variables belong to).
 
-    `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or an official `.pth` /
+    `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), an official `.pth` /
     `.npz` state dict (imported into a model built from `config.model`, training crop
-    `config.data.crop_size` for the memory's shape).
+    `config.data.crop_size` for the memory's shape), or a Hugging Face
+    `SegformerForSemanticSegmentation` checkpoint: its config.json builds the model (SegFormer
+    without AllSpark, as transformers computes it; `config.model` is not used), and its class count
+    must be `config.data.num_classes`.
     """
     parsed = parse_spec(spec)
+    if isinstance(parsed, str) and not is_weight_file(parsed) and parsed not in ("latest", "best"):
+        from allspark_jax import huggingface  # pylint: disable=g-import-not-at-top
+        model, variables, hf_config = huggingface.load_segformer(parsed)
+        if model.config.num_classes != int(config.data.num_classes):
+            raise CheckpointError(
+                f"--checkpoint={spec}: the checkpoint predicts {model.config.num_classes} classes "
+                f"(config.json id2label: {', '.join(map(str, hf_config.get('id2label', {}).values()))})"
+                f", but config.data.num_classes={config.data.num_classes}")
+        return {"student": variables}, {"checkpoint": str(spec), "step": None, "model": model}
     model = build_model(config.model)
     if isinstance(parsed, str) and is_weight_file(parsed):
         template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0),
                                                          int(config.data.crop_size)))
         variables = convert.load_variables(parsed, template)
-        return {"student": variables}, {"checkpoint": os.path.abspath(parsed), "step": None}
+        return {"student": variables}, {"checkpoint": os.path.abspath(parsed), "step": None,
+                                         "model": model}
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)
@@ -184,4 +211,4 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     out = {"student": state.variables()}
     if state.ema_params is not None:
         out["ema"] = state.variables(teacher=True)
-    return out, {"checkpoint": spec, "step": int(step), "meta": meta}
+    return out, {"checkpoint": spec, "step": int(step), "meta": meta, "model": model}

@@ -128,6 +128,28 @@ def _get(config, key: str):
     return node
 
 
+def _validate_custom(config) -> None:
+    """data.custom.*: required for data.name 'custom', and left at their defaults otherwise."""
+    custom = config.data.custom
+    if config.data.name != "custom":
+        for key, default in (("class_names", None), ("palette", None), ("ignore_index", 255)):
+            if custom[key] != default:
+                raise _error(f"data.custom.{key}", custom[key],
+                             f"{default!r}: it is read only when data.name == 'custom' "
+                             f"(data.name={config.data.name!r})")
+        return
+    if config.data.source != "files":
+        raise _error("data.source", config.data.source, "'files' for data.name == 'custom'")
+    if not custom.class_names:
+        raise _error("data.custom.class_names", custom.class_names,
+                     "the path of a file with one class name per line (absolute or relative to "
+                     "data.root)")
+    _in_range(config, "data.custom.ignore_index", 0, 255, integer=True)
+    if int(custom.ignore_index) < int(config.data.num_classes):
+        raise _error("data.custom.ignore_index", custom.ignore_index,
+                     f"a mask value no class uses (>= data.num_classes = {config.data.num_classes})")
+
+
 def _validate_data(config) -> None:
     datasets.layout(config.data.name)
     if not config.data.split:
@@ -145,6 +167,7 @@ def _validate_data(config) -> None:
     if not (config.data.num_parallel_calls == -1 or config.data.num_parallel_calls >= 1):
         raise _error("data.num_parallel_calls", config.data.num_parallel_calls, "-1 (AUTOTUNE) or >= 1")
     _in_range(config, "data.prefetch", 1, integer=True)
+    _validate_custom(config)
 
 
 def validate(config) -> None:
@@ -190,6 +213,7 @@ def validate(config) -> None:
         raise _error("train.loss_groups", config.train.loss_groups,
                      f"a divisor of data.batch_size ({batch})")
     _one_of(config, "train.teacher", TEACHERS)
+    _one_of(config, "train.progress_bar", (True, False))
     _in_range(config, "train.ema_decay", 0.0, 1.0)
     _in_range(config, "train.conf_thresh", 0.0, 1.0)
     _in_range(config, "train.key_group_size", 1, integer=True, optional=True)
@@ -260,7 +284,10 @@ class DataOptions:
     """The data keys of a run, resolved once (`data_options`). Field meanings: configs/default.py.
 
     `root` is absolute (or None for source 'tfds' without a root); `class_names` are the dataset's,
-    checked against `data.num_classes`; `seed` is the run's seed (epoch order and augmentation).
+    checked against `data.num_classes`; `seed` is the run's seed (epoch order and augmentation);
+    `ignore_index` is the mask value of ignored pixels in the files (255 but for custom datasets)
+    and `palette` a custom dataset's colours (class k's at k, then optionally the ignore colour;
+    None: the VOC colour map).
     """
 
     name: str
@@ -282,6 +309,8 @@ class DataOptions:
     num_parallel_calls: int
     prefetch: int
     seed: int
+    ignore_index: int = datasets.IGNORE_INDEX
+    palette: tuple[tuple[int, int, int], ...] | None = None
 
 
 def synthetic_root(config, workdir: str | None) -> str | None:
@@ -325,10 +354,14 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
     if d.name == "synthetic" and d.source == "tfds" and not root:
         from allspark_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
         tfds_meta = tfds_builders.open_prepared(d.name, d.tfds_data_dir).info.metadata
-    names = datasets.class_names_for(d.name, root, tfds_meta)
+    names = datasets.class_names_for(d.name, root, tfds_meta, d.custom.class_names)
     if int(d.num_classes) != len(names):
         raise DataError(f"config.data.num_classes={d.num_classes} but dataset {d.name!r} has "
                         f"{len(names)} classes ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    palette = None
+    if d.name == "custom" and d.custom.palette:
+        palette = datasets.read_palette(datasets.root_relative(root, d.custom.palette),
+                                        len(names))
     return DataOptions(
         name=d.name, root=root, split=str(d.split), unlabeled_split=d.unlabeled_split,
         val_split=str(d.val_split), num_classes=int(d.num_classes), class_names=tuple(names),
@@ -337,4 +370,4 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
         cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
         scale_range=tuple(float(x) for x in d.scale_range), check_files=d.check_files,
         num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
-        seed=int(config.seed))
+        seed=int(config.seed), ignore_index=int(d.custom.ignore_index), palette=palette)

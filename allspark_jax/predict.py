@@ -2,7 +2,8 @@
 
 For every input image `<name>.<ext>` the output directory receives
   <name>.png          the predicted labels as a palette PNG (VOC palette for Pascal / COCO /
-                      synthetic, the Cityscapes palette for Cityscapes; pixel values are class ids)
+                      synthetic, the Cityscapes palette for Cityscapes, data.custom.palette (or
+                      VOC's) for a custom dataset; pixel values are class ids)
   <name>_overlay.jpg  the image blended with the colour mask (alpha `OVERLAY_ALPHA`)
 Images are normalised as in validation and predicted with `config.eval.mode` (center_crop predicts
 the central crop, so its outputs are crop-sized).
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from allspark_jax import checkpoints
+from allspark_jax import config as config_lib
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
@@ -28,8 +30,10 @@ CITYSCAPES_COLORS = (
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 
 
-def palette(dataset: str) -> np.ndarray:
-    """(256, 3) uint8 colour map for `dataset`."""
+def palette(dataset: str, opts=None) -> np.ndarray:
+    """(256, 3) uint8 colour map for `dataset` (a custom one's from its DataOptions `opts`)."""
+    if opts is not None and opts.palette is not None:
+        return datasets.palette_array(opts.palette, opts.num_classes, opts.ignore_index)
     pal = datasets.voc_palette().copy()
     if dataset == "cityscapes":
         pal[:len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, np.uint8)
@@ -100,8 +104,10 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
     """
     files = list_images(inputs)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
-    predictor = evaluator.make_predictor(config)
-    pal = palette(config.data.name)
+    predictor = evaluator.make_predictor(config, info["model"])
+    # A custom dataset's palette file lives under its root: resolve the data options for it.
+    opts = config_lib.data_options(config, workdir) if config.data.name == "custom" else None
+    pal = palette(config.data.name, opts)
     os.makedirs(output_dir, exist_ok=True)
 
     def images():

@@ -9,6 +9,7 @@ newest one, and the pipeline restarts at that step's batch.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import jax
@@ -68,7 +69,8 @@ class _TrainLogger:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
 
-    def write(self, step):
+    def write(self, step) -> dict[str, float]:
+        """Writes (and returns) the averages since the last write, learning rates, throughput."""
         scalars = {f"train/{k}": float(v) / self.count for k, v in self.sums.items()}
         dt = max(time.time() - self.t0, 1e-9)
         scalars.update({
@@ -78,6 +80,43 @@ class _TrainLogger:
             "train/epoch": step / self.steps_per_epoch})
         self.writer.write_scalars(step, scalars)
         self._reset(step)
+        return scalars
+
+
+class _ProgressBar:
+    """The console's view of training (process 0, `train.progress_bar`): a tqdm bar over the run's
+    steps (tqdm's rate and ETA) with epoch, losses and images/s of the last log interval, and the
+    evaluation tables printed above it."""
+
+    def __init__(self, enabled: bool, start_step: int, num_steps: int):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+            self.bar = tqdm(total=num_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, smoothing=0.1)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, scalars: dict[str, float]) -> None:
+        if self.bar is not None:
+            shown = {"epoch": f"{scalars['train/epoch']:.2f}"}
+            shown.update({k: f"{scalars[f'train/{k}']:.4f}" for k in ("loss", "loss_x", "loss_u")
+                          if f"train/{k}" in scalars})
+            shown["img/s"] = f"{scalars['train/images_per_second']:.1f}"
+            self.bar.set_postfix(shown, refresh=True)
+
+    def print(self, text: str) -> None:
+        """`text` on stdout (above the bar when there is one)."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
@@ -161,8 +200,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         scalars["eval/seconds"] = time.time() - t0
         writer.write_scalars(step, scalars)
         for k, r in results.items():
-            logging.info("step %d %s\n%s", step, k,
-                         evaluator.format_iou_table(r, f"{k} @ step {step}"))
+            table = evaluator.format_iou_table(r, f"{k} @ step {step}")
+            logging.info("step %d %s\n%s", step, k, table)
+            if jax.process_index() == 0:
+                progress.print(table)
         history[int(step)] = results
         if jax.process_index() == 0:
             workdir_lib.write_json(history_path, {str(k): v for k, v in sorted(history.items())})
@@ -177,6 +218,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
     step = start_step
     logger = _TrainLogger(writer, schedules, 2 * opts.batch_size, steps_per_epoch, step)
+    progress = _ProgressBar(bool(config.train.progress_bar) and jax.process_index() == 0,
+                            start_step, num_steps)
     with metric_writers.ensure_flushes(writer):
         while step < num_steps:
             if stop_after is not None and step - start_step >= stop_after:
@@ -186,15 +229,17 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 state, metrics = steps[step >= warmup_steps](state, batch_arrays)
             logger.add(metrics)
             step += 1
+            progress.step()
             for hook in hooks:
                 hook(step)
             if step % log_every == 0 or step == num_steps:
-                logger.write(step)
+                progress.show(logger.write(step))
             last = step == num_steps
             if step % eval_every == 0 or last:
                 run_eval(step)
             if step % ckpt_every == 0 or last:
                 checkpointer.save(step, state, meta_for(step, history.get(step)))
+    progress.close()
     checkpointer.wait()
     checkpointer.close()
     writer.flush()

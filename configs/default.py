@@ -13,7 +13,7 @@ different global batch B, scale the learning rate linearly, `optim.lr = paper_lr
 as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
 """
 import ml_collections
-from ml_collections.config_dict import placeholder  # None, settable on the command line
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -22,10 +22,11 @@ def get_config():
 
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
-    data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic'.
+    data.name = "pascal"  # 'pascal' | 'cityscapes' | 'coco' | 'synthetic' | 'custom' (your own layout).
+    # placeholder(str): None by default, and a path can still be given with --config.KEY=VALUE.
     data.root = placeholder(str)  # Data root in the official layout (split lines are relative to it).
     data.split = "1_16"  # Split name (e.g. '92'..'1464', '1_16'..'1_2', 'u2pl_1_8') or a labeled list path.
-    data.unlabeled_split = placeholder(str)  # Unlabeled list path / split name; None = the split's own.
+    data.unlabeled_split = placeholder(str)  # Unlabeled list path / split name; None: the split's.
     data.val_split = "val"  # 'val' or the path of a validation list.
     data.num_classes = 21  # Classes incl. background (VOC 21, Cityscapes 19, COCO 81); checked.
     data.crop_size = 513  # Training crop side S.
@@ -49,6 +50,14 @@ def get_config():
         seed=0,  # Rendering seed.
     ))
 
+    # Only for data.name == 'custom' (data.split / unlabeled_split / val_split are then list files,
+    # absolute or relative to data.root; unlabeled lines may hold the image alone).
+    data.custom = ml_collections.ConfigDict(dict(
+        class_names=placeholder(str),  # File of class names, one per line (line k: class k).
+        palette=placeholder(str),  # Optional file of 'R G B' lines (class k on line k, then ignore).
+        ignore_index=255,  # Mask value of ignored pixels (0..255, no class id).
+    ))
+
     # ------------------------------------------------------------------------------------ model
     config.model = model = ml_collections.ConfigDict()
     model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
@@ -61,7 +70,8 @@ def get_config():
     model.proj_drop = 0.1  # AllSpark output projection dropout.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
-    model.pretrained = placeholder(str)  # Path of a SegFormer ImageNet encoder (mit_b5.pth) to start from.
+    model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
+    # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()
@@ -85,6 +95,7 @@ def get_config():
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
     train.key_group_size = placeholder(int)  # Teacher keys mix groups of this many images; None = all.
+    train.progress_bar = True  # Console progress bar (main process): step, epoch, losses, img/s, ETA.
 
     # ------------------------------------------------------------------------------- evaluation
     config.eval = ev = ml_collections.ConfigDict()

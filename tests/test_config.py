@@ -11,7 +11,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 @pytest.mark.parametrize("spec", ["default.py", "demo.py", "pascal.py:92", "pascal.py:u2pl_1_8",
-                                  "cityscapes.py:1_30", "coco.py:1_512"])
+                                  "cityscapes.py:1_30", "coco.py:1_512", "custom.py"])
 def test_shipped_configs_load_by_path_and_validate(spec):
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
@@ -22,6 +22,9 @@ def test_shipped_configs_load_by_path_and_validate(spec):
     ("data.source", "lmdb", r"config.data.source='lmdb': expected one of 'files', 'tfds'"),
     ("data.cutmix_prob", 1.5, r"config.data.cutmix_prob=1.5: expected a number >= 0.0 and <= 1.0"),
     ("data.scale_range", (2.0, 0.5), r"config.data.scale_range"),
+    ("data.custom.class_names", "names.txt",
+     r"config.data.custom.class_names='names.txt': expected None: it is read only when data.name"),
+    ("data.custom.ignore_index", 0, r"config.data.custom.ignore_index=0: expected 255: it is read only"),
     ("model.dtype", "float8", r"config.model.dtype='float8': expected one of"),
     ("model.backbone", "b9", r"config.model.backbone: unknown MiT variant 'b9'"),
     ("optim.lr", 0.0, r"config.optim.lr=0.0: expected a number > 0.0"),

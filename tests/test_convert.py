@@ -63,3 +63,29 @@ def test_mismatches_list_every_key(ref):
     assert "missing keys (1): backbone.norm1.weight" in msg
     assert "unexpected keys (1): decoder.extra.weight" in msg
     assert "backbone.norm2.bias: file (7,)" in msg
+
+
+def test_published_checkpoint_layout_is_named(ref, tmp_path):
+    """The release's published checkpoints come from another version of its AllSpark module (keys
+    `decoder.allspark.embeddings.*`, `decoder.allspark.encoder.layer.N.*`, which the released code
+    does not define): the import names every such key and every AllSpark key of the released code
+    the file lacks."""
+    ours = sorted(k for k in ref.state0 if k.startswith("decoder.allspark."))
+    state = {k: v for k, v in ref.state0.items() if not k.startswith("decoder.allspark.")}
+    published = ["decoder.allspark.embeddings.patch_embeddings.weight",
+                 "decoder.allspark.embeddings.position_embeddings",
+                 "decoder.allspark.encoder.layer.0.attention_norm.weight",
+                 "decoder.allspark.encoder.layer.0.attn.query_u.weight",
+                 "decoder.allspark.encoder.layer.1.ffn.fc1.weight",
+                 "decoder.allspark.encoder.encoder_norm.weight"]
+    state.update({k: np.zeros((4,), np.float32) for k in published})
+    path = tmp_path / "best.pth"
+    pth.save_pth({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    with pytest.raises(convert.WeightImportError) as err:
+        convert.load_variables(path, template(ref))
+    msg = str(err.value)
+    assert str(path) in msg
+    assert f"missing keys ({len(ours)}): " in msg and f"unexpected keys ({len(published)}): " in msg
+    for key in ours + published:
+        assert key in msg, key
+    assert "decoder.decoder" not in msg and "backbone." not in msg  # the rest fits

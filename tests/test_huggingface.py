@@ -347,3 +347,21 @@ def test_hub_id_offline_or_without_huggingface_hub(monkeypatch, seg):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(convert.WeightImportError, match="nvidia/mit-b0: .*needs huggingface_hub"):
         convert.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
+
+
+def test_model_pretrained_takes_a_hub_layout_encoder(mit):
+    """`model.pretrained` (the run's encoder initialisation) takes a transformers checkpoint, as it
+    takes mit_bX.pth (a .safetensors file or a hub id goes the same way: convert's dispatch)."""
+    import run_config
+    from allspark_jax import optimizer, sharding, train
+    from allspark_jax.models.segmentor import build_model
+    b = mit.backbone
+    config = run_config.tiny_config(**{
+        "model.backbone": dict(embed_dims=b.embed_dims, depths=b.depths, num_heads=b.num_heads),
+        "model.pretrained": MIT_DIR})
+    model = build_model(config.model)
+    tx, _ = optimizer.create_optimizer(config.optim, 10)
+    state, _ = train.initial_state(config, model, tx, sharding.create_mesh())
+    expected = convert.load_pretrained_encoder(MIT_DIR, {"params": {"backbone": shapes(
+        state.params["backbone"])}})
+    assert_trees_equal(jax.device_get(state.params["backbone"]), expected["params"]["backbone"])

@@ -16,6 +16,7 @@ which gives the same result (tested) while resampling only the pixels under the 
 """
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
@@ -94,12 +95,30 @@ def _voc_index_from_rgb(rgb: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.cast(index, tf.uint8), ok
 
 
-def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int) -> tf.Tensor:
-    """Decodes a label PNG into (H, W) uint8 labels, checking 0 <= label < num_classes or 255.
+def _index_from_palette(rgb: tf.Tensor, colours, indices) -> tuple[tf.Tensor, tf.Tensor]:
+    """Maps (H, W, 3) uint8 colours to their indices in a custom palette (`colours[i]` has index
+    `indices[i]`); returns ((H, W) uint8 index, bool: all colours in the palette)."""
+    codes = np.asarray([(r << 16) | (g << 8) | b for r, g, b in colours], np.int64)
+    order = np.argsort(codes)
+    keys = tf.constant(codes[order])
+    values = tf.constant(np.asarray(indices, np.int64)[order])
+    c = tf.cast(rgb, tf.int64)
+    pixel = tf.reshape(c[..., 0] * 65536 + c[..., 1] * 256 + c[..., 2], [-1])
+    pos = tf.minimum(tf.searchsorted(keys, pixel), len(codes) - 1)
+    ok = tf.reduce_all(tf.equal(tf.gather(keys, pos), pixel))
+    index = tf.reshape(tf.gather(values, pos), tf.shape(rgb)[:2])
+    return tf.cast(index, tf.uint8), ok
+
+
+def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int,
+                ignore_index: int = IGNORE_INDEX, palette=None) -> tf.Tensor:
+    """Decodes a label PNG into (H, W) uint8 labels, checking 0 <= label < num_classes or ignored.
 
     Grayscale PNGs hold labels directly; palette PNGs (VOC's SegmentationClass) are decoded to RGB by
-    TensorFlow, so their colours are mapped back to indices through the VOC colour map (a palette other
-    than VOC's fails naming `path`). Errors name `path`.
+    TensorFlow, so their colours are mapped back to indices through the VOC colour map, or through
+    `palette` (a custom dataset's colours: class k's at k, then optionally the ignore colour). A
+    colour outside the palette fails naming `path`. Pixels equal to `ignore_index` (a custom
+    dataset's ignore value; 255 for the official datasets) come out as 255. Errors name `path`.
     """
     # A PNG holds its 8-byte signature and the 25-byte IHDR chunk (colour type at byte 25) first.
     is_png = tf.equal(tf.strings.substr(data, 0, 4), b"\x89PNG") & (tf.strings.length(data) >= 33)
@@ -107,25 +126,34 @@ def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int) -> tf.Tensor
         color_type = tf.strings.substr(data, 25, 1)  # IHDR colour type byte
     is_palette = tf.equal(color_type, b"\x03")
     is_gray = tf.equal(color_type, b"\x00") | tf.equal(color_type, b"\x04")
+    if palette is None:
+        to_index, which = _voc_index_from_rgb, "the VOC palette"
+    else:
+        indices = list(range(num_classes)) + [ignore_index] * (len(palette) - num_classes)
+        to_index = lambda rgb: _index_from_palette(rgb, palette, indices)  # noqa: E731
+        which = "data.custom.palette"
     with tf.control_dependencies([_assert(
         is_palette | is_gray, "Mask is an RGB PNG (expected a palette or grayscale PNG of labels):",
         path)]):
         def from_palette():
-            index, ok = _voc_index_from_rgb(tf.io.decode_png(data, channels=3))
+            index, ok = to_index(tf.io.decode_png(data, channels=3))
             with tf.control_dependencies([_assert(
-                ok, "Mask palette PNG uses colours outside the VOC palette (expected VOC palette or "
+                ok, f"Mask palette PNG uses colours outside {which} (expected {which} or "
                 "grayscale labels):", path)]):
                 return tf.identity(index)
 
         mask = tf.cond(is_palette, from_palette, lambda: tf.io.decode_png(data, channels=1)[..., 0])
     mask.set_shape([None, None])
     m = tf.cast(mask, tf.int32)
-    bad = (m >= num_classes) & (m != IGNORE_INDEX)
+    bad = (m >= num_classes) & (m != ignore_index)
     with tf.control_dependencies([_assert(
         tf.logical_not(tf.reduce_any(bad)),
-        f"Mask label outside [0, {num_classes - 1}] and not 255 (data.num_classes={num_classes}):",
+        f"Mask label outside [0, {num_classes - 1}] and not {ignore_index} "
+        f"(data.num_classes={num_classes}):",
         path, "max label:", tf.reduce_max(tf.where(bad, m, 0)))]):
-        return tf.identity(mask)
+        if ignore_index == IGNORE_INDEX:
+            return tf.identity(mask)
+        return tf.where(tf.equal(mask, ignore_index), tf.constant(IGNORE_INDEX, tf.uint8), mask)
 
 
 def check_same_size(image: tf.Tensor, mask: tf.Tensor, image_path, mask_path) -> tf.Tensor:

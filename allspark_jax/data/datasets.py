@@ -10,6 +10,13 @@ Layouts under a data root (every list line is ``image_path mask_path``, both rel
   background 0, 255 = ignore). The unlabeled set is every ``train2017/*.jpg`` not in the labeled list.
 * ``synthetic``: the Pascal layout written by ``allspark_jax.data.synthetic``; its split lists live in
   ``<root>/splits/`` and its class names in ``<root>/class_names.txt``.
+* ``custom``: any layout. The labeled, unlabeled and validation lists (``data.split``,
+  ``data.unlabeled_split``, ``data.val_split``) and ``data.custom.class_names`` (one name per line,
+  line k naming class k) are files, absolute or relative to the root; unlabeled lines may hold the
+  image alone. Masks are grayscale PNGs of class ids, or palette PNGs whose colours are those of
+  ``data.custom.palette`` (``R G B`` per line, class k on line k, an optional last line for ignored
+  pixels; default the VOC colour map); ``data.custom.ignore_index`` is the mask value of ignored
+  pixels (mapped to 255 when decoded).
 """
 from __future__ import annotations
 
@@ -62,6 +69,7 @@ LAYOUTS = {
     "cityscapes": DatasetLayout("cityscapes", len(CITYSCAPES_CLASSES)),
     "coco": DatasetLayout("coco", len(COCO_CLASSES)),
     "synthetic": DatasetLayout("synthetic", 0),
+    "custom": DatasetLayout("custom", 0),
 }
 
 
@@ -89,20 +97,69 @@ def check_root(root: str | None, option: str = "data.root") -> str:
     return root
 
 
+def read_class_names(path: str, expected: str) -> list[str]:
+    """The class names of a file, one per line (blank lines skipped); `expected` says what the
+    file should be in the error when it is missing or empty."""
+    if not epath.Path(path).is_file():
+        raise DataError(f"{path!r} does not exist; expected {expected}.")
+    names = [line.strip() for line in epath.Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path!r} names no class; expected {expected}.")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{path!r} names class(es) {dup} more than once; expected {expected}.")
+    return names
+
+
 def synthetic_class_names(root: str) -> list[str]:
     """Reads `<root>/class_names.txt` (one name per line) written by the synthetic dataset writer."""
-    path = os.path.join(root, "class_names.txt")
+    return read_class_names(os.path.join(root, "class_names.txt"),
+                            "the class name file the synthetic writer (python -m "
+                            "allspark_jax.data.synthetic) puts in its data root")
+
+
+def root_relative(root: str, path: str) -> str:
+    """`path` if absolute (or a URL), else `path` under the data root (custom datasets' files)."""
+    path = os.fspath(path)
+    if "://" in path or os.path.isabs(os.path.expanduser(path)):
+        return absolute_path(path)
+    return os.path.join(root, path)
+
+
+def read_palette(path: str, num_classes: int) -> tuple[tuple[int, int, int], ...]:
+    """A palette file: `R G B` (0..255) per line, class k on line k, and an optional last line
+    colouring ignored pixels; returns those num_classes (or num_classes + 1) colours."""
+    expected = (f"{num_classes} lines 'R G B' (0..255; line k colours class k, "
+                "data.num_classes lines) and an optional last line for ignored pixels")
     if not epath.Path(path).is_file():
-        raise DataError(f"{path!r} does not exist; expected the class name file the synthetic writer "
-                        "(python -m allspark_jax.data.synthetic) puts in its data root.")
-    return [line.strip() for line in epath.Path(path).read_text().splitlines() if line.strip()]
+        raise DataError(f"data.custom.palette={path!r} does not exist; expected a file of {expected}.")
+    colours = []
+    for lineno, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            rgb = tuple(int(f) for f in fields)
+        except ValueError:
+            rgb = ()
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise DataError(f"{path}:{lineno}: expected 'R G B' with 0..255 each, got {line.strip()!r}.")
+        colours.append(rgb)
+    if len(colours) not in (num_classes, num_classes + 1):
+        raise DataError(f"{path!r} has {len(colours)} colours; expected {expected}.")
+    if len(set(colours)) != len(colours):
+        raise DataError(f"{path!r} gives two entries the same colour; palette PNG masks could not be "
+                        "decoded, expected distinct colours.")
+    return tuple(colours)
 
 
-def class_names_for(name: str, root: str | None = None, tfds_metadata=None) -> list[str]:
+def class_names_for(name: str, root: str | None = None, tfds_metadata=None,
+                    class_names_file: str | None = None) -> list[str]:
     """Class names of a dataset (VOC 21, Cityscapes 19, COCO 81 incl. background).
 
     'synthetic' reads its own from `<root>/class_names.txt`, or from the metadata of its TFDS
-    records (`tfds_metadata`) when it has no root.
+    records (`tfds_metadata`) when it has no root; 'custom' from `class_names_file`
+    (data.custom.class_names, absolute or relative to `root`).
     """
     if name == "pascal":
         return list(VOC_CLASSES)
@@ -111,6 +168,13 @@ def class_names_for(name: str, root: str | None = None, tfds_metadata=None) -> l
     if name == "coco":
         return list(COCO_CLASSES)
     layout(name)  # raises for an unknown name
+    if name == "custom":
+        if not class_names_file:
+            raise DataError("data.custom.class_names is not set; expected the path (absolute or "
+                            "relative to data.root) of a file with one class name per line.")
+        return read_class_names(root_relative(check_root(root), class_names_file),
+                                "data.custom.class_names: one class name per line, line k naming "
+                                "class k")
     if tfds_metadata is not None and not root:
         return list(tfds_metadata["class_names"])
     return synthetic_class_names(check_root(root))
@@ -177,3 +241,13 @@ def voc_palette() -> np.ndarray:
         for c in range(3):
             pal[:, c] |= ((idx >> (3 * j + c)) & 1) << (7 - j)
     return pal.astype(np.uint8)
+
+
+def palette_array(colours, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """A custom palette (`read_palette`'s colours) as a 256-entry colour map, (256, 3) uint8: class
+    k's colour at k, the ignore colour (when given) at `ignore_index`, the VOC map elsewhere."""
+    pal = voc_palette().copy()
+    pal[:num_classes] = np.asarray(colours[:num_classes], np.uint8)
+    if len(colours) > num_classes:
+        pal[ignore_index] = colours[num_classes]
+    return pal

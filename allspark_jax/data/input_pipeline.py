@@ -123,7 +123,13 @@ def _open_tfds(opts) -> _Tfds:
 # ------------------------------------------------------------------------- decoding and file checks
 
 
-def _decode_example(reader, i, num_classes: int, labeled: bool):
+def _decode_mask(reader, i, opts):
+    """Mask i of a list: (H, W) uint8 labels checked against `opts` (classes, ignore value,
+    palette); failures name the file."""
+    return augment.decode_mask(*reader.mask(i), opts.num_classes, opts.ignore_index, opts.palette)
+
+
+def _decode_example(reader, i, opts, labeled: bool):
     """Example i of a list as every pipeline decodes it; failures name the file.
 
     Returns (image (H, W, 3) uint8, mask (H, W) uint8 with labels checked and the size checked
@@ -133,9 +139,8 @@ def _decode_example(reader, i, num_classes: int, labeled: bool):
     image = augment.decode_image(image_b, image_path)
     if not labeled:
         return image, None
-    mask_b, mask_path = reader.mask(i)
-    mask = augment.decode_mask(mask_b, mask_path, num_classes)
-    return augment.check_same_size(image, mask, image_path, mask_path), mask
+    mask = _decode_mask(reader, i, opts)
+    return augment.check_same_size(image, mask, image_path, reader.mask(i)[1]), mask
 
 
 def _clean_message(message: str) -> str:
@@ -170,7 +175,7 @@ def _error_of(fn, i: int) -> str | None:
     return None
 
 
-def _example_errors(reader, indices, num_classes: int, labeled: bool) -> list[str]:
+def _example_errors(reader, indices, opts, labeled: bool) -> list[str]:
     """What is wrong with each example of `indices` (of one list) that cannot be read, naming the file.
 
     A bad example's image, mask and pair are tried one after the other, so the message names the
@@ -178,12 +183,12 @@ def _example_errors(reader, indices, num_classes: int, labeled: bool) -> list[st
     traced once for all `indices`.
     """
     steps = [("image", "an intact JPEG or PNG file", reader.image_paths,
-              tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, False)[0])))]
+              tf.function(lambda i: tf.shape(_decode_example(reader, i, opts, False)[0])))]
     if labeled:
         steps += [("mask", "an intact PNG file", reader.mask_paths,
-                   tf.function(lambda i: tf.shape(augment.decode_mask(*reader.mask(i), num_classes)))),
+                   tf.function(lambda i: tf.shape(_decode_mask(reader, i, opts)))),
                   ("", "", None,
-                   tf.function(lambda i: tf.shape(_decode_example(reader, i, num_classes, True)[0])))]
+                   tf.function(lambda i: tf.shape(_decode_example(reader, i, opts, True)[0])))]
     errors = []
     for i in indices:
         if _error_of(steps[-1][-1], i) is None:  # the whole example reads
@@ -202,7 +207,7 @@ def _example_errors(reader, indices, num_classes: int, labeled: bool) -> list[st
     return errors
 
 
-def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> None:
+def _check_decodes(lists, opts, parallel: int, progress: bool) -> None:
     """Decodes every example of `lists` ((reader, size, labeled) each) as the pipelines decode them.
 
     Raises one DataError naming every bad file (and what is wrong with it). The examples are decoded
@@ -214,7 +219,7 @@ def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> No
               disable=not progress, dynamic_ncols=True, leave=False) as bar:
         for reader, n, labeled in lists:
             def check(i, reader=reader, labeled=labeled):
-                image, _ = _decode_example(reader, i, num_classes, labeled)
+                image, _ = _decode_example(reader, i, opts, labeled)
                 return i, tf.shape(image)
             ds = tf.data.Dataset.range(n).map(check, num_parallel_calls=parallel, deterministic=False)
             decoded = np.zeros(n, bool)
@@ -222,7 +227,7 @@ def _check_decodes(lists, num_classes: int, parallel: int, progress: bool) -> No
                 decoded[i] = True
                 bar.update()
             bad = np.flatnonzero(~decoded)
-            errors += _example_errors(reader, bad, num_classes, labeled)
+            errors += _example_errors(reader, bad, opts, labeled)
             bar.update(len(bad))
     errors = list(dict.fromkeys(errors))  # an image in two lists is named once
     if errors:
@@ -251,7 +256,7 @@ def check_val_files(opts, *, progress: bool = False) -> None:
     (every validation dataset checks that its files exist)."""
     if opts.check_files == "decode":
         pairs, _, reader = _val_reader(opts)
-        _check_decodes([(reader, len(pairs), True)], opts.num_classes, _parallel(opts), progress)
+        _check_decodes([(reader, len(pairs), True)], opts, _parallel(opts), progress)
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -304,7 +309,7 @@ def train_plan(opts, *, progress: bool = False) -> TrainPlan:
         _check_decodes([(readers[0], len(split.labeled), True),
                         (readers[1], len(split.unlabeled), False),
                         (val_reader, len(val_pairs), True)],
-                       opts.num_classes, _parallel(opts), progress)
+                       opts, _parallel(opts), progress)
     return TrainPlan(split, *readers, steps)
 
 
@@ -355,7 +360,7 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         raise DataError(f"start_step={start_step}; expected >= 0.")
     start_epoch = int(start_step) // plan.steps_per_epoch
     positions = _positions(opts, plan, process_index, process_count, start_step)
-    crop, seed, num_classes = opts.crop_size, opts.seed, opts.num_classes
+    crop, seed = opts.crop_size, opts.seed
     lr, ur = plan.labeled_reader, plan.unlabeled_reader
 
     def epoch_ds(epoch):
@@ -364,10 +369,10 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
     def load(el):
         step_seed = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), el["epoch"] + 1,
                                       el["pos"])
-        image, mask = _decode_example(lr, el["l"], num_classes, labeled=True)
+        image, mask = _decode_example(lr, el["l"], opts, labeled=True)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
-        u, _ = _decode_example(ur, el["u"], num_classes, labeled=False)
+        u, _ = _decode_example(ur, el["u"], opts, labeled=False)
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
                                         opts.student_view == "strong", opts.cutmix_prob,
                                         opts.scale_range)
@@ -427,9 +432,9 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
         batch = slice(offset * local_batch, (offset + 1) * local_batch)
         el = positions(epoch)
         errors = _example_errors(plan.labeled_reader, np.unique(el["l"][batch].numpy()),
-                                 opts.num_classes, True)
+                                 opts, True)
         errors += _example_errors(plan.unlabeled_reader, np.unique(el["u"][batch].numpy()),
-                                  opts.num_classes, False)
+                                  opts, False)
         return [f"step {start_step + n}: {e}" for e in errors]
 
     return _numpy_iterator(ds, "training input pipeline", culprits)
@@ -441,11 +446,10 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
 def _val_dataset(opts, process_index: int, process_count: int):
     """(create_val_dataset's dataset, the val list's reader)."""
     pairs, _, reader = _val_reader(opts)
-    num_classes = opts.num_classes
     names = tf.constant([os.path.splitext(os.path.basename(p[0]))[0] for p in pairs])
 
     def load(i):
-        image, mask = _decode_example(reader, i, num_classes, labeled=True)
+        image, mask = _decode_example(reader, i, opts, labeled=True)
         return {"image": augment.normalize(tf.cast(image, tf.float32) / 255.0),
                 "mask": tf.cast(mask, tf.int32), "index": i, "name": tf.gather(names, i)}
 
@@ -479,7 +483,7 @@ def create_val_iterator(opts, *, process_index: int | None = None, process_count
         ds = ds.take(count)
 
     def culprits(n):
-        return _example_errors(reader, [process_index + n * process_count], opts.num_classes, True)
+        return _example_errors(reader, [process_index + n * process_count], opts, True)
 
     return _numpy_iterator(ds, "validation input pipeline", culprits), count
 

@@ -2,7 +2,8 @@
 
 Official split lists ship in ``allspark_jax/data/splits/<dataset>/`` (``<split>/labeled.txt``,
 ``<split>/unlabeled.txt``, ``val.txt``; COCO has no ``unlabeled.txt``). The synthetic dataset keeps
-the same structure in ``<root>/splits/``. A split may also be given as the path of a list file.
+the same structure in ``<root>/splits/``. A split may also be given as the path of a list file;
+for the ``custom`` dataset every list is a file, absolute or relative to the data root.
 """
 from __future__ import annotations
 
@@ -61,6 +62,27 @@ def _is_path(split: str) -> bool:
     return os.sep in split or split.endswith(".txt") or epath.Path(split).is_file()
 
 
+def custom_list_path(root: str | None, value, key: str) -> str:
+    """The list file `value` of a custom dataset (absolute, or relative to the root), checked."""
+    if not value:
+        raise DataError(f"{key} is not set; data.name='custom' needs the path of a list file "
+                        "(absolute or relative to data.root).")
+    path = datasets.root_relative(datasets.check_root(root), str(value))
+    if not epath.Path(path).is_file():
+        raise DataError(f"{key}={value!r}: list file {path!r} does not exist; data.name='custom' "
+                        "expects the path of a list file, absolute or relative to data.root.")
+    return path
+
+
+def _check_masks(pairs: Pairs, source: str) -> None:
+    """Raises DataError naming the first image of a labeled / validation list without a mask."""
+    unmasked = [image for image, mask in pairs if not mask]
+    if unmasked:
+        raise DataError(f"{source} names no mask for {len(unmasked)} image(s), the first "
+                        f"{unmasked[0]!r}; labeled and validation lists need 'image_path mask_path' "
+                        "lines (only unlabeled lists may hold the image alone).")
+
+
 @dataclasses.dataclass
 class TrainSplit:
     """The labeled and unlabeled lists of a training split.
@@ -94,6 +116,10 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
         raise DataError(f"data.split is not set; expected one of {available_splits(name, root)} "
                         "or the path of a labeled list file.")
     split = str(split)
+    if name == "custom":
+        split = custom_list_path(root, split, "data.split")
+        if unlabeled_split:
+            unlabeled_split = custom_list_path(root, unlabeled_split, "data.unlabeled_split")
     if _is_path(split):
         labeled_path = datasets.absolute_path(split)
         if not epath.Path(labeled_path).is_file():
@@ -108,6 +134,7 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
                             f"{available_splits(name, root)} or the path of a labeled list file.")
         default_unlabeled = os.path.join(d, split, "unlabeled.txt")
     labeled = read_list(labeled_path)
+    _check_masks(labeled, labeled_path)
 
     if unlabeled_split:
         u = str(unlabeled_split)
@@ -143,6 +170,8 @@ def resolve_val_split(name: str, val_split: str | None = "val", root: str | None
                       ) -> tuple[Pairs, str]:
     """Resolves `data.val_split` ('val' or the path of a list file) into (pairs, source path)."""
     val_split = str(val_split or "val")
+    if name == "custom":
+        val_split = custom_list_path(root, val_split, "data.val_split")
     if _is_path(val_split):
         path = datasets.absolute_path(val_split)
     else:
@@ -150,4 +179,6 @@ def resolve_val_split(name: str, val_split: str | None = "val", root: str | None
         if not epath.Path(path).is_file():
             raise DataError(f"data.val_split={val_split!r} is not a validation list of dataset {name!r} "
                             f"({path!r} does not exist); expected 'val' or the path of a list file.")
-    return read_list(path), path
+    pairs = read_list(path)
+    _check_masks(pairs, path)
+    return pairs, path

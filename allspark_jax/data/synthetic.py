@@ -11,10 +11,20 @@ writes under DIR:
   class_names.txt                            K names, background first
 Each list line is `JPEGImages/x.jpg SegmentationClass/x.png` (the official format).
 
+With `--layout custom` it writes the same images as a custom dataset (`data.name='custom'`):
+  images/{train,val}/NNNNN.jpg, masks/{train,val}/NNNNN.png   grayscale PNG labels (with
+                                             `--palette_masks`, palette PNGs in palette.txt's colours)
+                                             whose ignored pixels hold `--ignore_index`
+  labeled.txt, val.txt                       `images/... masks/...` lines
+  unlabeled.txt                              `images/...` lines (the image alone)
+  class_names.txt                            K names, background first
+  palette.txt                                K `R G B` lines, then the ignore colour
+
 Class 0 is a noisy, smoothly shaded background; class k >= 1 is an object whose shape (disc, square,
 triangle, diamond), stripe texture (period and orientation) and colour are fixed per class. Objects
 have a 255 ("ignore") border as in VOC. The output is a deterministic function of the arguments.
-Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'`.
+Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'` (custom layout:
+configs/custom.py with `data.root=DIR`).
 """
 from __future__ import annotations
 
@@ -29,6 +39,9 @@ from PIL import Image
 from allspark_jax.data import datasets
 
 SHAPES = ("disc", "square", "triangle", "diamond")
+LAYOUTS = ("pascal", "custom")
+BACKGROUND_COLOUR = (96, 96, 96)  # palette.txt's colour of class 0
+IGNORE_COLOUR = (255, 255, 255)  # palette.txt's last line: ignored pixels
 
 
 def class_style(k: int, num_classes: int) -> dict:
@@ -92,25 +105,82 @@ def render(index: int, split: str, size: int, num_classes: int, seed: int
     return np.clip(img, 0, 255).astype(np.uint8), labels
 
 
-def save_palette_png(labels: np.ndarray, path) -> None:
-    """Writes (h, w) uint8 labels as a palette PNG with the VOC palette (any epath-able path)."""
+def save_palette_png(labels: np.ndarray, path, palette: np.ndarray | None = None) -> None:
+    """Writes (h, w) uint8 labels as a palette PNG with `palette` ((256, 3) uint8, default VOC's)."""
     im = Image.fromarray(labels, mode="P")
-    im.putpalette(datasets.voc_palette().reshape(-1).tolist())
+    im.putpalette((datasets.voc_palette() if palette is None else palette).reshape(-1).tolist())
     with epath.Path(path).open("wb") as f:
         im.save(f, format="PNG")
 
 
+def custom_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """palette.txt's colours: class k's (the background grey, each object its colour), then the
+    ignore colour."""
+    colours = [BACKGROUND_COLOUR]
+    colours += [tuple(int(round(c)) for c in class_style(k, num_classes)["colour"])
+                for k in range(1, num_classes)]
+    return colours + [IGNORE_COLOUR]
+
+
+def _write_custom(out, stems, examples, num_labeled, num_classes, ignore_index, palette_masks,
+                  jpeg_quality):
+    """The custom layout (module docstring) of rendered `examples` {split: [(image, labels)]}."""
+    colours = custom_palette(num_classes)
+    pal = datasets.palette_array(colours, num_classes, ignore_index)
+    for split in ("train", "val"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+    lines = {"train": [], "val": []}
+    for split, items in examples.items():
+        for stem, (image, labels) in zip(stems[split], items):
+            labels = np.where(labels == datasets.IGNORE_INDEX, np.uint8(ignore_index), labels)
+            with (out / "images" / split / f"{stem}.jpg").open("wb") as f:
+                Image.fromarray(image).save(f, format="JPEG", quality=jpeg_quality)
+            mask_path = out / "masks" / split / f"{stem}.png"
+            if palette_masks:
+                save_palette_png(labels, mask_path, pal)
+            else:
+                with mask_path.open("wb") as f:
+                    Image.fromarray(labels, mode="L").save(f, format="PNG")
+            lines[split].append((f"images/{split}/{stem}.jpg", f"masks/{split}/{stem}.png"))
+    paths = {"labeled": "labeled.txt", "unlabeled": "unlabeled.txt", "val": "val.txt"}
+    (out / "labeled.txt").write_text("".join(f"{i} {m}\n" for i, m in lines["train"][:num_labeled]))
+    (out / "unlabeled.txt").write_text("".join(f"{i}\n" for i, _ in lines["train"][num_labeled:]))
+    (out / "val.txt").write_text("".join(f"{i} {m}\n" for i, m in lines["val"]))
+    (out / "palette.txt").write_text("".join(f"{r} {g} {b}\n" for r, g, b in colours))
+    return {k: os.path.join(os.fspath(out), v) for k, v in paths.items()}
+
+
 def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classes: int,
-                  seed: int = 0, num_labeled: int | None = None, jpeg_quality: int = 90) -> dict:
-    """Writes the dataset (see the module docstring); returns {'labeled', 'unlabeled', 'val'} list paths."""
+                  seed: int = 0, num_labeled: int | None = None, jpeg_quality: int = 90,
+                  layout: str = "pascal", ignore_index: int = datasets.IGNORE_INDEX,
+                  palette_masks: bool = False) -> dict:
+    """Writes the dataset (see the module docstring); returns {'labeled', 'unlabeled', 'val'} list paths.
+
+    `ignore_index` and `palette_masks` shape the custom layout only (the Pascal one is VOC's).
+    """
     if num_classes < 2 or num_classes > 255:
         raise ValueError(f"--num_classes={num_classes}: expected 2..255 (background + object classes).")
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout={layout!r}: expected one of {', '.join(LAYOUTS)}.")
+    if layout == "custom" and not num_classes <= ignore_index <= 255:
+        raise ValueError(f"--ignore_index={ignore_index}: expected a mask value no class uses "
+                         f"({num_classes}..255).")
     if num_train < 2:
         raise ValueError(f"--num_train={num_train}: expected >= 2 (labeled and unlabeled images).")
     num_labeled = num_labeled if num_labeled is not None else max(1, num_train // 4)
     if not 1 <= num_labeled < num_train:
         raise ValueError(f"--num_labeled={num_labeled}: expected 1 <= num_labeled < num_train.")
     out = epath.Path(root)
+    if layout == "custom":
+        stems = {"train": [f"{i:05d}" for i in range(num_train)],
+                 "val": [f"{i:05d}" for i in range(num_val)]}
+        examples = {split: [render(i, split, size, num_classes, seed) for i in range(len(names))]
+                    for split, names in stems.items()}
+        paths = _write_custom(out, stems, examples, num_labeled, num_classes, ignore_index,
+                              palette_masks, jpeg_quality)
+        (out / "class_names.txt").write_text("\n".join(class_names(num_classes)) + "\n")
+        return paths
     for folder in ("JPEGImages", "SegmentationClass", "splits/default"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     lines = {"train": [], "val": []}
@@ -154,9 +224,16 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=64, help="largest image side")
     parser.add_argument("--num_classes", type=int, default=5, help="including background")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", default="pascal", choices=LAYOUTS,
+                        help="pascal (data.name='synthetic') or custom (data.name='custom')")
+    parser.add_argument("--ignore_index", type=int, default=datasets.IGNORE_INDEX,
+                        help="custom layout: mask value of ignored pixels")
+    parser.add_argument("--palette_masks", action="store_true",
+                        help="custom layout: palette PNG masks in palette.txt's colours")
     args = parser.parse_args(argv)
     paths = write_dataset(args.root, args.num_train, args.num_val, args.size, args.num_classes,
-                          args.seed, args.num_labeled)
+                          args.seed, args.num_labeled, layout=args.layout,
+                          ignore_index=args.ignore_index, palette_masks=args.palette_masks)
     print(f"wrote {args.num_train} train + {args.num_val} val images to {args.root}; lists: {paths}")
 
 

@@ -118,20 +118,23 @@ def evaluate_state(config, opts, predictor: Predictor, state) -> dict:
 
 
 def run_evaluation(config, workdir: str, spec) -> dict:
-    """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json."""
+    """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json (a weight
+    file or Hugging Face checkpoint: eval_<its name without extension>.json)."""
     runtime.setup_compilation_cache(config, workdir)
     opts = config_lib.data_options(config, workdir)
     input_pipeline.check_val_files(opts, progress=jax.process_index() == 0)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
-    predictor = make_predictor(config)
+    predictor = make_predictor(config, info["model"])
     results = {}
     for k, v in variables.items():
         results[k] = evaluate_variables(config, opts, predictor, v, desc=f"eval ({k})")
         print(format_iou_table(results[k], f"{k} weights, {info['checkpoint']} "
                                            f"(step {info['step']}), mode {config.eval.mode}"),
               flush=True)
-    tag = (os.path.splitext(os.path.basename(str(spec)))[0]
-           if checkpoints.is_weight_file(str(spec)) else str(spec))
+    # A weight file, a Hugging Face directory or hub id: named by its last path component.
+    parsed = checkpoints.parse_spec(spec)
+    tag = (str(parsed) if isinstance(parsed, int) or parsed in ("latest", "best")
+           else os.path.splitext(os.path.basename(os.path.normpath(parsed)))[0])
     out = {"checkpoint": info["checkpoint"], "step": info["step"], "results": results}
     if jax.process_index() == 0:
         workdir_lib.write_json(workdir_lib.resolve(workdir) / f"eval_{tag}.json", out)
