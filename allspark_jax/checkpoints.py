@@ -10,6 +10,12 @@ that looks valid. Resuming restores the state; the data position follows from th
 
 Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or the path of an
 official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`).
+
+Topology: a restore reads every array straight into the placement the restoring run asks for (its
+template's shardings: replicated, or split with `shard_params`, over this process's devices), whatever
+number of processes and devices wrote the checkpoint. Before reading, the checkpoint's array paths,
+shapes and dtypes are compared with the template's, so a checkpoint of another model, method or
+teacher is reported by what differs; a failure after that check is orbax's own (`CheckpointReadError`).
 """
 from __future__ import annotations
 
@@ -17,10 +23,13 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from allspark_jax import convert
 from allspark_jax import optimizer
+from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import workdir as workdir_lib
 from allspark_jax.models.segmentor import build_model, init_variables
@@ -32,6 +41,20 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
 
 class CheckpointError(ValueError):
     """A checkpoint spec that names nothing restorable; the message says what exists."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds another train state than the template's; the message lists what differs."""
+
+
+class CheckpointReadError(CheckpointError):
+    """Orbax failed to read a checkpoint whose structure fits the template (damaged files, storage)."""
+
+
+# Config keys that decide the train state's arrays (for mismatch messages).
+STATE_KEYS = ("model.* (backbone, decoder_dim, allspark_heads, num_classes), data.crop_size (the "
+              "Semantic Memory's length) and train.teacher")
+MAX_LISTED_DIFFERENCES = 12
 
 
 def is_weight_file(spec: str) -> bool:
@@ -53,8 +76,71 @@ def parse_spec(spec) -> str | int:
                           f"the path of an official weight file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
 
 
-def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _restore_target(template):
+    """ShapeDtypeStructs, each with a sharding over this process's devices: the template leaf's own
+    (arrays, and ShapeDtypeStructs that carry one), else replicated over every device."""
+    default = sharding_lib.replicated(sharding_lib.create_mesh())
+    return sharding_lib.abstract(
+        template, jax.tree.map(lambda x: getattr(x, "sharding", None) or default, template))
+
+
+def _flat_arrays(saved_tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{'params/head/linear_pred/kernel': (shape, dtype), ...} of a tree in orbax's saved layout
+    (nested dicts and lists: a checkpoint's metadata, or `ocp.tree.serialize_tree` of a template)."""
+    flat = ocp.tree.to_flat_dict(saved_tree, sep="/")
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
+
+
+def _fmt(entry) -> str:
+    shape, dtype = entry
+    return f"{dtype.name}{list(shape)}"
+
+
+def state_differences(saved: dict, wanted: dict) -> list[str]:
+    """What differs between two `_flat_arrays` maps (a checkpoint's, this config's), one line each.
+
+    The teacher (EMA arrays or none) and the method (AllSpark arrays or plain SegFormer) are named
+    first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed parameter
+    are left out.
+    """
+    lines = []
+
+    def has(flat, prefix):
+        return any(k.startswith(prefix) for k in flat)
+
+    explained = []
+    ema = has(saved, "ema_params/"), has(wanted, "ema_params/")
+    if ema[0] != ema[1]:
+        teacher = {True: "'ema'", False: "'online' (no EMA arrays)"}
+        lines.append(f"teacher: the checkpoint was written with train.teacher={teacher[ema[0]]}, "
+                     f"this config has train.teacher={teacher[ema[1]]}")
+        explained.append(lambda k: k.startswith(("ema_params/", "ema_batch_stats/")))
+    allspark = has(saved, "params/allspark/"), has(wanted, "params/allspark/")
+    if allspark[0] != allspark[1]:
+        method = {True: "AllSpark (params/allspark, the Semantic Memory)",
+                  False: "plain SegFormer (no AllSpark module, no Semantic Memory)"}
+        lines.append(f"method: the checkpoint is {method[allspark[0]]}, this config builds "
+                     f"{method[allspark[1]]}")
+        explained.append(lambda k: k.startswith("memory/") or "/allspark/" in k)
+
+    diffs = [k for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k) and not any(e(k) for e in explained)]
+    param_suffixes = tuple("/" + k[len("params/"):] for k in diffs if k.startswith("params/"))
+    diffs = [k for k in diffs if k.startswith("params/")
+             or not (k.startswith(("opt_state/", "ema_params/")) and k.endswith(param_suffixes))]
+    order = {name: i for i, name in enumerate(state_lib.TrainState.__dataclass_fields__)}
+    diffs.sort(key=lambda k: (order.get(k.split("/")[0], len(order)), k))
+    for k in diffs:
+        if k not in wanted:
+            lines.append(f"{k}: {_fmt(saved[k])} only in the checkpoint")
+        elif k not in saved:
+            lines.append(f"{k}: {_fmt(wanted[k])} only in this config")
+        else:
+            lines.append(f"{k}: {_fmt(saved[k])} in the checkpoint, {_fmt(wanted[k])} in this config")
+    if len(lines) > MAX_LISTED_DIFFERENCES:
+        lines = lines[:MAX_LISTED_DIFFERENCES] + [
+            f"... and {len(lines) - MAX_LISTED_DIFFERENCES} more differences"]
+    return lines
 
 
 class Checkpointer:
@@ -127,12 +213,39 @@ class Checkpointer:
         raise CheckpointError(f"--checkpoint={spec!r} is a weight file, not a workdir checkpoint")
 
     def restore(self, spec, template) -> tuple[Any, dict, int]:
-        """(state, meta, step). `template`: a TrainState (arrays or ShapeDtypeStructs with
-        shardings) giving the structure, shapes, dtypes and placement."""
+        """(state, meta, step). `template`: a TrainState of arrays or ShapeDtypeStructs giving the
+        structure, shapes, dtypes and placement of the result; a leaf without a sharding is restored
+        replicated over every device. Raises CheckpointMismatchError (the checkpoint holds other
+        arrays) or CheckpointReadError (orbax failed on a checkpoint that fits)."""
         manager, step = self.resolve(spec)
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+        target = _restore_target(template)
+        where = f"checkpoint step {step} in {manager.directory}"
+        differences = state_differences(self._saved_arrays(manager, step, where),
+                                        _flat_arrays(ocp.tree.serialize_tree(target, keep_empty_nodes=True)))
+        if differences:
+            raise CheckpointMismatchError(
+                f"{where} does not fit the train state of this config ({STATE_KEYS} must be those "
+                "of the run that wrote it):\n  " + "\n  ".join(differences))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
+            raise CheckpointReadError(
+                f"orbax could not read {where} (its array paths, shapes and dtypes match this "
+                f"config: not a mismatch with this config): {type(e).__name__}: {e}") from e
         return out["state"], dict(out["meta"] or {}), step
+
+    @staticmethod
+    def _saved_arrays(manager, step: int, where: str) -> dict:
+        """`_flat_arrays` of the state saved at `step` (from its metadata; no array is read)."""
+        try:
+            metadata = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(manager.directory) / str(step) / "state")
+            return _flat_arrays(dict(metadata.tree))
+        except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
+            raise CheckpointReadError(
+                f"orbax could not read {where} (its array metadata: damaged or missing files, not "
+                f"a mismatch with this config): {type(e).__name__}: {e}") from e
 
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
@@ -143,17 +256,22 @@ class Checkpointer:
         return dict(out["meta"] or {})
 
 
-def restore_template(config, model=None) -> state_lib.TrainState:
-    """The abstract TrainState (shapes, dtypes) that a run of `config` checkpoints.
+def restore_template(config, model=None, mesh=None) -> state_lib.TrainState:
+    """The abstract TrainState (shapes, dtypes, shardings) that a run of `config` checkpoints.
 
     Built by the one constructor, `state.create_train_state`, under `jax.eval_shape` (nothing is
-    initialised); the optimizer state's structure does not depend on the schedule's length.
+    initialised); the optimizer state's structure does not depend on the schedule's length. Placed
+    as this run places its state: on `mesh` (default: every device of every process), replicated or
+    split with `config.shard_params`.
     """
     model = model if model is not None else build_model(config.model)
     tx, _ = optimizer.create_optimizer(config.optim, total_steps=1)
-    return jax.eval_shape(lambda: state_lib.create_train_state(
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(
         model, tx, jax.random.key(0), int(config.data.crop_size),
         ema=config.train.teacher == "ema"))
+    mesh = sharding_lib.create_mesh() if mesh is None else mesh
+    return sharding_lib.abstract(
+        shapes, state_lib.state_sharding(shapes, mesh, bool(config.shard_params)))
 
 
 def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, dict]:
@@ -161,7 +279,8 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
 
     `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or an official `.pth` /
     `.npz` state dict (imported into a model built from `config.model`, training crop
-    `config.data.crop_size` for the memory's shape).
+    `config.data.crop_size` for the memory's shape). Workdir checkpoints are read onto this process's
+    devices as `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
     model = build_model(config.model)
@@ -173,14 +292,7 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
-    except (ValueError, KeyError) as e:  # orbax: tree structure / shape mismatch
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(
-            f"--checkpoint={spec}: the checkpoint in {workdir} does not fit the model of this "
-            f"config (model.*, data.crop_size, train.teacher must be those of the run): {e}") from e
+    state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
     out = {"student": state.variables()}
     if state.ema_params is not None:
         out["ema"] = state.variables(teacher=True)
