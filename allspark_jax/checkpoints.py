@@ -11,11 +11,12 @@ that looks valid. Resuming restores the state; the data position follows from th
 Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or the path of an
 official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`).
 
-Topology: a restore reads every array straight into the placement the restoring run asks for (its
-template's shardings: replicated, or split with `shard_params`, over this process's devices), whatever
-number of processes and devices wrote the checkpoint. Before reading, the checkpoint's array paths,
-shapes and dtypes are compared with the template's, so a checkpoint of another model, method or
-teacher is reported by what differs; a failure after that check is orbax's own (`CheckpointReadError`).
+Topology: a restore reads every array straight into the placement the restoring run asks for
+(its template's shardings: replicated, or split with `shard_params`, over this process's devices),
+whatever number of processes and devices wrote the checkpoint. Before reading, the checkpoint's
+array paths, shapes and dtypes are compared with the template's, so a checkpoint of another model,
+method or teacher is reported by what differs (`CheckpointMismatchError`); a failure after that
+check is orbax's own (`CheckpointReadError`).
 """
 from __future__ import annotations
 
@@ -44,11 +45,11 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """The checkpoint holds another train state than the template's; the message lists what differs."""
+    """The checkpoint holds another train state than the template (the message: what differs)."""
 
 
 class CheckpointReadError(CheckpointError):
-    """Orbax failed to read a checkpoint whose structure fits the template (damaged files, storage)."""
+    """Orbax failed to read a checkpoint that fits the template (damaged or missing files)."""
 
 
 # Config keys that decide the train state's arrays (for mismatch messages).
@@ -86,7 +87,7 @@ def _restore_target(template):
 
 def _flat_arrays(saved_tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{'params/head/linear_pred/kernel': (shape, dtype), ...} of a tree in orbax's saved layout
-    (nested dicts and lists: a checkpoint's metadata, or `ocp.tree.serialize_tree` of a template)."""
+    (nested dicts and lists: a checkpoint's metadata, or a template's `ocp.tree.serialize_tree`)."""
     flat = ocp.tree.to_flat_dict(saved_tree, sep="/")
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
 
@@ -100,8 +101,8 @@ def state_differences(saved: dict, wanted: dict) -> list[str]:
     """What differs between two `_flat_arrays` maps (a checkpoint's, this config's), one line each.
 
     The teacher (EMA arrays or none) and the method (AllSpark arrays or plain SegFormer) are named
-    first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed parameter
-    are left out.
+    first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed
+    parameter are left out.
     """
     lines = []
 
@@ -136,7 +137,8 @@ def state_differences(saved: dict, wanted: dict) -> list[str]:
         elif k not in saved:
             lines.append(f"{k}: {_fmt(wanted[k])} only in this config")
         else:
-            lines.append(f"{k}: {_fmt(saved[k])} in the checkpoint, {_fmt(wanted[k])} in this config")
+            lines.append(f"{k}: {_fmt(saved[k])} in the checkpoint, {_fmt(wanted[k])} in this "
+                         "config")
     if len(lines) > MAX_LISTED_DIFFERENCES:
         lines = lines[:MAX_LISTED_DIFFERENCES] + [
             f"... and {len(lines) - MAX_LISTED_DIFFERENCES} more differences"]
@@ -220,8 +222,8 @@ class Checkpointer:
         manager, step = self.resolve(spec)
         target = _restore_target(template)
         where = f"checkpoint step {step} in {manager.directory}"
-        differences = state_differences(self._saved_arrays(manager, step, where),
-                                        _flat_arrays(ocp.tree.serialize_tree(target, keep_empty_nodes=True)))
+        wanted = _flat_arrays(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+        differences = state_differences(self._saved_arrays(manager, step, where), wanted)
         if differences:
             raise CheckpointMismatchError(
                 f"{where} does not fit the train state of this config ({STATE_KEYS} must be those "
@@ -231,8 +233,8 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
             raise CheckpointReadError(
-                f"orbax could not read {where} (its array paths, shapes and dtypes match this "
-                f"config: not a mismatch with this config): {type(e).__name__}: {e}") from e
+                f"orbax could not read {where}; its array paths, shapes and dtypes match this "
+                f"config, so the config is not the cause: {type(e).__name__}: {e}") from e
         return out["state"], dict(out["meta"] or {}), step
 
     @staticmethod
@@ -244,8 +246,8 @@ class Checkpointer:
             return _flat_arrays(dict(metadata.tree))
         except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
             raise CheckpointReadError(
-                f"orbax could not read {where} (its array metadata: damaged or missing files, not "
-                f"a mismatch with this config): {type(e).__name__}: {e}") from e
+                f"orbax could not read {where} (its array metadata; damaged or missing files), so "
+                f"the config is not the cause: {type(e).__name__}: {e}") from e
 
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
@@ -279,8 +281,8 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
 
     `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or an official `.pth` /
     `.npz` state dict (imported into a model built from `config.model`, training crop
-    `config.data.crop_size` for the memory's shape). Workdir checkpoints are read onto this process's
-    devices as `restore_template` places them, whatever topology wrote them.
+    `config.data.crop_size` for the memory's shape). Workdir checkpoints are read onto this
+    process's devices as `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
     model = build_model(config.model)

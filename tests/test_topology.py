@@ -2,9 +2,9 @@
 
 A run trained by 2 processes x 2 devices (main.py on 127.0.0.1) is evaluated by this process (one
 device) and resumed from its step-3 checkpoint on 1 process x 1 device (here) and on 1 process x 8
-devices with `shard_params` (tests/topology_worker.py); each resumed run ends where the 2-process run
-ended. Checkpoints that do not fit the config name what differs; a failure of orbax itself is reported
-as one.
+devices with `shard_params` (tests/topology_worker.py); each resumed run ends where the 2-process
+run ended. Checkpoints that do not fit the config name what differs; a failure of orbax itself is
+reported as one.
 """
 import glob
 import json
@@ -23,16 +23,18 @@ from allspark_jax import checkpoints
 from allspark_jax import train
 from allspark_jax.evaluation import evaluator
 
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
+
 MAIN = os.path.join(run_config.ROOT, "main.py")
 DEMO = os.path.join(run_config.ROOT, "configs", "demo.py")
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topology_worker.py")
 STEPS, RESUME = run_config.TOPOLOGY_STEPS, run_config.TOPOLOGY_RESUME_STEP
 TIMEOUT_S = 600
 # |resumed - uninterrupted| <= ATOL + RTOL * |uninterrupted|, element by element. Other device
-# counts sum the batch's losses and statistics in another order, so floats agree to float32 rounding
-# (measured: at most 1.9e-6, a Semantic Memory feature of magnitude ~3, i.e. 16 ulp; the pre-BatchNorm
-# biases and their momenta have no gradient and hold rounding noise of ~1e-8); integer arrays (memory
-# pointers, step, PRNG key) agree exactly.
+# counts sum the batch's losses and statistics in another order, so floats agree to float32
+# rounding (measured: at most 1.9e-6, a Semantic Memory feature of magnitude ~3, i.e. 16 ulp; the
+# pre-BatchNorm biases and their momenta have no gradient and hold rounding noise of ~1e-8); integer
+# arrays (memory pointers, step, PRNG key) agree exactly.
 RTOL, ATOL = 1e-5, 4e-6
 
 
@@ -69,13 +71,6 @@ def copy_run(workdir: str, step: int, dest) -> str:
     return str(dest)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-    restore = run_config.enable_cache()
-    yield
-    restore()
-
-
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """main.py trained by two processes (2 simulated devices each, gloo on 127.0.0.1)."""
@@ -98,8 +93,8 @@ def two_process_run(tmp_path_factory):
         assert p.returncode == 0, log[-5000:]
     # Each process wrote its own part of every checkpoint.
     state_dir = os.path.join(workdir, checkpoints.LATEST_DIR, str(STEPS), "state")
-    assert sorted(os.path.basename(d) for d in glob.glob(os.path.join(state_dir, "ocdbt.process_*"))) \
-        == ["ocdbt.process_0", "ocdbt.process_1"]
+    parts = glob.glob(os.path.join(state_dir, "ocdbt.process_*"))
+    assert sorted(map(os.path.basename, parts)) == ["ocdbt.process_0", "ocdbt.process_1"]
     return workdir
 
 
@@ -158,8 +153,8 @@ def test_resume_on_eight_devices_with_sharded_params(two_process_run, two_proces
 
 @pytest.mark.parametrize("overrides,expected", [
     ({"train.teacher": "ema"},
-     ["teacher: the checkpoint was written with train.teacher='online' (no EMA arrays), this config "
-      "has train.teacher='ema'"]),
+     ["teacher: the checkpoint was written with train.teacher='online' (no EMA arrays), this "
+      "config has train.teacher='ema'"]),
     ({"model.decoder_dim": 8},
      ["params/head/linear_pred/kernel: float32[1, 1, 16, 5] in the checkpoint, float32[1, 1, 8, 5] "
       "in this config", "... and 2 more differences"]),
@@ -169,7 +164,8 @@ def test_resume_on_eight_devices_with_sharded_params(two_process_run, two_proces
 ], ids=["teacher", "decoder_dim", "crop_size"])
 def test_a_checkpoint_of_another_state_names_what_differs(two_process_run, overrides, expected):
     with pytest.raises(checkpoints.CheckpointMismatchError) as info:
-        checkpoints.load_inference_variables(topology_config(**overrides), two_process_run, "latest")
+        checkpoints.load_inference_variables(topology_config(**overrides), two_process_run,
+                                             "latest")
     message = str(info.value)
     assert f"checkpoint step {STEPS} in {two_process_run}" in message
     assert "Topology" not in message
@@ -206,7 +202,7 @@ def test_an_orbax_failure_is_not_reported_as_a_config_mistake(two_process_run, t
         checkpoints.load_inference_variables(topology_config(), workdir, RESUME)
     message = str(info.value)
     assert message.startswith(f"orbax could not read checkpoint step {RESUME} in ")
-    assert "not a mismatch with this config" in message and "NOT_FOUND" in message
+    assert "the config is not the cause" in message and "NOT_FOUND" in message
 
 
 def test_library_and_notebooks_read_checkpoints_through_checkpoints_py():

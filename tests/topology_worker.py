@@ -57,8 +57,8 @@ def main():
     assert jax.device_count() == args.devices
     config = run_config.tiny_config(**run_config.TOPOLOGY, shard_params=args.shard_params)
     # Only the steps after the checkpoint may run: ending at the last step proves the resume.
-    out = train.train_and_evaluate(
-        config, args.workdir, stop_after=run_config.TOPOLOGY_STEPS - run_config.TOPOLOGY_RESUME_STEP)
+    out = train.train_and_evaluate(config, args.workdir, stop_after=(
+        run_config.TOPOLOGY_STEPS - run_config.TOPOLOGY_RESUME_STEP))
     assert out["step"] == run_config.TOPOLOGY_STEPS, out["step"]
     final = flat_host(out["state"])
     check_restores(args.workdir, final)
