@@ -240,14 +240,16 @@ class Checkpointer:
     @staticmethod
     def _saved_arrays(manager, step: int, where: str) -> dict:
         """`_flat_arrays` of the state saved at `step` (from its metadata; no array is read)."""
+        handler = ocp.StandardCheckpointHandler()
         try:
-            metadata = ocp.StandardCheckpointHandler().metadata(
-                epath.Path(manager.directory) / str(step) / "state")
+            metadata = handler.metadata(epath.Path(manager.directory) / str(step) / "state")
             return _flat_arrays(dict(metadata.tree))
         except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
             raise CheckpointReadError(
                 f"orbax could not read {where} (its array metadata; damaged or missing files), so "
                 f"the config is not the cause: {type(e).__name__}: {e}") from e
+        finally:
+            handler.close()
 
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
@@ -294,7 +296,10 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)
-    state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
+    try:
+        state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
+    finally:
+        checkpointer.close()
     out = {"student": state.variables()}
     if state.ema_params is not None:
         out["ema"] = state.variables(teacher=True)

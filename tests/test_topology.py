@@ -101,8 +101,16 @@ def two_process_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_process_final(two_process_run):
     """The 2-process run's final state, restored on this process."""
-    state, meta, step = checkpoints.Checkpointer(two_process_run, read_only=True).restore(
-        STEPS, checkpoints.restore_template(topology_config()))
+    return restore_final(two_process_run)
+
+
+def restore_final(workdir: str) -> dict:
+    """The last checkpoint of `workdir`, restored replicated on this process's device."""
+    ck = checkpoints.Checkpointer(workdir, read_only=True)
+    try:
+        state, meta, step = ck.restore(STEPS, checkpoints.restore_template(topology_config()))
+    finally:
+        ck.close()
     assert step == STEPS == meta["step"]
     return flat(state)
 
@@ -145,9 +153,7 @@ def test_resume_on_eight_devices_with_sharded_params(two_process_run, two_proces
     final = dict(np.load(out))
     assert_close(final, two_process_final)
     # Its last checkpoint, split over 8 devices, restores replicated on this one device.
-    state, _, _ = checkpoints.Checkpointer(workdir, read_only=True).restore(
-        STEPS, checkpoints.restore_template(topology_config()))
-    for k, x in flat(state).items():
+    for k, x in restore_final(workdir).items():
         np.testing.assert_array_equal(x, final[k], err_msg=k)
 
 

@@ -51,6 +51,7 @@ def check_restores(workdir: str, final: dict) -> None:
         if step == run_config.TOPOLOGY_STEPS:
             for k in final:
                 np.testing.assert_array_equal(values[0][k], final[k], err_msg=k)
+    ck.close()
 
 
 def main():
