@@ -12,6 +12,13 @@ Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', t
 official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`), or a
 Hugging Face `SegformerForSemanticSegmentation` checkpoint (a directory with config.json, a
 `.safetensors` file beside its config.json, or a hub id), whose config.json fixes the model.
+
+Topology: a restore reads every array straight into the placement the restoring run asks for
+(its template's shardings: replicated, or split with `shard_params`, over this process's devices),
+whatever number of processes and devices wrote the checkpoint. Before reading, the checkpoint's
+array paths, shapes and dtypes are compared with the template's, so a checkpoint of another model,
+method or teacher is reported by what differs (`CheckpointMismatchError`); a failure after that
+check is orbax's own (`CheckpointReadError`).
 """
 from __future__ import annotations
 
@@ -19,10 +26,13 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from allspark_jax import convert
 from allspark_jax import optimizer
+from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import workdir as workdir_lib
 from allspark_jax.models.segmentor import build_model, init_variables
@@ -34,6 +44,20 @@ WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
 
 class CheckpointError(ValueError):
     """A checkpoint spec that names nothing restorable; the message says what exists."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds another train state than the template (the message: what differs)."""
+
+
+class CheckpointReadError(CheckpointError):
+    """Orbax failed to read a checkpoint that fits the template (damaged or missing files)."""
+
+
+# Config keys that decide the train state's arrays (for mismatch messages).
+STATE_KEYS = ("model.* (backbone, decoder_dim, allspark_heads, num_classes), data.crop_size (the "
+              "Semantic Memory's length) and train.teacher")
+MAX_LISTED_DIFFERENCES = 12
 
 
 def is_weight_file(spec: str) -> bool:
@@ -66,8 +90,72 @@ def parse_spec(spec) -> str | int:
                           "and model.safetensors, or a hub id)")
 
 
-def _abstract(tree):
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _restore_target(template):
+    """ShapeDtypeStructs, each with a sharding over this process's devices: the template leaf's own
+    (arrays, and ShapeDtypeStructs that carry one), else replicated over every device."""
+    default = sharding_lib.replicated(sharding_lib.create_mesh())
+    return sharding_lib.abstract(
+        template, jax.tree.map(lambda x: getattr(x, "sharding", None) or default, template))
+
+
+def _flat_arrays(saved_tree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{'params/head/linear_pred/kernel': (shape, dtype), ...} of a tree in orbax's saved layout
+    (nested dicts and lists: a checkpoint's metadata, or a template's `ocp.tree.serialize_tree`)."""
+    flat = ocp.tree.to_flat_dict(saved_tree, sep="/")
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
+
+
+def _fmt(entry) -> str:
+    shape, dtype = entry
+    return f"{dtype.name}{list(shape)}"
+
+
+def state_differences(saved: dict, wanted: dict) -> list[str]:
+    """What differs between two `_flat_arrays` maps (a checkpoint's, this config's), one line each.
+
+    The teacher (EMA arrays or none) and the method (AllSpark arrays or plain SegFormer) are named
+    first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed
+    parameter are left out.
+    """
+    lines = []
+
+    def has(flat, prefix):
+        return any(k.startswith(prefix) for k in flat)
+
+    explained = []
+    ema = has(saved, "ema_params/"), has(wanted, "ema_params/")
+    if ema[0] != ema[1]:
+        teacher = {True: "'ema'", False: "'online' (no EMA arrays)"}
+        lines.append(f"teacher: the checkpoint was written with train.teacher={teacher[ema[0]]}, "
+                     f"this config has train.teacher={teacher[ema[1]]}")
+        explained.append(lambda k: k.startswith(("ema_params/", "ema_batch_stats/")))
+    allspark = has(saved, "params/allspark/"), has(wanted, "params/allspark/")
+    if allspark[0] != allspark[1]:
+        method = {True: "AllSpark (params/allspark, the Semantic Memory)",
+                  False: "plain SegFormer (no AllSpark module, no Semantic Memory)"}
+        lines.append(f"method: the checkpoint is {method[allspark[0]]}, this config builds "
+                     f"{method[allspark[1]]}")
+        explained.append(lambda k: k.startswith("memory/") or "/allspark/" in k)
+
+    diffs = [k for k in sorted(set(saved) | set(wanted))
+             if saved.get(k) != wanted.get(k) and not any(e(k) for e in explained)]
+    param_suffixes = tuple("/" + k[len("params/"):] for k in diffs if k.startswith("params/"))
+    diffs = [k for k in diffs if k.startswith("params/")
+             or not (k.startswith(("opt_state/", "ema_params/")) and k.endswith(param_suffixes))]
+    order = {name: i for i, name in enumerate(state_lib.TrainState.__dataclass_fields__)}
+    diffs.sort(key=lambda k: (order.get(k.split("/")[0], len(order)), k))
+    for k in diffs:
+        if k not in wanted:
+            lines.append(f"{k}: {_fmt(saved[k])} only in the checkpoint")
+        elif k not in saved:
+            lines.append(f"{k}: {_fmt(wanted[k])} only in this config")
+        else:
+            lines.append(f"{k}: {_fmt(saved[k])} in the checkpoint, {_fmt(wanted[k])} in this "
+                         "config")
+    if len(lines) > MAX_LISTED_DIFFERENCES:
+        lines = lines[:MAX_LISTED_DIFFERENCES] + [
+            f"... and {len(lines) - MAX_LISTED_DIFFERENCES} more differences"]
+    return lines
 
 
 class Checkpointer:
@@ -140,12 +228,41 @@ class Checkpointer:
         raise CheckpointError(f"--checkpoint={spec!r} is a weight file, not a workdir checkpoint")
 
     def restore(self, spec, template) -> tuple[Any, dict, int]:
-        """(state, meta, step). `template`: a TrainState (arrays or ShapeDtypeStructs with
-        shardings) giving the structure, shapes, dtypes and placement."""
+        """(state, meta, step). `template`: a TrainState of arrays or ShapeDtypeStructs giving the
+        structure, shapes, dtypes and placement of the result; a leaf without a sharding is restored
+        replicated over every device. Raises CheckpointMismatchError (the checkpoint holds other
+        arrays) or CheckpointReadError (orbax failed on a checkpoint that fits)."""
         manager, step = self.resolve(spec)
-        out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(template)), meta=ocp.args.JsonRestore()))
+        target = _restore_target(template)
+        where = f"checkpoint step {step} in {manager.directory}"
+        wanted = _flat_arrays(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+        differences = state_differences(self._saved_arrays(manager, step, where), wanted)
+        if differences:
+            raise CheckpointMismatchError(
+                f"{where} does not fit the train state of this config ({STATE_KEYS} must be those "
+                "of the run that wrote it):\n  " + "\n  ".join(differences))
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
+            raise CheckpointReadError(
+                f"orbax could not read {where}; its array paths, shapes and dtypes match this "
+                f"config, so the config is not the cause: {type(e).__name__}: {e}") from e
         return out["state"], dict(out["meta"] or {}), step
+
+    @staticmethod
+    def _saved_arrays(manager, step: int, where: str) -> dict:
+        """`_flat_arrays` of the state saved at `step` (from its metadata; no array is read)."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(epath.Path(manager.directory) / str(step) / "state")
+            return _flat_arrays(dict(metadata.tree))
+        except Exception as e:  # noqa: BLE001 - orbax / storage failures of every kind
+            raise CheckpointReadError(
+                f"orbax could not read {where} (its array metadata; damaged or missing files), so "
+                f"the config is not the cause: {type(e).__name__}: {e}") from e
+        finally:
+            handler.close()
 
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
@@ -156,17 +273,22 @@ class Checkpointer:
         return dict(out["meta"] or {})
 
 
-def restore_template(config, model=None) -> state_lib.TrainState:
-    """The abstract TrainState (shapes, dtypes) that a run of `config` checkpoints.
+def restore_template(config, model=None, mesh=None) -> state_lib.TrainState:
+    """The abstract TrainState (shapes, dtypes, shardings) that a run of `config` checkpoints.
 
     Built by the one constructor, `state.create_train_state`, under `jax.eval_shape` (nothing is
-    initialised); the optimizer state's structure does not depend on the schedule's length.
+    initialised); the optimizer state's structure does not depend on the schedule's length. Placed
+    as this run places its state: on `mesh` (default: every device of every process), replicated or
+    split with `config.shard_params`.
     """
     model = model if model is not None else build_model(config.model)
     tx, _ = optimizer.create_optimizer(config.optim, total_steps=1)
-    return jax.eval_shape(lambda: state_lib.create_train_state(
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(
         model, tx, jax.random.key(0), int(config.data.crop_size),
         ema=config.train.teacher == "ema"))
+    mesh = sharding_lib.create_mesh() if mesh is None else mesh
+    return sharding_lib.abstract(
+        shapes, state_lib.state_sharding(shapes, mesh, bool(config.shard_params)))
 
 
 def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, dict]:
@@ -178,7 +300,8 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     `config.data.crop_size` for the memory's shape), or a Hugging Face
     `SegformerForSemanticSegmentation` checkpoint: its config.json builds the model (SegFormer
     without AllSpark, as transformers computes it; `config.model` is not used), and its class count
-    must be `config.data.num_classes`.
+    must be `config.data.num_classes`. Workdir checkpoints are read onto this process's devices as
+    `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
     if isinstance(parsed, str) and not is_weight_file(parsed) and parsed not in ("latest", "best"):
@@ -202,12 +325,8 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
-    except (ValueError, KeyError) as e:  # orbax: tree structure / shape mismatch
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(
-            f"--checkpoint={spec}: the checkpoint in {workdir} does not fit the model of this "
-            f"config (model.*, data.crop_size, train.teacher must be those of the run): {e}") from e
+    finally:
+        checkpointer.close()
     out = {"student": state.variables()}
     if state.ema_params is not None:
         out["ema"] = state.variables(teacher=True)

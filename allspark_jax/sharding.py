@@ -52,6 +52,15 @@ def fsdp(tree, mesh: Mesh):
         else replicated(mesh), tree)
 
 
+def abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or ShapeDtypeStructs) placed by `shardings`.
+
+    A restore target: orbax reads each array straight into this placement, whatever mesh wrote it.
+    """
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
+
+
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     n = mesh.shape[DATA_AXIS]
     if global_batch % n:

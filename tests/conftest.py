@@ -21,6 +21,15 @@ def make_options(seed=0, **data):
     return config_lib.data_options(make_config(seed, **data))
 
 
+@pytest.fixture(scope="module")
+def persistent_compilation_cache():
+    """run_config's persistent XLA cache on for a module (shared with its main.py subprocesses)."""
+    import run_config
+    restore = run_config.enable_cache()
+    yield
+    restore()
+
+
 @pytest.fixture(scope="session")
 def data_synthetic_root(tmp_path_factory):
     """A tiny synthetic dataset (Pascal layout): 12 train (3 labeled, 9 unlabeled), 4 val, 5 classes."""

@@ -34,6 +34,19 @@ OVERRIDES = {
 }
 STEPS = 8  # 2 epochs x (18 unlabeled // 4)
 
+# The same run moved between topologies (test_topology.py): a global batch of 8 (divisible by 1, 4
+# and 8 devices), 3 epochs of 2 steps (18 unlabeled // 8), the memory read from the start (one train
+# program per topology), checkpoints at steps 3 and 6 (kept), evaluated at step 6 only.
+TOPOLOGY = {
+    "data.batch_size": 8,
+    "train.epochs": 3,
+    "train.warmup_epoch": 0,
+    "checkpoint_every_steps": 3,
+    "eval_every_steps": 6,
+    "keep_checkpoints": 4,
+}
+TOPOLOGY_STEPS, TOPOLOGY_RESUME_STEP = 6, 3
+
 
 def tiny_config(**extra):
     """configs/demo.py with OVERRIDES (and `extra`, dotted keys with '__' for '.') applied."""

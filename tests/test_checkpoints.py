@@ -10,12 +10,7 @@ import run_config
 from allspark_jax import checkpoints
 from allspark_jax import train
 
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-    restore = run_config.enable_cache()
-    yield
-    restore()
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 @pytest.fixture(scope="module")
