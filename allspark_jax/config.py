@@ -225,7 +225,7 @@ def validate(config) -> None:
     _in_range(config, "eval.crop_size", 1, integer=True, optional=True)
     try:
         bucketing.as_buckets(config.eval.buckets)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError):
         raise _error("eval.buckets", config.eval.buckets,
                      "positive sides or (height, width) pairs") from None
     _in_range(config, "eval.batch_size", 1, integer=True)
