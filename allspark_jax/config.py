@@ -25,6 +25,7 @@ import ml_collections
 from allspark_jax.data import datasets
 from allspark_jax.data.datasets import DataError
 
+METHODS = ("allspark", "semi", "supervised")  # the release's three trainers (configs/default.py)
 TEACHERS = ("online", "ema")
 LOSSES_X = ("ce", "ohem")
 STUDENT_VIEWS = ("weak", "strong")
@@ -145,6 +146,24 @@ def _validate_data(config) -> None:
     _in_range(config, "data.prefetch", 1, integer=True)
 
 
+def _validate_method(config) -> None:
+    """`method`, and the options that only the methods with an unlabeled loss or AllSpark read."""
+    _one_of(config, "method", METHODS)
+    method = config.method
+    if config.model.get("method", method) != method:
+        raise _error("model.method", config.model.method, f"config.method ({method!r})")
+    if method == "supervised":
+        unused = (("data.student_view", "weak"), ("data.cutmix_prob", 0.0),
+                  ("train.conf_thresh", 0.0), ("train.loss_u_ignore_padding", False))
+        for key, off in unused:
+            if _get(config, key) != off:
+                raise _error(key, _get(config, key), f"{off!r} with method 'supervised', which "
+                             "trains on labeled images only (no unlabeled view, no pseudo-labels)")
+    if method != "allspark" and config.train.key_group_size is not None:
+        raise _error("train.key_group_size", config.train.key_group_size,
+                     f"None with method {method!r} (teacher key groups are AllSpark's)")
+
+
 def validate(config) -> None:
     """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
 
@@ -155,6 +174,7 @@ def validate(config) -> None:
     from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
 
     _validate_data(config)
+    _validate_method(config)
     # model
     try:
         segmentor.model_config_from(config.model)
@@ -250,6 +270,7 @@ class DataOptions:
     num_parallel_calls: int
     prefetch: int
     seed: int
+    labeled_only: bool = False  # config.method 'supervised': epochs walk the labeled list only
 
 
 def synthetic_root(config, workdir: str | None) -> str | None:
@@ -305,4 +326,4 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
         cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
         scale_range=tuple(float(x) for x in d.scale_range), check_files=bool(d.check_files),
         num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
-        seed=int(config.seed))
+        seed=int(config.seed), labeled_only=config.get("method") == "supervised")

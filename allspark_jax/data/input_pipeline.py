@@ -7,7 +7,9 @@ readers, steps per epoch) is done once per run and passed to `create_train_itera
 Epochs (release semantics): an epoch walks the unlabeled list once in a fresh random order; the labeled
 list is repeated `ceil(U / L)` times, truncated to U and permuted afresh each epoch; step t of epoch e
 pairs positions [t B, (t + 1) B) of both orders (B = global batch); the last partial batch is dropped,
-so steps_per_epoch = U // B. Process p of P takes positions [t B + p b, t B + (p + 1) b), b = B / P,
+so steps_per_epoch = U // B. With `labeled_only` (config.method 'supervised', the release's
+train_baseline_sup.py) an epoch walks the labeled list once in a fresh random order, steps_per_epoch =
+L // B, and batches hold the labeled entries only. Process p of P takes positions [t B + p b, t B + (p + 1) b), b = B / P,
 of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
 depend neither on P nor on the source ('files' and 'tfds' give identical batches) and a run started
 at `start_step` sees exactly the batches an uninterrupted run would (skipping costs no decoding).
@@ -124,7 +126,8 @@ class TrainPlan:
 
     split: the labeled and unlabeled (image, mask) lists and where they came from; labeled_reader /
     unlabeled_reader: read example i of each list (files or TFDS records); steps_per_epoch:
-    unlabeled images // global batch (the release drops the last partial batch).
+    unlabeled images // global batch (labeled images with `labeled_only`; the release drops the
+    last partial batch).
     """
     split: splits_lib.TrainSplit
     labeled_reader: Any
@@ -141,16 +144,19 @@ def train_plan(opts) -> TrainPlan:
                                                coco_train_images=tfds_meta.paths("train"))
     else:
         split = splits_lib.resolve_train_split(opts.name, opts.split, opts.unlabeled_split, root)
-    steps = len(split.unlabeled) // opts.batch_size
+    walked, source = ((split.labeled, split.labeled_source) if opts.labeled_only
+                      else (split.unlabeled, split.unlabeled_source))
+    steps = len(walked) // opts.batch_size
     if steps == 0:
-        raise DataError(f"the unlabeled list ({split.unlabeled_source}) has {len(split.unlabeled)} "
-                        f"images, fewer than data.batch_size={opts.batch_size}; expected at least one "
-                        "full global batch per epoch.")
+        raise DataError(f"the {'labeled' if opts.labeled_only else 'unlabeled'} list ({source}) "
+                        f"has {len(walked)} images, fewer than data.batch_size={opts.batch_size}; "
+                        "expected at least one full global batch per epoch.")
     if tfds_meta is None:
         if opts.check_files:
             datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
-            datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
-                                       require_masks=False)
+            if not opts.labeled_only:
+                datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
+                                           require_masks=False)
         readers = _FileReader(root, split.labeled), _FileReader(root, split.unlabeled)
     else:
         readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
@@ -167,12 +173,16 @@ def _local_batch(opts, process_count: int) -> int:
 
 def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, steps: int,
                      batch: int, local_batch: int, process_index: int, start_epoch: int,
-                     start_offset: int) -> dict[str, tf.Tensor]:
-    """One epoch's (epoch, position, labeled index, unlabeled index) of this process, in step order."""
+                     start_offset: int, labeled_only: bool = False) -> dict[str, tf.Tensor]:
+    """One epoch's (epoch, position, labeled index, unlabeled index) of this process, in step order.
+
+    `labeled_only`: the epoch walks the labeled list once; no unlabeled index."""
     epoch = tf.cast(epoch, tf.int64)
     base = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), epoch)
     perm_u = tf.random.experimental.stateless_shuffle(
         tf.range(num_unlabeled, dtype=tf.int64), augment.fold_seed(base, 1))
+    if labeled_only:
+        num_unlabeled = num_labeled  # the labeled list, once, in a fresh order
     reps = math.ceil(num_unlabeled / num_labeled)
     labeled_rep = tf.tile(tf.range(num_labeled, dtype=tf.int64), [reps])[:num_unlabeled]
     perm_l = tf.random.experimental.stateless_shuffle(labeled_rep, augment.fold_seed(base, 2))
@@ -180,8 +190,10 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
     pos = tf.reshape(pos[:, process_index * local_batch:(process_index + 1) * local_batch], [-1])
     first = tf.where(tf.equal(epoch, start_epoch), start_offset * local_batch, 0)
     pos = pos[first:]
-    return {"epoch": tf.fill(tf.shape(pos), epoch), "pos": pos,
-            "l": tf.gather(perm_l, pos), "u": tf.gather(perm_u, pos)}
+    out = {"epoch": tf.fill(tf.shape(pos), epoch), "pos": pos, "l": tf.gather(perm_l, pos)}
+    if not labeled_only:
+        out["u"] = tf.gather(perm_u, pos)
+    return out
 
 
 def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
@@ -203,7 +215,8 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         return tf.data.Dataset.from_tensor_slices(_epoch_positions(
             epoch, seed=seed, num_labeled=len(plan.split.labeled),
             num_unlabeled=len(plan.split.unlabeled), steps=steps, batch=batch, local_batch=local_batch,
-            process_index=process_index, start_epoch=start_epoch, start_offset=start_offset))
+            process_index=process_index, start_epoch=start_epoch, start_offset=start_offset,
+            labeled_only=opts.labeled_only))
 
     def load(el):
         step_seed = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), el["epoch"] + 1,
@@ -215,6 +228,8 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         image = augment.check_same_size(image, mask, image_path, mask_path)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
+        if opts.labeled_only:
+            return {"image_l": image_l, "mask_l": mask_l}
         u_b, u_path = ur.image(el["u"])
         u = augment.decode_image(u_b, u_path)
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
@@ -262,7 +277,8 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
     Yields dicts (b = data.batch_size // process_count, S = data.crop_size):
       image_l (b, S, S, 3) float32 normalised; mask_l (b, S, S) int32 (255 ignore);
       image_u_w (b, S, S, 3) float32 teacher view; image_u_s (b, S, S, 3) float32 student view;
-      pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off).
+      pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off);
+      with `opts.labeled_only` only image_l and mask_l.
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents).
     """
     ds = create_train_dataset(opts, start_step=start_step, plan=plan, process_index=process_index,
