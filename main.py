@@ -75,28 +75,19 @@ def main(argv):
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     from allspark_jax import checkpoints
-    from allspark_jax import config as config_lib
     from allspark_jax import convert
+    from allspark_jax import runtime
     from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
-    try:
-        config_lib.validate(config)
-    except (config_lib.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    # Hide the GPUs / TPUs from TensorFlow (tf.data runs on the host).
-    import tensorflow as tf
-    tf.config.experimental.set_visible_devices([], "GPU")
+    runtime.validated_start(config)
     import jax
 
     from allspark_jax import predict as predict_lib
-    from allspark_jax import runtime
     from allspark_jax import train
     from allspark_jax import workdir as workdir_lib
     from allspark_jax.evaluation import evaluator
 
-    runtime.start(config)
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
                  jax.process_count(), jax.local_devices())
     try:

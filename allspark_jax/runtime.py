@@ -64,6 +64,23 @@ def setup_compilation_cache(config, workdir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def validated_start(config) -> None:
+    """A command line's start-up: `config.validate` (a bad key prints its one-line error and exits
+    with status 2), TensorFlow kept off the accelerators (tf.data runs on the host), then `start`."""
+    import sys  # pylint: disable=g-import-not-at-top
+
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+    try:
+        config_lib.validate(config)
+    except (config_lib.ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.set_visible_devices([], "GPU")
+    start(config)
+
+
 def start(config) -> None:
     """XLA flags and jax.distributed, in that order (both before JAX starts its backends)."""
     set_xla_flags(config)

@@ -218,7 +218,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/learning.py")
-    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax import runtime  # pylint: disable=g-import-not-at-top
     from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
 
@@ -230,14 +229,7 @@ def main(argv):
         raise app.UsageError("--seeds: expected at least one seed")
     rows = rows_for(FLAGS.methods, FLAGS.extensions, FLAGS.ceiling)
     base = FLAGS.config
-    try:
-        config_lib.validate(base)
-    except (config_lib.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.experimental.set_visible_devices([], "GPU")
-    runtime.start(base)
+    runtime.validated_start(base)
     logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
     try:
