@@ -79,3 +79,10 @@ def test_supervised_epochs_walk_the_labeled_list():
         orders.append(out["l"].numpy().tolist())
         assert sorted(orders[-1]) == list(range(6))
     assert orders[0] != orders[1]
+
+
+def test_allspark_internals_need_allspark():
+    from allspark_jax import inspection
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    with pytest.raises(ValueError, match=r"no Semantic Memory.*config.method 'allspark'"):
+        inspection.allspark_internals(None, {"params": {}, "batch_stats": {}}, x, x)
