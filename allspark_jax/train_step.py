@@ -63,8 +63,9 @@ def cutmix(box, image_u_s, teacher_logits, pseudo):
     unlabeled features into AllSpark's memory) and the pseudo-labels (255 where the partner's are
     ignored: confidence, padding) become those of the partner; outside they stay image i's own.
     """
-    partner = lambda a: jnp.roll(a, 1, axis=0)  # noqa: E731  (partner(a)[i] = a[i - 1])
-    inside = lambda a: jnp.where(box.reshape(box.shape + (1,) * (a.ndim - 3)), partner(a), a)  # noqa: E731
+    def inside(a):  # partner's values inside the box: jnp.roll(a, 1)[i] = a[i - 1]
+        return jnp.where(box.reshape(box.shape + (1,) * (a.ndim - 3)), jnp.roll(a, 1, axis=0), a)
+
     return inside(image_u_s), inside(teacher_logits), inside(pseudo)
 
 

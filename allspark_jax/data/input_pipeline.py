@@ -8,9 +8,9 @@ Epochs (release semantics): an epoch walks the unlabeled list once in a fresh ra
 list is repeated `ceil(U / L)` times, truncated to U and permuted afresh each epoch; step t of epoch e
 pairs positions [t B, (t + 1) B) of both orders (B = global batch); the last partial batch is dropped,
 so steps_per_epoch = U // B. With `labeled_only` (config.method 'supervised', the release's
-train_baseline_sup.py) an epoch walks the labeled list once in a fresh random order, steps_per_epoch =
-L // B, and batches hold the labeled entries only. Process p of P takes positions [t B + p b, t B + (p + 1) b), b = B / P,
-of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
+train_baseline_sup.py) an epoch walks the labeled list once in a fresh random order, steps_per_epoch
+= L // B, and batches hold the labeled entries only. Process p of P takes positions
+[t B + p b, t B + (p + 1) b), b = B / P, of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
 depend neither on P nor on the source ('files' and 'tfds' give identical batches) and a run started
 at `start_step` sees exactly the batches an uninterrupted run would (skipping costs no decoding).
 """
