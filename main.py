@@ -171,25 +171,18 @@ def main(argv):
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     from allspark_jax import checkpoints
-    from allspark_jax import config as config_lib
     from allspark_jax import convert
+    from allspark_jax import runtime
     from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
-    try:
-        config_lib.validate(config)
-    except (config_lib.ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runtime.validate_or_exit(config)
     log_to_workdir(FLAGS.workdir, FLAGS.verbose)
     with native_stderr_to_log(FLAGS.verbose):
-        import tensorflow as tf
-        # Hide the GPUs / TPUs from TensorFlow (tf.data runs on the host).
-        tf.config.experimental.set_visible_devices([], "GPU")
+        runtime.hide_accelerators_from_tensorflow()
     import jax
 
     from allspark_jax import predict as predict_lib
-    from allspark_jax import runtime
     from allspark_jax import train
     from allspark_jax import workdir as workdir_lib
     from allspark_jax.evaluation import evaluator

@@ -25,6 +25,7 @@ import ml_collections
 from allspark_jax.data import datasets
 from allspark_jax.data.datasets import DataError
 
+METHODS = ("allspark", "semi", "supervised")  # the release's three trainers (configs/default.py)
 TEACHERS = ("online", "ema")
 LOSSES_X = ("ce", "ohem")
 STUDENT_VIEWS = ("weak", "strong")
@@ -170,6 +171,24 @@ def _validate_data(config) -> None:
     _validate_custom(config)
 
 
+def _validate_method(config) -> None:
+    """`method`, and the options that only the methods with an unlabeled loss or AllSpark read."""
+    _one_of(config, "method", METHODS)
+    method = config.method
+    if config.model.get("method", method) != method:
+        raise _error("model.method", config.model.method, f"config.method ({method!r})")
+    if method == "supervised":
+        unused = (("data.student_view", "weak"), ("data.cutmix_prob", 0.0),
+                  ("train.conf_thresh", 0.0), ("train.loss_u_ignore_padding", False))
+        for key, off in unused:
+            if _get(config, key) != off:
+                raise _error(key, _get(config, key), f"{off!r} with method 'supervised', which "
+                             "trains on labeled images only (no unlabeled view, no pseudo-labels)")
+    if method != "allspark" and config.train.key_group_size is not None:
+        raise _error("train.key_group_size", config.train.key_group_size,
+                     f"None with method {method!r} (teacher key groups are AllSpark's)")
+
+
 def validate(config) -> None:
     """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
 
@@ -180,6 +199,7 @@ def validate(config) -> None:
     from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
 
     _validate_data(config)
+    _validate_method(config)
     # model
     try:
         segmentor.model_config_from(config.model)
@@ -311,6 +331,7 @@ class DataOptions:
     seed: int
     ignore_index: int = datasets.IGNORE_INDEX
     palette: tuple[tuple[int, int, int], ...] | None = None
+    labeled_only: bool = False  # config.method 'supervised': epochs walk the labeled list only
 
 
 def synthetic_root(config, workdir: str | None) -> str | None:
@@ -370,4 +391,5 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
         cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
         scale_range=tuple(float(x) for x in d.scale_range), check_files=d.check_files,
         num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
-        seed=int(config.seed), ignore_index=int(d.custom.ignore_index), palette=palette)
+        seed=int(config.seed), ignore_index=int(d.custom.ignore_index), palette=palette,
+        labeled_only=config.get("method") == "supervised")

@@ -7,8 +7,10 @@ layout change (Dense kernels (in, out) <-> Linear weights (out, in); conv kernel
 that lists every offending key.
 
 Supported sources (`load_variables`):
-  * official AllSpark training checkpoints (`latest.pth`/`best.pth`: a dict whose `model` entry is
-    the DDP state dict, keys prefixed `module.`);
+  * official training checkpoints (`latest.pth`/`best.pth`: a dict whose `model` entry is the DDP
+    state dict, keys prefixed `module.`) of each of the release's trainers: AllSpark's, and the
+    baselines' (`semidec_base.SemiDecoder`: the same names without `decoder.allspark.*`, into a model
+    of config.method 'semi' / 'supervised');
   * plain state dicts (`.pth` or `.npz`, keys as in the release, optionally `module.`-prefixed);
   * SegFormer ImageNet-pretrained encoders (`mit_b0.pth` ... `mit_b5.pth`) via `load_pretrained_encoder`
     (encoder keys without prefix; the classifier `head.*` is ignored);
@@ -130,8 +132,20 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
         flat[path] = value
     if missing or unexpected or wrong:
         raise WeightImportError("\n".join([f"{source} does not fit the model:",
-                                            *key_mismatch_lines(missing, unexpected, wrong)]))
+                                            *key_mismatch_lines(missing, unexpected, wrong),
+                                            *_method_hint(missing, unexpected)]))
     return flax.traverse_util.unflatten_dict(flat)
+
+
+def _method_hint(missing: list[str], unexpected: list[str]) -> list[str]:
+    """A line naming config.method when the mismatch is exactly the AllSpark module's keys."""
+    prefix = _TOP["allspark"] + "."
+    if unexpected and all(k.startswith(prefix) for k in unexpected) and not missing:
+        return ["  the file holds an AllSpark model: use config.method='allspark'"]
+    if missing and all(k.startswith(prefix) for k in missing) and not unexpected:
+        return ["  the file holds a model without AllSpark (the release's semi / supervised "
+                "baselines, semidec_base.SemiDecoder): use config.method='semi' or 'supervised'"]
+    return []
 
 
 def _huggingface(path: str | os.PathLike):

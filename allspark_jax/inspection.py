@@ -184,6 +184,9 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
     if images_l.shape != images_u.shape:
         raise ValueError(f"labeled {images_l.shape} and unlabeled {images_u.shape} batches must have "
                          "one shape (the train step concatenates them)")
+    if "memory" not in variables:
+        raise ValueError("allspark_internals: these variables have no Semantic Memory; it needs "
+                         "a model with AllSpark (config.method 'allspark')")
     if teacher_logits is None:
         teacher_logits, _ = teacher_outputs(model, variables, images_u, key_group_size=key_group_size)
     teacher_logits = jnp.asarray(teacher_logits)

@@ -64,6 +64,32 @@ def setup_compilation_cache(config, workdir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def validate_or_exit(config) -> None:
+    """`config.validate`; a bad key prints its one-line error and exits with status 2."""
+    import sys  # pylint: disable=g-import-not-at-top
+
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+    try:
+        config_lib.validate(config)
+    except (config_lib.ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def hide_accelerators_from_tensorflow() -> None:
+    """tf.data runs on the host: TensorFlow must not take GPU memory (or TPUs) from JAX."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.set_visible_devices([], "GPU")
+
+
+def validated_start(config) -> None:
+    """A command line's start-up: `validate_or_exit`, `hide_accelerators_from_tensorflow`, `start`."""
+    validate_or_exit(config)
+    hide_accelerators_from_tensorflow()
+    start(config)
+
+
 def start(config) -> None:
     """XLA flags and jax.distributed, in that order (both before JAX starts its backends)."""
     set_xla_flags(config)

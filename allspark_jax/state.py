@@ -18,7 +18,8 @@ PARAMETER_FIELDS = ("params", "opt_state", "ema_params")
 @flax.struct.dataclass
 class TrainState:
     """step: () int32 optimizer steps taken. params / batch_stats / memory: the student's variables
-    (memory = {'allspark': {'attn': {'kv_queue': (K, C, n), 'queue_ptr': (K,)}}}). ema_params /
+    (memory = {'allspark': {'attn': {'kv_queue': (K, C, n), 'queue_ptr': (K,)}}}; None for a model
+    without AllSpark, config.method 'semi' / 'supervised'). ema_params /
     ema_batch_stats: the EMA teacher (None when the teacher is the online model). opt_state: SGD
     momentum. rng: the run's base PRNG key as raw key data (uint32, so that it checkpoints and
     crosses hosts like any array); step t's dropout key is fold_in(rng, t).
@@ -37,7 +38,8 @@ class TrainState:
         """The model variables of the student, or of the EMA teacher when there is one."""
         if teacher and self.ema_params is not None:
             return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-        return {"params": self.params, "batch_stats": self.batch_stats, "memory": self.memory}
+        student = {"params": self.params, "batch_stats": self.batch_stats}
+        return student if self.memory is None else {**student, "memory": self.memory}
 
 
 def create_train_state(model: AllSparkSegmentor, tx: optax.GradientTransformation, rng: jax.Array,
@@ -52,7 +54,7 @@ def create_train_state(model: AllSparkSegmentor, tx: optax.GradientTransformatio
     params = variables["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
-        memory=variables["memory"], opt_state=tx.init(params),
+        memory=variables.get("memory"), opt_state=tx.init(params),
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         ema_batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]) if ema else None,
         rng=jax.random.key_data(state_rng))

@@ -169,10 +169,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     history = {int(k): v for k, v in workdir_lib.read_json(history_path, {}).items()
                if int(k) <= start_step}
 
-    steps = {flag: train_step_lib.make_train_step(model, tx, config.train, use_memory=flag,
-                                                  state_sharding=s_sharding,
-                                                  batch_sharding=b_sharding)
-             for flag in (False, True)}
+    method = config.method
+    # Only AllSpark reads the memory: the baselines compile one step.
+    flags = (False, True) if method == "allspark" else (False,)
+    compiled = {flag: train_step_lib.make_train_step(model, tx, config.train, use_memory=flag,
+                                                     state_sharding=s_sharding,
+                                                     batch_sharding=b_sharding, method=method)
+                for flag in flags}
+    steps = {flag: compiled.get(flag, compiled[False]) for flag in (False, True)}
     predictor = evaluator.make_predictor(config, model)
 
     log_every = max(int(config.log_every_steps), 1)
@@ -213,11 +217,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             checkpointer.save_best(step, state, best)
 
     train_iter = input_pipeline.create_train_iterator(opts, start_step=start_step, plan=plan)
-    train_iter = ({k: b[k] for k in train_step_lib.BATCH_KEYS} for b in train_iter)
+    keys = train_step_lib.batch_keys(method, cutmix=opts.cutmix_prob > 0)
+    train_iter = ({k: b[k] for k in keys} for b in train_iter)
     device_iter = input_pipeline.prefetch_to_device(train_iter, b_sharding, size=opts.prefetch)
 
     step = start_step
-    logger = _TrainLogger(writer, schedules, 2 * opts.batch_size, steps_per_epoch, step)
+    images_per_step = opts.batch_size * (1 if method == "supervised" else 2)
+    logger = _TrainLogger(writer, schedules, images_per_step, steps_per_epoch, step)
     progress = _ProgressBar(bool(config.train.progress_bar) and jax.process_index() == 0,
                             start_step, num_steps)
     with metric_writers.ensure_flushes(writer):

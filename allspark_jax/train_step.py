@@ -1,14 +1,18 @@
-"""One AllSpark training iteration as the release's train_allspark.py runs it, jitted.
+"""One training iteration of each of the release's trainers (`config.method`), jitted.
 
-A step:
+'allspark' (train_allspark.py) and 'semi' (train_baseline_semi.py, the model without AllSpark):
   1. teacher pass ("teacher" mode: BN running statistics, no dropout, no memory) on the unlabeled
-     weak view -> logits; pseudo-labels = argmax;
-  2. student pass ("train" mode) on concat(labeled, unlabeled student view): BN batch statistics
-     over the whole global batch, dropout, stochastic depth, memory update; the memory is read by
-     the labeled-to-unlabeled attention once `use_memory` (epoch >= warmup_epoch);
-  3. loss = (loss_x + loss_u) / 2; the optimiser update (`allspark_jax.optimizer`); the EMA teacher.
+     weak view -> logits; pseudo-labels = argmax (optionally 255 below `conf_thresh` / on padding);
+  2. CutMix (when the batch carries `cutmix_u`): inside image i's box the student sees unlabeled
+     image i - 1 (mod B) of the global batch and learns its pseudo-labels (`cutmix`);
+  3. student pass ("train" mode) on concat(labeled, unlabeled student view): BN batch statistics
+     over the whole global batch, dropout, stochastic depth; with AllSpark the memory update, and the
+     memory is read by the labeled-to-unlabeled attention once `use_memory` (epoch >= warmup_epoch);
+  4. loss = (loss_x + loss_u) / 2; the optimiser update (`allspark_jax.optimizer`); the EMA teacher.
+'supervised' (train_baseline_sup.py): the student pass on the labeled images alone, loss = loss_x.
 Batches are dicts of NHWC arrays (`input_pipeline.create_train_iterator`): image_l (B, S, S, 3),
-mask_l (B, S, S), image_u_w, image_u_s (B, S, S, 3), pad_u (B, S, S) bool.
+mask_l (B, S, S), image_u_w, image_u_s (B, S, S, 3), pad_u (B, S, S) bool, cutmix_u (B, S, S) bool;
+`batch_keys` says which of them a method reads.
 """
 from __future__ import annotations
 
@@ -21,8 +25,15 @@ from allspark_jax.data.datasets import IGNORE_INDEX
 from allspark_jax.models.segmentor import AllSparkSegmentor
 from allspark_jax.state import TrainState
 
-# The batch entries a step reads.
+# The batch entries an AllSpark / semi step reads (CutMix off).
 BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u")
+
+
+def batch_keys(method: str = "allspark", cutmix: bool = False) -> tuple[str, ...]:
+    """The batch entries a step of `method` reads (`cutmix`: data.cutmix_prob > 0)."""
+    if method == "supervised":
+        return ("image_l", "mask_l")
+    return BATCH_KEYS + (("cutmix_u",) if cutmix else ())
 
 
 def supervised_loss(logits, target, train_config):
@@ -45,28 +56,52 @@ def pseudo_labels(teacher_logits, pad_u, train_config):
     return label
 
 
+def cutmix(box, image_u_s, teacher_logits, pseudo):
+    """UniMatch's CutMix within the global batch: image i's partner is image i - 1 (mod B).
+
+    box (B, S, S) bool. Inside image i's box, the student view, the teacher logits (which route the
+    unlabeled features into AllSpark's memory) and the pseudo-labels (255 where the partner's are
+    ignored: confidence, padding) become those of the partner; outside they stay image i's own.
+    """
+    def inside(a):  # partner's values inside the box: jnp.roll(a, 1)[i] = a[i - 1]
+        return jnp.where(box.reshape(box.shape + (1,) * (a.ndim - 3)), jnp.roll(a, 1, axis=0), a)
+
+    return inside(image_u_s), inside(teacher_logits), inside(pseudo)
+
+
 def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
-               tx: optax.GradientTransformation, train_config, use_memory: bool):
-    """One official AllSpark iteration. Returns (new state, metrics dict of scalars + 'grads')."""
-    teacher_logits = jax.lax.stop_gradient(model.apply(
-        state.variables(teacher=train_config.teacher == "ema"), batch["image_u_w"], mode="teacher",
-        key_group_size=train_config.key_group_size))
-    pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
-    x = jnp.concatenate([batch["image_l"], batch["image_u_s"]], axis=0)
+               tx: optax.GradientTransformation, train_config, use_memory: bool,
+               method: str = "allspark"):
+    """One iteration of `method` (module docstring). Returns (new state, metrics dict of scalars,
+    'pseudo_label' (B, S, S) unless supervised, and 'grads')."""
     n_l = batch["image_l"].shape[0]
+    if method == "supervised":
+        x, teacher_logits = batch["image_l"], None
+    else:
+        teacher_logits = jax.lax.stop_gradient(model.apply(
+            state.variables(teacher=train_config.teacher == "ema"), batch["image_u_w"],
+            mode="teacher", key_group_size=train_config.key_group_size))
+        pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
+        image_u_s = batch["image_u_s"]
+        if "cutmix_u" in batch:
+            image_u_s, teacher_logits, pseudo = cutmix(batch["cutmix_u"], image_u_s,
+                                                       teacher_logits, pseudo)
+        x = jnp.concatenate([batch["image_l"], image_u_s], axis=0)
     dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    student = state.variables()
+    mutable = [k for k in student if k != "params"]
 
     def loss_fn(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats, "memory": state.memory}, x,
-            mode="train", teacher_logits=teacher_logits, use_memory=use_memory,
-            rngs={"dropout": dropout_rng}, mutable=["batch_stats", "memory"])
+            {**student, "params": params}, x, mode="train", teacher_logits=teacher_logits,
+            use_memory=use_memory, rngs={"dropout": dropout_rng}, mutable=mutable)
         loss_x = supervised_loss(logits[:n_l], batch["mask_l"], train_config)
+        if method == "supervised":
+            return loss_x, ({"loss_x": loss_x}, updates)
         loss_u = losses.cross_entropy(logits[n_l:], pseudo, groups=train_config.loss_groups)
-        return (loss_x + loss_u) / 2, (loss_x, loss_u, updates)
+        return (loss_x + loss_u) / 2, ({"loss_x": loss_x, "loss_u": loss_u}, updates)
 
-    (loss, (loss_x, loss_u, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, opt_updates)
     ema_params, ema_batch_stats = state.ema_params, state.ema_batch_stats
@@ -77,17 +112,19 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
         ema_batch_stats = updates["batch_stats"]
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=updates["batch_stats"],
-        memory=updates["memory"], opt_state=opt_state, ema_params=ema_params,
+        memory=updates.get("memory"), opt_state=opt_state, ema_params=ema_params,
         ema_batch_stats=ema_batch_stats)
-    metrics = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "pseudo_label": pseudo,
-               "grads": grads}
+    metrics = {"loss": loss, **parts, "grads": grads}
+    if method != "supervised":
+        metrics["pseudo_label"] = pseudo
     return new_state, metrics
 
 
 def make_train_step(model: AllSparkSegmentor, tx: optax.GradientTransformation, train_config, *,
                     use_memory: bool, state_sharding=None, batch_sharding=None,
-                    with_outputs: bool = False):
-    """The jitted step. `use_memory` is static: a run compiles one step before warm-up, one after.
+                    with_outputs: bool = False, method: str = "allspark"):
+    """The jitted step of `method`. `use_memory` is static: an AllSpark run compiles one step before
+    the warm-up, one after.
 
     The state buffers are donated. Unless `with_outputs`, only the scalar losses leave the step
     (the pseudo-labels and gradients are for verification).
@@ -95,9 +132,9 @@ def make_train_step(model: AllSparkSegmentor, tx: optax.GradientTransformation, 
 
     def step(state, batch):
         state, metrics = train_step(state, batch, model=model, tx=tx, train_config=train_config,
-                                    use_memory=use_memory)
+                                    use_memory=use_memory, method=method)
         if not with_outputs:
-            metrics = {k: metrics[k] for k in ("loss", "loss_x", "loss_u")}
+            metrics = {k: metrics[k] for k in ("loss", "loss_x", "loss_u") if k in metrics}
         return state, metrics
 
     kwargs = {}

@@ -11,14 +11,36 @@ different global batch B, scale the learning rate linearly, `optim.lr = paper_lr
 (the release's recipe was only tuned at the paper's batch; keep it when you can).
 `train.loss_groups = 4` computes the losses (and OHEM's ranking) per group of B/4 images and averages,
 as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
+
+`method` picks one of the release's three trainers: 'allspark' (train_allspark.py), 'semi'
+(train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
+'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
+argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
+that trainer; `--config.method=semi` switches the method and keeps every other key.
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from allspark_jax.config import METHODS
+
+
+def split_and_method(arg: str, config_file: str, splits) -> tuple[str, str]:
+    """A dataset config's argument 'SPLIT' or 'SPLIT,METHOD' -> (split, method); unknown -> error."""
+    split, _, method = str(arg).partition(",")
+    method = method or "allspark"
+    if split not in splits:
+        raise ValueError(f"configs/{config_file}:{arg}: unknown split {split!r}; expected one of "
+                         f"{', '.join(splits)}")
+    if method not in METHODS:
+        raise ValueError(f"configs/{config_file}:{arg}: unknown method {method!r}; expected one of "
+                         f"{', '.join(METHODS)}")
+    return split, method
 
 
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0  # PRNG seed: model init, dropout / stochastic depth, data order and augmentation.
+    config.method = "allspark"  # 'allspark' | 'semi' | 'supervised' (see the module docstring).
 
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
@@ -34,7 +56,9 @@ def get_config():
     data.source = "files"  # 'files' (decode the root's files) | 'tfds' (allspark_jax.data.prepare records).
     data.tfds_data_dir = placeholder(str)  # TFDS data dir for source 'tfds' (None = TFDS default).
     data.student_view = "weak"  # 'weak' (release: student sees the teacher's view) | 'strong'.
-    data.cutmix_prob = 0.0  # Probability of a CutMix box per unlabeled image (release: 0, off).
+    # Probability of a CutMix box per unlabeled image (release: 0, off): inside it the student sees
+    # the neighbouring unlabeled image of the global batch and learns that image's pseudo-label.
+    data.cutmix_prob = 0.0
     data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
     data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
     data.check_files = "exist"  # Before reading: 'none' | 'exist' (files present) | 'decode' (all decoded).
@@ -63,7 +87,9 @@ def get_config():
     model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
     model.drop_path_rate = placeholder(float)  # Stochastic depth of the encoder; None = the preset's 0.1.
     model.num_classes = data.get_ref("num_classes")  # Output classes (follows data.num_classes).
-    model.allspark_heads = 2  # AllSpark heads H (2 in every paper config).
+    # Follows config.method: the AllSpark module and its Semantic Memory only for 'allspark'.
+    model.method = config.get_ref("method")
+    model.allspark_heads = 2  # AllSpark heads H (2 in every paper config; method 'allspark' only).
     model.decoder_dim = 768  # SegFormer head embedding dim E.
     model.head_dropout = 0.1  # Dropout2d before the classifier.
     model.attn_drop = 0.1  # AllSpark attention dropout.
@@ -83,9 +109,11 @@ def get_config():
 
     # --------------------------------------------------------------------------------- training
     config.train = train = ml_collections.ConfigDict()
-    train.epochs = 80  # Epochs; an epoch walks the unlabeled list once (unlabeled // batch steps).
+    # Epochs; an epoch walks the unlabeled list once (unlabeled // batch steps), with method
+    # 'supervised' the labeled list (labeled // batch steps), as the release's trainers.
+    train.epochs = 80
     train.num_train_steps = -1  # > 0: stop after this many steps (the schedule still spans `epochs`).
-    train.warmup_epoch = 5  # The Semantic Memory is read from this epoch on (before: batch keys).
+    train.warmup_epoch = 5  # AllSpark reads the Semantic Memory from this epoch on (before: batch keys).
     train.loss_x = "ce"  # Supervised loss: 'ce' | 'ohem'.
     train.ohem_thresh = 0.7  # OHEM probability threshold.
     train.ohem_min_kept = 200000  # OHEM minimum kept pixels (per loss group).

@@ -8,6 +8,10 @@ from VOC's 1464 finely annotated ones), the "augmented"/blender protocol '1_16',
 the same data root (VOC2012 with SegmentationClass from SegmentationClassAug, as the release) and the
 same 1449-image val list; AllSpark trains every Pascal split at crop 513 (UniMatch used 321 for the
 original splits; AllSpark's released pascal config does not) and evaluates whole images.
+
+A second argument picks the method with the release's hyperparameters for it
+(`configs/pascal.py:1_16,semi`, `configs/pascal.py:1_16,supervised`): the baselines share AllSpark's
+except the supervised global batch, 16 (4 / GPU x 4 GPUs).
 """
 from configs import default
 
@@ -15,17 +19,17 @@ ORIGINAL = ("92", "183", "366", "732", "1464")
 AUGMENTED = ("1_16", "1_8", "1_4", "1_2", "u2pl_1_16", "u2pl_1_8", "u2pl_1_4")
 
 
-def get_config(split: str = "1_16"):
-    if split not in ORIGINAL + AUGMENTED:
-        raise ValueError(f"configs/pascal.py:{split}: unknown split; expected one of "
-                         f"{', '.join(ORIGINAL + AUGMENTED)}")
+def get_config(arg: str = "1_16"):
+    split, method = default.split_and_method(arg, "pascal.py", ORIGINAL + AUGMENTED)
     config = default.get_config()
+    config.method = method
     config.data.name = "pascal"
     config.data.root = "data/VOC2012"
     config.data.split = split
     config.data.num_classes = 21
     config.data.crop_size = 513
-    config.data.batch_size = 8  # global: 2 / GPU x 4 GPUs
+    # global: 2 / GPU x 4 GPUs; the release's supervised baseline 4 / GPU x 4 GPUs
+    config.data.batch_size = 16 if method == "supervised" else 8
     config.model.backbone = "b5"
     config.model.pretrained = "pretrained/mit_b5.pth"
     config.optim.lr = 0.001

@@ -3,8 +3,9 @@
     python tests/distributed_worker.py OUT.npz --devices 8 [--processes 2 --process_id 0 --port P]
         [--shard_params] [--teacher ema]
 
-The global batch (8 labeled + 8 unlabeled, 65x65) and the weights (the reference's tiny model)
-are the same for every layout, so every layout must end in the same state.
+The global batch (8 labeled + 8 unlabeled, 65x65, CutMix boxes on half of the unlabeled images,
+whose partners lie on other devices) and the weights (the reference's tiny model) are the same for
+every layout, so every layout must end in the same state.
 """
 import argparse
 import os
@@ -42,9 +43,11 @@ def global_batches(size: int, steps: int):
         mask = rng.integers(0, 5, (GLOBAL_BATCH, size, size)).astype(np.int32)
         mask[:, :4] = 255
         x_u = rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32)
+        box = np.zeros((GLOBAL_BATCH, size, size), bool)
+        box[::2, 10:40, 5:50] = True
         yield {"image_l": rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32),
                "mask_l": mask, "image_u_w": x_u, "image_u_s": x_u,
-               "pad_u": np.zeros((GLOBAL_BATCH, size, size), bool)}
+               "pad_u": np.zeros((GLOBAL_BATCH, size, size), bool), "cutmix_u": box}
 
 
 def main():

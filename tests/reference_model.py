@@ -3,13 +3,14 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from allspark_jax.tools.verify_reference import Reference
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 REFERENCE_NPZ = os.path.join(DATA, "allspark_tiny.npz")
+# The release's semi / supervised baselines (record_baselines.py).
+BASELINES_NPZ = os.path.join(DATA, "baselines_tiny.npz")
 OFFICIAL_PTH = os.path.join(DATA, "allspark_tiny_official_checkpoint.pth")
 MIT_PTH = os.path.join(DATA, "mit_tiny_imagenet.pth")
 

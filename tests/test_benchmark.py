@@ -163,3 +163,13 @@ def test_cli_scaling_at_fixed_per_device_batch(tmp_path):
     assert rows[0]["efficiency"] == pytest.approx(1.0)
     assert all(r["seconds"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert "scaling (per-device batch 1)" in proc.stdout
+
+
+def test_train_figures_of_the_baselines():
+    """The step of each baseline method runs (no memory), counting the images it trains on."""
+    for method in ("supervised", "semi"):
+        out = measure.run(tiny_config(method=method), what=["train"], steps=1, warmup=0,
+                          per_device_batch=2, log=lambda s: None)
+        t = out["train"]
+        assert t["images_per_step"] == out["batch"] * (1 if method == "supervised" else 2)
+        assert t["seconds"] > 0 and t["flops"] > 0

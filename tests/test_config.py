@@ -11,7 +11,9 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 @pytest.mark.parametrize("spec", ["default.py", "demo.py", "pascal.py:92", "pascal.py:u2pl_1_8",
-                                  "cityscapes.py:1_30", "coco.py:1_512", "custom.py"])
+                                  "cityscapes.py:1_30", "coco.py:1_512", "custom.py",
+                                  "pascal.py:1_16,semi", "cityscapes.py:1_8,supervised",
+                                  "coco.py:1_32,supervised"])
 def test_shipped_configs_load_by_path_and_validate(spec):
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
@@ -37,6 +39,8 @@ def test_shipped_configs_load_by_path_and_validate(spec):
     ("keep_checkpoints", 0, r"config.keep_checkpoints=0: expected an integer >= 1"),
     ("data.check_files", "all", r"config.data.check_files='all': expected one of 'none', 'exist', "
                                 r"'decode'"),
+    ("method", "fixmatch", r"config.method='fixmatch': expected one of 'allspark', 'semi', "
+                           r"'supervised'"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     config = make_config()
@@ -69,3 +73,46 @@ def test_command_line_override_keys_and_values():
     # keys whose default is None have a type too (ml_collections placeholders)
     error = config_lib.override_value_error(config, "model.drop_path_rate", "x", "not a float")
     assert str(error) == "config.model.drop_path_rate='x': expected a number (now None)"
+
+
+def test_dataset_configs_give_each_method_the_release_hyperparameters():
+    def load(spec):
+        return config_lib.load_config(os.path.join(CONFIGS, spec))
+    for spec, (method, batch, lr, lr_multi) in {
+            "pascal.py:1_16": ("allspark", 8, 0.001, 10.0),
+            "pascal.py:1_16,semi": ("semi", 8, 0.001, 10.0),
+            "pascal.py:1_16,supervised": ("supervised", 16, 0.001, 10.0),
+            "cityscapes.py:1_16": ("allspark", 8, 0.005, 1.0),
+            "cityscapes.py:1_16,semi": ("semi", 8, 0.001, 1.0),
+            "cityscapes.py:1_16,supervised": ("supervised", 16, 0.001, 1.0),
+            "coco.py:1_512,supervised": ("supervised", 32, 0.001, 10.0)}.items():
+        c = load(spec)
+        assert (c.method, c.model.method, c.data.batch_size, c.optim.lr, c.optim.lr_multi) == (
+            method, method, batch, lr, lr_multi), spec
+    with pytest.raises(ValueError, match=r"pascal.py:1_16,mean_teacher: unknown method"):
+        load("pascal.py:1_16,mean_teacher")
+    # --config.method switches the model too (model.method follows it)
+    c = load("pascal.py:1_16")
+    c.method = "semi"
+    assert c.model.method == "semi"
+
+
+@pytest.mark.parametrize("key,value", [("data.student_view", "strong"), ("data.cutmix_prob", 0.5),
+                                       ("train.conf_thresh", 0.9),
+                                       ("train.loss_u_ignore_padding", True)])
+def test_supervised_refuses_unlabeled_options(key, value):
+    config = make_config()
+    config.method = "supervised"
+    *parents, leaf = key.split(".")
+    config[parents[0]][leaf] = value
+    with pytest.raises((config_lib.ConfigError, DataError),
+                       match=rf"config.{key}=.*with method 'supervised'"):
+        config_lib.validate(config)
+
+
+def test_key_groups_are_allspark_only():
+    config = make_config()
+    config.method = "semi"
+    config.train.key_group_size = 4
+    with pytest.raises(config_lib.ConfigError, match=r"key_group_size=4: expected None with method"):
+        config_lib.validate(config)

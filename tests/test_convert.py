@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from allspark_jax import convert, pth
-from reference_model import MIT_PTH, OFFICIAL_PTH, assert_trees_equal, reference
+from reference_model import BASELINES_NPZ, MIT_PTH, OFFICIAL_PTH, assert_trees_equal, reference
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,29 @@ def test_published_checkpoint_layout_is_named(ref, tmp_path):
     for key in ours + published:
         assert key in msg, key
     assert "decoder.decoder" not in msg and "backbone." not in msg  # the rest fits
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    from allspark_jax.tools.verify_reference import Reference
+    return Reference(BASELINES_NPZ)
+
+
+def test_baseline_state_dict_round_trip_and_checkpoint(baseline, tmp_path):
+    """A model without AllSpark (config.method 'semi' / 'supervised') writes and reads the release's
+    semidec_base.SemiDecoder names exactly: no decoder.allspark.*, no memory."""
+    assert not baseline.allspark and set(baseline.variables) == {"params", "batch_stats"}
+    state = convert.to_state_dict(baseline.variables)
+    assert set(state) == set(baseline.state0)
+    for k, v in baseline.state0.items():
+        np.testing.assert_array_equal(state[k], v, err_msg=k)
+    path = tmp_path / "latest.pth"
+    convert.save_official_checkpoint(baseline.variables, path)
+    assert_trees_equal(convert.load_variables(path, template(baseline)), baseline.variables)
+
+
+def test_method_hint_when_the_file_is_the_other_model(ref, baseline):
+    with pytest.raises(convert.WeightImportError, match=r"use config.method='allspark'"):
+        convert.from_state_dict(ref.state0, template(baseline), source="allspark.pth")
+    with pytest.raises(convert.WeightImportError, match=r"use config.method='semi' or 'supervised'"):
+        convert.from_state_dict(baseline.state0, template(ref), source="baseline.pth")

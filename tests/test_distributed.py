@@ -1,5 +1,6 @@
 """Data parallelism: 1 device, 8 simulated devices (replicated or sharded parameters) and two
-processes on 127.0.0.1 (4 devices each, gloo collectives) end three train steps in the same state."""
+processes on 127.0.0.1 (4 devices each, gloo collectives) end three train steps (CutMix partners
+across devices included) in the same state."""
 import os
 import socket
 import subprocess

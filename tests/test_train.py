@@ -1,5 +1,6 @@
-"""The optimiser, the schedule, the EMA teacher and the losses against the release's numbers."""
-import functools
+"""The optimiser, the schedule, the EMA teacher and the losses against the release's numbers;
+CutMix against numpy."""
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,61 @@ def test_bfloat16_compute_keeps_float32_master_weights(f32_step):
     assert {x.dtype for x in jax.tree.leaves(bf_state.params)} == {np.dtype(np.float32)}
     assert bf_state.memory["allspark"]["attn"]["kv_queue"].dtype == np.float32
     np.testing.assert_allclose(bf_metrics["loss"], metrics["loss"], rtol=5e-2)
+
+
+def _numpy_cutmix(box, a):
+    """image i's box takes image i - 1 (mod B): the construction spelled out per image."""
+    out = a.copy()
+    for i in range(a.shape[0]):
+        out[i][box[i]] = a[i - 1][box[i]]
+    return out
+
+
+def _boxes(b, s, rng):
+    box = np.zeros((b, s, s), bool)
+    for i in range(b - 1):  # the last image has no box (probability 1 - cutmix_prob)
+        y, x = rng.integers(0, s // 2, 2)
+        h, w = rng.integers(1, s // 2, 2)
+        box[i, y:y + h, x:x + w] = True
+    return box
+
+
+def test_cutmix_matches_numpy():
+    rng = np.random.default_rng(3)
+    b, s, k = 4, 17, 3
+    box = _boxes(b, s, rng)
+    image = rng.normal(size=(b, s, s, 3)).astype(np.float32)
+    logits = rng.normal(size=(b, s, s, k)).astype(np.float32)
+    pseudo = rng.integers(0, k, (b, s, s)).astype(np.int32)
+    pseudo[1, :5] = 255  # the partner's ignored pixels stay ignored inside the box
+    got = jax.jit(train_step.cutmix)(box, image, logits, pseudo)
+    for g, want in zip(got, (image, logits, pseudo)):
+        np.testing.assert_array_equal(g, _numpy_cutmix(box, want))
+    np.testing.assert_array_equal(got[0][b - 1], image[b - 1])  # no box: unchanged
+    assert np.sum(np.asarray(got[2])[2] == 255) == np.sum(box[2] & (pseudo[1] == 255))
+
+
+def test_semi_step_with_cutmix_learns_the_partners_pseudo_labels():
+    """The step's targets and loss_u equal a direct construction: the teacher's argmax on each
+    weak view, mixed in numpy, against the student's logits on the numpy-mixed student view."""
+    cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
+                      num_classes=3, decoder_dim=16, head_dropout=0.0, allspark=False)
+    model = AllSparkSegmentor(cfg)
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
+    state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=False)
+    rng = np.random.default_rng(4)
+    batch = {"image_l": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
+             "mask_l": rng.integers(0, 3, (3, 33, 33)).astype(np.int32),
+             "image_u_w": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
+             "image_u_s": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
+             "pad_u": np.zeros((3, 33, 33), bool), "cutmix_u": _boxes(3, 33, rng)}
+    teacher = model.apply(state.variables(), batch["image_u_w"], mode="teacher")
+    want_pseudo = _numpy_cutmix(batch["cutmix_u"], np.argmax(np.asarray(teacher), -1))
+    x = np.concatenate([batch["image_l"], _numpy_cutmix(batch["cutmix_u"], batch["image_u_s"])])
+    logits, _ = model.apply(state.variables(), x, mode="train", mutable=["batch_stats"])
+    want_loss_u = losses.cross_entropy(logits[3:], want_pseudo)
+    step = train_step.make_train_step(model, tx, train_config(), use_memory=False,
+                                      with_outputs=True, method="semi")
+    _, out = step(state, batch)
+    np.testing.assert_array_equal(out["pseudo_label"], want_pseudo)
+    np.testing.assert_allclose(out["loss_u"], want_loss_u, rtol=1e-5)

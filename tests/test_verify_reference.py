@@ -6,7 +6,7 @@ import pytest
 from allspark_jax import convert, state as state_lib
 from allspark_jax.tools import verify_reference
 from allspark_jax.tools.verify_reference import FORWARD_RTOL, MAX_KINK_FLIPS, TRAINED_RTOL
-from reference_model import REFERENCE_NPZ, reference
+from reference_model import BASELINES_NPZ, REFERENCE_NPZ, reference
 
 FORWARD_CASES = ("encoder_eval", "encoder_eval_u", "eval_single", "eval_single_bucketed",
                  "train_forward_nomem",
@@ -55,6 +55,45 @@ def test_every_case_within_its_tolerance(results):
     for r in results:
         assert r.rtol == (FORWARD_RTOL if r.name in FORWARD_CASES else TRAINED_RTOL), r.name
         assert r.max_rel <= r.rtol, r.line()
+
+
+@pytest.fixture(scope="module")
+def baseline_results():
+    return verify_reference.verify(BASELINES_NPZ, print_fn=lambda _: None)
+
+
+def test_baselines_every_case_within_its_tolerance(baseline_results):
+    """The release's semi and supervised trainers (model without AllSpark), step for step."""
+    names = []
+    for prefix in ("semi_step", "sup_step"):
+        names += [f"{prefix} lrs", f"{prefix} 0 losses", f"{prefix} grads0", f"{prefix} state1",
+                  f"{prefix} 1 losses", f"{prefix} state2", f"{prefix} 2 losses", f"{prefix} state3"]
+    inference = [r.name for r in baseline_results if r.name.startswith("eval_single")]
+    assert inference[0] == "eval_single"  # (and every other inference case of eval_single/)
+    assert [r.name for r in baseline_results] == inference + names
+    bad = [r.line() for r in baseline_results if not r.ok]
+    assert not bad, bad
+    assert all(r.status == "ok" for r in baseline_results)
+    forward = {"semi_step lrs", "semi_step 0 losses", "sup_step lrs", "sup_step 0 losses"}
+    for r in baseline_results:
+        want = FORWARD_RTOL if r.name in forward or r.name in inference else TRAINED_RTOL
+        assert r.rtol == want, r.name
+        assert r.max_rel <= r.rtol, r.line()
+    semi = [r for r in baseline_results if r.name.startswith("semi_step") and "losses" in r.name]
+    assert all("pseudo-labels agree on 100.0000%" in r.note for r in semi)
+
+
+def test_baselines_wrong_method_fails(tmp_path, capsys):
+    """Run as the other baseline, each recorded sequence fails: the checks tell the methods apart."""
+    with np.load(BASELINES_NPZ) as f:
+        data = {k: f[k] for k in f.files}
+    swapped = {k: v for k, v in data.items() if not k.startswith(("semi_step/", "sup_step/"))}
+    swapped.update({"sup_step/" + k[len("semi_step/"):].replace("loss_x", "loss"): v
+                    for k, v in data.items()
+                    if k.startswith(("semi_step/lrs", "semi_step/loss_x", "semi_step/state1/"))})
+    status, out = run_main(tmp_path, swapped, capsys)
+    assert status == 1
+    assert "FAIL sup_step 0 losses" in out and "FAIL sup_step state1" in out
 
 
 def test_perturbed_reference_fails(tmp_path, recorded, capsys):

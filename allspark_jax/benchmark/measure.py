@@ -53,7 +53,8 @@ def bench_matmul(n: int, dtype: str, steps: int, warmup: int = 1) -> dict:
 
 
 def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak: float | None):
-    """The full train step (memory read) on a synthetic batch, carrying the donated state.
+    """The full train step of `config.method` (AllSpark: memory read) on a synthetic batch,
+    carrying the donated state.
 
     Returns (figures, the compiled step, its batch, the state after the calls).
     """
@@ -66,8 +67,9 @@ def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak:
         jax.block_until_ready(metrics)
 
     seconds, times = median_time(call, steps, warmup)
-    out = {"seconds": seconds, "times": times, "images_per_step": 2 * s.batch,
-           "images_per_s": 2 * s.batch / seconds, **stats,
+    images = s.batch * (1 if config.method == "supervised" else 2)  # labeled (+ unlabeled)
+    out = {"seconds": seconds, "times": times, "images_per_step": images,
+           "images_per_s": images / seconds, **stats,
            **_rates(seconds, stats["flops"], s.devices, peak, _host_shared()),
            "device_peak_bytes": device_peak_bytes(), "host_peak_rss_bytes": host_peak_rss_bytes()}
     return out, compiled, batch, holder["state"]
@@ -107,7 +109,9 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
                                       student_view=config.data.student_view)
         opts = data_benchmark.make_options(root, s.crop, s.batch,
                                            student_view=config.data.student_view)
-        it = ({k: b[k] for k in train_step_lib.BATCH_KEYS}
+        keys = train_step_lib.batch_keys(config.method,
+                                         cutmix=float(config.data.cutmix_prob) > 0)
+        it = ({k: b[k] for k in keys}
               for b in input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))
         it = input_pipeline.prefetch_to_device(it, s.batch_sharding, size=2)
         holder = {"state": state}

@@ -51,14 +51,16 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
     model = build_model(config.model)
     tx, _ = optimizer.create_optimizer(config.optim, 1000)
     rng = jax.random.key(int(config.seed))
-    memory_shape = jax.eval_shape(lambda r: init_variables(model, r, crop), rng)["memory"]
+    # No memory without AllSpark (config.method 'semi' / 'supervised').
+    memory_shape = jax.eval_shape(lambda r: init_variables(model, r, crop), rng).get("memory")
     init_crop = min(crop, 64)
 
     def init(r):
         variables = init_variables(model, r, init_crop)
-        variables["memory"] = jax.tree.map(
-            lambda s, v: (jax.random.normal(r, s.shape, s.dtype) if s.dtype == jnp.float32
-                          else jnp.zeros(s.shape, s.dtype)), memory_shape, variables["memory"])
+        if memory_shape is not None:
+            variables["memory"] = jax.tree.map(
+                lambda s, v: (jax.random.normal(r, s.shape, s.dtype) if s.dtype == jnp.float32
+                              else jnp.zeros(s.shape, s.dtype)), memory_shape, variables["memory"])
         return state_lib.create_train_state(model, tx, r, init_crop,
                                             ema=config.train.teacher == "ema", variables=variables)
 
@@ -70,8 +72,10 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
                  devices=n_dev), state
 
 
-def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int = 0) -> dict:
-    """A training batch of random normalised images and labels, placed with `sharding`."""
+def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int = 0,
+                    keys=train_step_lib.BATCH_KEYS) -> dict:
+    """A training batch (the entries `keys`) of random normalised images and labels, placed with
+    `sharding`."""
     r = np.random.default_rng(seed)
     host = {
         "image_l": r.standard_normal((batch, crop, crop, 3), np.float32),
@@ -79,17 +83,21 @@ def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int
         "image_u_w": r.standard_normal((batch, crop, crop, 3), np.float32),
         "image_u_s": r.standard_normal((batch, crop, crop, 3), np.float32),
         "pad_u": np.zeros((batch, crop, crop), bool),
+        "cutmix_u": np.zeros((batch, crop, crop), bool),
     }
-    return sharding_lib.put_global({k: host[k] for k in train_step_lib.BATCH_KEYS},
-                                   {k: sharding for k in train_step_lib.BATCH_KEYS})
+    host["cutmix_u"][::2, : crop // 2, : crop // 2] = True
+    return sharding_lib.put_global({k: host[k] for k in keys}, {k: sharding for k in keys})
 
 
 def train_program(s: Setup, config):
-    """The jitted train step (memory read, state donated) and a synthetic batch for it."""
+    """The jitted train step of `config.method` (AllSpark: memory read; state donated) and a
+    synthetic batch for it."""
     step = train_step_lib.make_train_step(s.model, s.tx, config.train, use_memory=True,
                                           state_sharding=s.state_sharding,
-                                          batch_sharding=s.batch_sharding)
-    batch = synthetic_batch(s.batch, s.crop, int(config.data.num_classes), s.batch_sharding)
+                                          batch_sharding=s.batch_sharding, method=config.method)
+    keys = train_step_lib.batch_keys(config.method, cutmix=float(config.data.cutmix_prob) > 0)
+    batch = synthetic_batch(s.batch, s.crop, int(config.data.num_classes), s.batch_sharding,
+                            keys=keys)
     return step, batch
 
 

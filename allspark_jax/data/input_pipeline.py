@@ -7,8 +7,10 @@ readers, steps per epoch) is done once per run and passed to `create_train_itera
 Epochs (release semantics): an epoch walks the unlabeled list once in a fresh random order; the labeled
 list is repeated `ceil(U / L)` times, truncated to U and permuted afresh each epoch; step t of epoch e
 pairs positions [t B, (t + 1) B) of both orders (B = global batch); the last partial batch is dropped,
-so steps_per_epoch = U // B. Process p of P takes positions [t B + p b, t B + (p + 1) b), b = B / P,
-of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
+so steps_per_epoch = U // B. With `labeled_only` (config.method 'supervised', the release's
+train_baseline_sup.py) an epoch walks the labeled list once in a fresh random order, steps_per_epoch
+= L // B, and batches hold the labeled entries only. Process p of P takes positions
+[t B + p b, t B + (p + 1) b), b = B / P, of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
 depend neither on P nor on the source ('files' and 'tfds' give identical batches) and a run started
 at `start_step` sees exactly the batches an uninterrupted run would (skipping costs no decoding).
 
@@ -268,7 +270,8 @@ class TrainPlan:
 
     split: the labeled and unlabeled (image, mask) lists and where they came from; labeled_reader /
     unlabeled_reader: read example i of each list (files or TFDS records); steps_per_epoch:
-    unlabeled images // global batch (the release drops the last partial batch).
+    unlabeled images // global batch (labeled images with `labeled_only`; the release drops the
+    last partial batch).
     """
     split: splits_lib.TrainSplit
     labeled_reader: Any
@@ -290,26 +293,28 @@ def train_plan(opts, *, progress: bool = False) -> TrainPlan:
                                                coco_train_images=tfds_meta.paths("train"))
     else:
         split = splits_lib.resolve_train_split(opts.name, opts.split, opts.unlabeled_split, root)
-    steps = len(split.unlabeled) // opts.batch_size
+    walked, source = ((split.labeled, split.labeled_source) if opts.labeled_only
+                      else (split.unlabeled, split.unlabeled_source))
+    steps = len(walked) // opts.batch_size
     if steps == 0:
-        raise DataError(f"the unlabeled list ({split.unlabeled_source}) has {len(split.unlabeled)} "
-                        f"images, fewer than data.batch_size={opts.batch_size}; expected at least one "
-                        "full global batch per epoch.")
+        raise DataError(f"the {'labeled' if opts.labeled_only else 'unlabeled'} list ({source}) "
+                        f"has {len(walked)} images, fewer than data.batch_size={opts.batch_size}; "
+                        "expected at least one full global batch per epoch.")
     if tfds_meta is None:
         if opts.check_files != "none":
             datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
-            datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
-                                       require_masks=False)
+            if not opts.labeled_only:
+                datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
+                                           require_masks=False)
         readers = _FileReader(root, split.labeled), _FileReader(root, split.unlabeled)
     else:
         readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
                    tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
     if opts.check_files == "decode":
         val_pairs, _, val_reader = _val_reader(opts)
-        _check_decodes([(readers[0], len(split.labeled), True),
-                        (readers[1], len(split.unlabeled), False),
-                        (val_reader, len(val_pairs), True)],
-                       opts, _parallel(opts), progress)
+        unlabeled = [] if opts.labeled_only else [(readers[1], len(split.unlabeled), False)]
+        _check_decodes([(readers[0], len(split.labeled), True), *unlabeled,
+                        (val_reader, len(val_pairs), True)], opts, _parallel(opts), progress)
     return TrainPlan(split, *readers, steps)
 
 
@@ -322,12 +327,16 @@ def _local_batch(opts, process_count: int) -> int:
 
 def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, steps: int,
                      batch: int, local_batch: int, process_index: int, start_epoch: int,
-                     start_offset: int) -> dict[str, tf.Tensor]:
-    """One epoch's (epoch, position, labeled index, unlabeled index) of this process, in step order."""
+                     start_offset: int, labeled_only: bool = False) -> dict[str, tf.Tensor]:
+    """One epoch's (epoch, position, labeled index, unlabeled index) of this process, in step order.
+
+    `labeled_only`: the epoch walks the labeled list once; no unlabeled index."""
     epoch = tf.cast(epoch, tf.int64)
     base = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), epoch)
     perm_u = tf.random.experimental.stateless_shuffle(
         tf.range(num_unlabeled, dtype=tf.int64), augment.fold_seed(base, 1))
+    if labeled_only:
+        num_unlabeled = num_labeled  # the labeled list, once, in a fresh order
     reps = math.ceil(num_unlabeled / num_labeled)
     labeled_rep = tf.tile(tf.range(num_labeled, dtype=tf.int64), [reps])[:num_unlabeled]
     perm_l = tf.random.experimental.stateless_shuffle(labeled_rep, augment.fold_seed(base, 2))
@@ -335,8 +344,10 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
     pos = tf.reshape(pos[:, process_index * local_batch:(process_index + 1) * local_batch], [-1])
     first = tf.where(tf.equal(epoch, start_epoch), start_offset * local_batch, 0)
     pos = pos[first:]
-    return {"epoch": tf.fill(tf.shape(pos), epoch), "pos": pos,
-            "l": tf.gather(perm_l, pos), "u": tf.gather(perm_u, pos)}
+    out = {"epoch": tf.fill(tf.shape(pos), epoch), "pos": pos, "l": tf.gather(perm_l, pos)}
+    if not labeled_only:
+        out["u"] = tf.gather(perm_u, pos)
+    return out
 
 
 def _positions(opts, plan: TrainPlan, process_index: int, process_count: int, start_step: int):
@@ -346,7 +357,7 @@ def _positions(opts, plan: TrainPlan, process_index: int, process_count: int, st
         _epoch_positions, seed=opts.seed, num_labeled=len(plan.split.labeled),
         num_unlabeled=len(plan.split.unlabeled), steps=plan.steps_per_epoch, batch=opts.batch_size,
         local_batch=_local_batch(opts, process_count), process_index=process_index,
-        start_epoch=start_epoch, start_offset=start_offset)
+        start_epoch=start_epoch, start_offset=start_offset, labeled_only=opts.labeled_only)
 
 
 def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
@@ -372,6 +383,8 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         image, mask = _decode_example(lr, el["l"], opts, labeled=True)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
+        if opts.labeled_only:
+            return {"image_l": image_l, "mask_l": mask_l}
         u, _ = _decode_example(ur, el["u"], opts, labeled=False)
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
                                         opts.student_view == "strong", opts.cutmix_prob,
@@ -416,7 +429,8 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
     Yields dicts (b = data.batch_size // process_count, S = data.crop_size):
       image_l (b, S, S, 3) float32 normalised; mask_l (b, S, S) int32 (255 ignore);
       image_u_w (b, S, S, 3) float32 teacher view; image_u_s (b, S, S, 3) float32 student view;
-      pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off).
+      pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off);
+      with `opts.labeled_only` only image_l and mask_l.
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents,
     naming the step and every bad file of its batch).
     """
@@ -433,8 +447,9 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
         el = positions(epoch)
         errors = _example_errors(plan.labeled_reader, np.unique(el["l"][batch].numpy()),
                                  opts, True)
-        errors += _example_errors(plan.unlabeled_reader, np.unique(el["u"][batch].numpy()),
-                                  opts, False)
+        if "u" in el:
+            errors += _example_errors(plan.unlabeled_reader, np.unique(el["u"][batch].numpy()),
+                                      opts, False)
         return [f"step {start_step + n}: {e}" for e in errors]
 
     return _numpy_iterator(ds, "training input pipeline", culprits)

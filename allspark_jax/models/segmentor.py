@@ -117,7 +117,8 @@ def model_config_from(config) -> ModelConfig:
     """`config.model` (ml_collections / dict) -> ModelConfig.
 
     `config.model.backbone` is a preset name ("b0" ... "b5") or a dict of `MiTConfig` fields;
-    `drop_path_rate` overrides the backbone's stochastic depth.
+    `drop_path_rate` overrides the backbone's stochastic depth; `method` (following `config.method`)
+    other than "allspark" gives the model without AllSpark (the release's baselines).
     """
     backbone = config.backbone
     extra = {} if config.get("drop_path_rate") is None else {"drop_path_rate": config.drop_path_rate}
@@ -132,7 +133,8 @@ def model_config_from(config) -> ModelConfig:
     return ModelConfig(backbone=mit, num_classes=config.num_classes,
                        allspark_heads=config.allspark_heads, decoder_dim=config.decoder_dim,
                        head_dropout=config.head_dropout, attn_drop=config.attn_drop,
-                       proj_drop=config.proj_drop, allspark=config.get("allspark", True))
+                       proj_drop=config.proj_drop,
+                       allspark=config.get("method", "allspark") == "allspark")
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -1,8 +1,10 @@
 r"""Checks this port against numbers recorded from the official release.
 
-    python -m allspark_jax.tools.verify_reference tests/data/allspark_tiny.npz
+    python -m allspark_jax.tools.verify_reference tests/data/allspark_tiny.npz tests/data/baselines_tiny.npz
 
-The file follows the layout of the reference README: `meta_json` gives the architecture, `state0/*`
+allspark_tiny.npz holds AllSpark's numbers (train_allspark.py), baselines_tiny.npz those of the
+release's semi and supervised baselines (semidec_base.SemiDecoder: `meta_json` "allspark": false;
+train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`). The file follows the layout of the reference README: `meta_json` gives the architecture, `state0/*`
 the official state dict, and each case its inputs and outputs in PyTorch layouts (NCHW). Nothing
 about sizes is assumed: dims, depths, heads, classes, image and batch sizes all come from the file.
 One line per case: `ok` or `FAIL`, the worst per-tensor relative error ||out - ref|| / ||ref||,
@@ -148,10 +150,13 @@ class Reference:
             embed_dims=tuple(m["embed_dims"]), depths=tuple(m["depths"]),
             num_heads=tuple(m["num_heads"]), sr_ratios=tuple(m["sr_ratios"]),
             mlp_ratios=tuple(m["mlp_ratios"]), drop_path_rate=float(m.get("drop_path", 0.0)))
+        # `allspark` False: the release's baselines (semidec_base.SemiDecoder), no AllSpark module.
+        self.allspark = bool(m.get("allspark", True))
         self.model = AllSparkSegmentor(ModelConfig(
-            backbone=self.backbone, num_classes=m["num_classes"], allspark_heads=m["allspark_heads"],
+            backbone=self.backbone, num_classes=m["num_classes"],
+            allspark_heads=m["allspark_heads"] if self.allspark else 1,
             decoder_dim=m["decoder_dim"], head_dropout=dropout, attn_drop=dropout,
-            proj_drop=dropout))
+            proj_drop=dropout, allspark=self.allspark))
         x_l = self.data["inputs/x_l"]
         template = jax.eval_shape(lambda: init_variables(
             self.model, jax.random.key(0), tuple(x_l.shape[2:]), x_l.shape[0]))
@@ -284,14 +289,20 @@ def _kink_interceptor(tau_fraction: float, flip: np.ndarray | None = None) -> Ca
     return interceptor
 
 
-def kink_positions(ref: Reference, variables, batch: dict, tau_fraction: float) -> np.ndarray:
-    """Mask (N, H, W, C) of the head's training-mode BN outputs within `tau_fraction` x RMS of 0."""
-    x = np.concatenate([batch["image_l"], batch["image_u_s"]])
+def kink_positions(ref: Reference, variables, batch: dict, tau_fraction: float,
+                   method: str = "allspark") -> np.ndarray:
+    """Mask (N, H, W, C) of the head's training-mode BN outputs within `tau_fraction` x RMS of 0,
+    in the student pass of a `method` step on `batch`."""
 
     def forward(v):
-        teacher = ref.model.apply(v, batch["image_u_w"], mode="teacher")
-        _, state = ref.model.apply(v, x, mode="train", teacher_logits=teacher, use_memory=True,
-                                   mutable=["intermediates", "batch_stats", "memory"])
+        if method == "supervised":
+            x, teacher = batch["image_l"], None
+        else:
+            x = np.concatenate([batch["image_l"], batch["image_u_s"]])
+            teacher = ref.model.apply(v, batch["image_u_w"], mode="teacher")
+        _, state = ref.model.apply(v, x, mode="train", teacher_logits=teacher,
+                                   use_memory=method == "allspark",
+                                   mutable=["intermediates"] + [k for k in v if k != "params"])
         sown = flax.traverse_util.flatten_dict(state["intermediates"])
         masks = [value[0] for path, value in sown.items() if path[-1] == "kinks"]  # sow: tuples
         if len(masks) != 1:
@@ -328,39 +339,60 @@ def reference_batches(ref: Reference, steps: int) -> list[dict]:
     return batches
 
 
+# The step sequences a file may hold: (prefix, method, {our loss name: its recorded name}).
+STEP_CASES = (
+    ("train_step", "allspark", {"loss_x": "loss_x", "loss_u": "loss_u"}),  # train_allspark.py
+    ("semi_step", "semi", {"loss_x": "loss_x", "loss_u": "loss_u"}),  # train_baseline_semi.py
+    ("sup_step", "supervised", {"loss_x": "loss"}),  # train_baseline_sup.py
+)
+
+
 def case_train_steps(ref: Reference) -> list[Result]:
-    if "train_step/lrs" not in ref.data:
-        return []
-    lrs = ref.data["train_step/lrs"]
+    results = []
+    for prefix, method, loss_names in STEP_CASES:
+        if f"{prefix}/lrs" in ref.data:
+            results += step_sequence_case(ref, prefix, method, loss_names)
+    return results
+
+
+def step_sequence_case(ref: Reference, prefix: str, method: str,
+                       loss_names: dict[str, str]) -> list[Result]:
+    """The recorded steps of `method` from state0 (README protocol): learning rates, losses,
+    pseudo-labels, step 0's gradients and the state after every step."""
+    lrs = ref.data[f"{prefix}/lrs"]
     steps = lrs.shape[0]
     tx, schedules, tcfg = train_setup(ref)
     ours_lrs = np.array([[schedules["encoder"](t), schedules["rest"](t)] for t in range(steps)])
-    results = [compare("train_step lrs", {"lrs": (ours_lrs, lrs)}, FORWARD_RTOL)]
+    results = [compare(f"{prefix} lrs", {"lrs": (ours_lrs, lrs)}, FORWARD_RTOL)]
 
     state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), ref.x_l.shape[1], ema=False,
-                                     variables=jax.tree.map(jnp.copy, ref.variables))
-    step = train_step.make_train_step(ref.model, tx, tcfg, use_memory=True, with_outputs=True)
+                                         variables=jax.tree.map(jnp.copy, ref.variables))
+    step = train_step.make_train_step(ref.model, tx, tcfg, use_memory=True, with_outputs=True,
+                                      method=method)
     batches = reference_batches(ref, steps)
     for t, batch in enumerate(batches):
         before = convert.to_state_dict(state.variables())
-        ref_before = ref.state0 if t == 0 else ref.prefixed(f"train_step/state{t}/")
+        ref_before = ref.state0 if t == 0 else ref.prefixed(f"{prefix}/state{t}/")
         if t == 0:
             grad_state = jax.tree.map(jnp.copy, state)
         state, out = step(state, batch)
-        agree = float(np.mean(np.asarray(out["pseudo_label"]) == ref.data[f"train_step/pseudo_label{t}"]))
-        r = compare(f"train_step {t} losses", {
-            "loss_x": (out["loss_x"], ref.data[f"train_step/loss_x{t}"]),
-            "loss_u": (out["loss_u"], ref.data[f"train_step/loss_u{t}"])},
-            FORWARD_RTOL if t == 0 else TRAINED_RTOL,  # step 0 runs on the recorded state
-            note=f"pseudo-labels agree on {agree:.4%} of pixels")
-        r.ok &= agree >= PSEUDO_LABEL_AGREEMENT
+        r = compare(f"{prefix} {t} losses",
+                    {ours: (out[ours], ref.data[f"{prefix}/{theirs}{t}"])
+                     for ours, theirs in loss_names.items()},
+                    FORWARD_RTOL if t == 0 else TRAINED_RTOL)  # step 0 runs on the recorded state
+        if f"{prefix}/pseudo_label{t}" in ref.data:
+            agree = float(np.mean(np.asarray(out["pseudo_label"])
+                                  == ref.data[f"{prefix}/pseudo_label{t}"]))
+            r.note = f"pseudo-labels agree on {agree:.4%} of pixels"
+            r.ok &= agree >= PSEUDO_LABEL_AGREEMENT
         results.append(r)
-        if t == 0 and ref.has("train_step/grads0/"):
-            results.append(grads_case(ref, out["grads"], grad_state, batch, tx, tcfg))
-        if ref.has(f"train_step/state{t + 1}/"):
+        if t == 0 and ref.has(f"{prefix}/grads0/"):
+            results.append(grads_case(ref, out["grads"], grad_state, batch, tx, tcfg,
+                                      prefix=prefix, method=method))
+        if ref.has(f"{prefix}/state{t + 1}/"):
             sd = convert.to_state_dict(state.variables())
-            refs = ref.prefixed(f"train_step/state{t + 1}/")
-            r = compare(f"train_step state{t + 1}", {k: (sd[k], v) for k, v in refs.items()},
+            refs = ref.prefixed(f"{prefix}/state{t + 1}/")
+            r = compare(f"{prefix} state{t + 1}", {k: (sd[k], v) for k, v in refs.items()},
                         TRAINED_RTOL)
             mem_key = next((k for k in refs if k.endswith("kv_queue")), None)
             if mem_key:
@@ -373,7 +405,8 @@ def case_train_steps(ref: Reference) -> list[Result]:
 
 
 def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KINK_FRACTION,
-               max_flips: int = MAX_KINK_FLIPS) -> Result:
+               max_flips: int = MAX_KINK_FLIPS, prefix: str = "train_step",
+               method: str = "allspark") -> Result:
     """grads0, with two float32 facts accounted for (and reported):
 
     * a gradient that is zero in exact arithmetic (a bias feeding a batch-statistics BN) is
@@ -384,14 +417,14 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
       `kink_fraction` x RMS of 0, those are flipped, the step recomputed and compared again; a
       pass then carries `fallback` (status `ok*`) naming the flipped positions.
     """
-    refs = ref.prefixed("train_step/grads0/")
+    refs = ref.prefixed(f"{prefix}/grads0/")
     floor = GRAD_FLOOR * float(np.sqrt(sum(np.sum(np.square(v, dtype=np.float64))
                                            for v in refs.values())))
     zeros = sorted(k for k, v in refs.items() if np.linalg.norm(v) < floor)
 
     def check(grads, note):
         ours = convert.to_state_dict({"params": grads})
-        r = compare("train_step grads0", {k: (ours[k], v) for k, v in refs.items()
+        r = compare(f"{prefix} grads0", {k: (ours[k], v) for k, v in refs.items()
                                           if k not in zeros}, TRAINED_RTOL, note)
         zeros_ok = all(max(np.linalg.norm(ours[k]), np.linalg.norm(ours[k] - refs[k])) < floor
                        for k in zeros)
@@ -405,7 +438,7 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
     plain = check(grads, "")
     if plain.ok or "NON-FINITE" in plain.note:
         return plain
-    mask = kink_positions(ref, state.variables(), batch, kink_fraction)
+    mask = kink_positions(ref, state.variables(), batch, kink_fraction, method)
     count = int(mask.sum())
     within = f"ReLU input(s) within {kink_fraction:g} x RMS of 0"
     if not 1 <= count <= max_flips:
@@ -418,7 +451,8 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
     where = ", ".join(f"[{n}, {c}, {y}, {x}]" for n, y, x, c in np.argwhere(mask))
     with nn.intercept_methods(_kink_interceptor(kink_fraction, flip=mask)):
         _, out = jax.jit(lambda s, b: train_step.train_step(
-            s, b, model=ref.model, tx=tx, train_config=tcfg, use_memory=True))(state, batch)
+            s, b, model=ref.model, tx=tx, train_config=tcfg, use_memory=True,
+            method=method))(state, batch)
     result = check(out["grads"], f"plain comparison: max rel {plain.max_rel:.2e}")
     if result.ok:
         result.fallback = f"{count} {within} given the other branch, at (n, c, y, x) {where}"
@@ -432,7 +466,8 @@ CASES = (case_encoder, case_eval_single, case_train_forward, case_losses, case_m
          case_train_steps)
 # What each case looks for in a file (a file with none of them verifies nothing and fails).
 CASE_KEYS = ("encoder_eval/", "encoder_eval_u/", "eval_single/logits", "train_forward_nomem/",
-             "train_forward_mem/", "loss/logits", "miou/pred", "train_step/lrs")
+             "train_forward_mem/", "loss/logits", "miou/pred") + tuple(
+                 f"{prefix}/lrs" for prefix, _, _ in STEP_CASES)
 
 
 def verify(path: str, print_fn=print) -> list[Result]:

@@ -1,0 +1,259 @@
+r"""The learning benchmark: supervised, semi and AllSpark on the same labels, several seeds.
+
+    python -m allspark_jax.experiments.learning --config configs/learning.py --seeds 0,1,2 \
+        --methods supervised,semi,allspark --json out.json [--config.KEY=VALUE ...]
+
+Every row trains one run per seed from the same config (`config.seed` = the seed: initialisation,
+data order, augmentation; the dataset itself is fixed by the config) and evaluates it once at the
+end. Rows (`ROWS`): one per method of `--methods`; with `allspark` the project's extensions on it
+(`allspark_ema`: the EMA teacher; `allspark_strong_cutmix`: the strong student view, confidence
+threshold and CutMix); with `supervised` the ceiling `supervised_all_labels`, every training image
+labeled (the split's labeled and unlabeled lists together). Every run takes the same number of
+optimizer steps with the same labeled batch: that of the config's semi-supervised schedule
+(`train.epochs` x unlabeled // batch); the supervised rows, whose epochs walk the labeled list, get as
+many epochs as that takes (the schedule spans them, the run stops at the common step count).
+
+Prints a table (mIoU of every seed, mean, sample standard deviation, minutes) and writes JSON:
+  {"results": {row: {"miou": [per seed], "mean": m, "std": s, "miou_ema": [...] (EMA rows),
+                     "seconds": [...], "steps": n, "method": ..., "overrides": {...}}},
+   "summary": {"allspark_minus_supervised": ..., "ceiling_minus_supervised": ..., ...},
+   "seeds": [...], "command": "...", "config": {the base config}}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+ALL_LABELED = "<all labeled>"  # replaced by the list of every training image (`write_all_labeled`)
+# Row name -> (method, config overrides). The extension values are UniMatch's (threshold 0.95,
+# CutMix probability 0.5).
+ROWS = {
+    "supervised": ("supervised", {}),
+    "supervised_all_labels": ("supervised", {"data.split": ALL_LABELED}),
+    "semi": ("semi", {}),
+    "allspark": ("allspark", {}),
+    "allspark_ema": ("allspark", {"train.teacher": "ema"}),
+    "allspark_strong_cutmix": ("allspark", {"data.student_view": "strong",
+                                            "train.conf_thresh": 0.95, "data.cutmix_prob": 0.5}),
+}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/learning.py); override keys "
+                                "with --config.key=value.", lock_config=True)
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
+flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
+flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
+                  "allspark_strong_cutmix.")
+flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
+flags.DEFINE_string("json", None, "Write the results here.")
+flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a temporary folder, "
+                    "removed at the end).")
+
+
+def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str]:
+    """The rows that `--methods` (with the extension / ceiling switches) asks for, in table order."""
+    from allspark_jax.config import METHODS  # pylint: disable=g-import-not-at-top
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise app.UsageError(f"--methods={','.join(methods)}: expected a comma-separated subset of "
+                             f"{', '.join(METHODS)}")
+    rows = []
+    for name, (method, _) in ROWS.items():
+        if method not in methods:
+            continue
+        if name == "supervised_all_labels" and not ceiling:
+            continue
+        if name.startswith("allspark_") and not extensions:
+            continue
+        rows.append(name)
+    return rows
+
+
+def write_all_labeled(plan, folder: str) -> str:
+    """Writes `folder`/labeled.txt (every training image of `plan`, labeled and unlabeled, with its
+    mask) and unlabeled.txt beside it; returns the labeled list's path."""
+    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+    pairs = list(plan.split.labeled) + list(plan.split.unlabeled)
+    missing = [image for image, mask in pairs if not mask]
+    if missing:
+        raise DataError(f"the row supervised_all_labels needs a mask for every training image; "
+                        f"{plan.split.unlabeled_source} lists {len(missing)} without one "
+                        f"(e.g. {missing[0]}); run with --noceiling")
+    os.makedirs(folder, exist_ok=True)
+    for name, subset in (("labeled.txt", pairs), ("unlabeled.txt", plan.split.unlabeled)):
+        with open(os.path.join(folder, name), "w") as f:
+            f.writelines(f"{image} {mask}\n" for image, mask in subset)
+    return os.path.join(folder, "labeled.txt")
+
+
+def _set(config, key: str, value) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int, plan_fn):
+    """The config of one run: `base` with the row's method and overrides, the seed, and (supervised)
+    the epochs that the common step count takes. `plan_fn(config)` -> its TrainPlan."""
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    method, overrides = ROWS[row]
+    config = copy.deepcopy(base)
+    config.seed = int(seed)
+    config.method = method
+    for key, value in overrides.items():
+        _set(config, key, all_labeled if value == ALL_LABELED else value)
+    config.train.num_train_steps = int(total_steps)
+    if method == "supervised":
+        per_epoch = plan_fn(config).steps_per_epoch
+        config.train.epochs = max(1, math.ceil(total_steps / per_epoch))
+    config_lib.validate(config)
+    return config
+
+
+def summarize(miou: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one seed)."""
+    n = len(miou)
+    mean = sum(miou) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in miou) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def format_table(results: dict, seeds) -> str:
+    """One line per row: mIoU (%) of each seed, mean, std, steps, minutes of all its runs."""
+    head = (f"{'row':<24}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds)
+            + f"{'mean':>9}{'std':>7}{'steps':>7}{'minutes':>9}")
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        lines.append(f"{name:<24}" + "".join(f"{x:9.2f}" for x in r["miou"])
+                     + f"{r['mean']:9.2f}{r['std']:7.2f}{r['steps']:7d}"
+                     + f"{sum(r['seconds']) / 60:9.1f}")
+    return "\n".join(lines)
+
+
+def summary(results: dict) -> dict:
+    """Differences of means (mIoU points) against the supervised baseline, where both rows ran."""
+    out = {}
+    if "supervised" in results:
+        sup = results["supervised"]["mean"]
+        for name in ("semi", "allspark", "allspark_ema", "allspark_strong_cutmix",
+                     "supervised_all_labels"):
+            if name in results:
+                key = "ceiling" if name == "supervised_all_labels" else name
+                out[f"{key}_minus_supervised"] = results[name]["mean"] - sup
+    return out
+
+
+def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
+    """Trains every (row, seed) in `workdir`; returns the results dict written as JSON."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax import train  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    os.makedirs(workdir, exist_ok=True)
+    # One persistent compilation cache (unless one is set already): runs of the same method share
+    # their programs.
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    base = copy.deepcopy(base)
+    base.compilation_cache = False
+    opts = config_lib.data_options(base, os.path.join(workdir, "data"))  # writes synthetic data
+    base.data.root = opts.root
+    semi_opts = config_lib.data_options(_with_method(base, "allspark"))
+    plan = input_pipeline.train_plan(semi_opts)
+    total_steps = int(base.train.epochs) * plan.steps_per_epoch
+    if int(base.train.num_train_steps) > 0:
+        total_steps = min(total_steps, int(base.train.num_train_steps))
+    all_labeled = ""
+    if "supervised_all_labels" in rows:
+        all_labeled = write_all_labeled(plan, os.path.join(workdir, "all_labeled"))
+    plan_fn = lambda c: input_pipeline.train_plan(config_lib.data_options(c))  # noqa: E731
+
+    results = {}
+    for row in rows:
+        r = results[row] = {"method": ROWS[row][0], "overrides": ROWS[row][1], "miou": [],
+                            "seconds": [], "steps": total_steps}
+        for seed in seeds:
+            config = row_config(base, row, seed, all_labeled=all_labeled,
+                                total_steps=total_steps, plan_fn=plan_fn)
+            run_dir = os.path.join(workdir, "runs", f"{row}_seed{seed}")
+            t0 = time.time()
+            out = train.train_and_evaluate(config, run_dir)
+            seconds = time.time() - t0
+            last = out["eval"][out["step"]]
+            r["miou"].append(float(last["student"]["miou"]))
+            if "ema" in last:
+                r.setdefault("miou_ema", []).append(float(last["ema"]["miou"]))
+            r["seconds"].append(seconds)
+            print_fn(f"{row} seed {seed}: mIoU {r['miou'][-1]:.2f} after {out['step']} steps "
+                     f"({seconds / 60:.1f} min)")
+            shutil.rmtree(run_dir, ignore_errors=True)
+        r["mean"], r["std"] = summarize(r["miou"])
+    return results
+
+
+def _with_method(config, method: str):
+    config = copy.deepcopy(config)
+    config.method = method
+    return config
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/learning.py")
+    from allspark_jax import runtime  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+
+    try:
+        seeds = [int(s) for s in FLAGS.seeds]
+    except ValueError:
+        raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers") from None
+    if not seeds:
+        raise app.UsageError("--seeds: expected at least one seed")
+    rows = rows_for(FLAGS.methods, FLAGS.extensions, FLAGS.ceiling)
+    base = FLAGS.config
+    runtime.validated_start(base)
+    logging.set_verbosity(logging.WARNING)
+    workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
+    try:
+        results = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if not FLAGS.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    out = {"results": results, "summary": summary(results), "seeds": seeds,
+           "command": " ".join(["python -m allspark_jax.experiments.learning"] + sys.argv[1:]), "config": json.loads(base.to_json_best_effort())}
+    print(format_table(results, seeds))
+    for key, value in out["summary"].items():
+        print(f"{key}: {value:+.2f} mIoU points")
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(out, f, indent=2)
+        print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+    from allspark_jax import config as _config_lib
+    # Config files import their siblings (`from configs import default`) wherever this runs from.
+    _config_lib.register_configs_package()
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

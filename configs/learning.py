@@ -1,0 +1,33 @@
+"""The learning benchmark's task: does training with unlabeled images beat training without them?
+
+    python -m allspark_jax.experiments.learning --config configs/learning.py --seeds 0,1,2 \
+        --methods supervised,semi,allspark --json out.json
+
+The synthetic dataset (allspark_jax.data.synthetic: 5 classes, a textured background and four
+shapes with per-class colour and stripes, images of 60-80 px) with 320 training images of which 40
+(1/8) are labeled, and 64 validation images that no method trains on. The demo's small MiT (embed
+dims 16/32/64/96, one block per stage, 64-dim decoder) from scratch, 64 px crops, 8 labeled (+ 8
+unlabeled) images a step. An epoch walks the 280 unlabeled images (35 steps); 8 epochs = 280 steps,
+the Semantic Memory read from epoch 2. The benchmark gives every method the same number of steps
+(the supervised runs, whose epochs walk the labeled list, get as many epochs as that takes).
+`--config.KEY=VALUE` overrides any key, as in main.py.
+"""
+from configs import demo
+
+
+def get_config():
+    config = demo.get_config()
+    config.data.synthetic.num_train = 320
+    config.data.synthetic.num_labeled = 40  # 1/8 of the training images
+    config.data.synthetic.num_val = 64
+    config.data.synthetic.size = 80
+    config.train.epochs = 8
+    config.train.warmup_epoch = 2
+    config.train.ema_decay = 0.99  # the EMA row: a teacher ~100 steps behind over a 280-step run
+    config.eval.progress_bar = False
+    config.log_every_steps = 35
+    # Evaluated and checkpointed once, at the end of each run.
+    config.eval_every_steps = 10**9
+    config.checkpoint_every_steps = 10**9
+    config.keep_checkpoints = 1
+    return config

@@ -1,0 +1,54 @@
+"""The learning benchmark: its rows are valid configs, and it runs end to end in a tiny setting
+(one seed, a few steps; no assertion on which method wins)."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+import run_config
+from allspark_jax import config as config_lib
+from allspark_jax.experiments import learning
+
+
+def test_every_row_is_a_valid_run_of_its_method():
+    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    plan = types.SimpleNamespace(steps_per_epoch=5)
+    for row in learning.rows_for(["supervised", "semi", "allspark"]):
+        config = learning.row_config(base, row, 7, all_labeled="/data/all/labeled.txt",
+                                     total_steps=280, plan_fn=lambda c: plan)
+        method, overrides = learning.ROWS[row]
+        assert (config.method, config.model.method, config.seed) == (method, method, 7)
+        assert config.train.num_train_steps == 280
+        if method == "supervised":
+            assert config.train.epochs == 56  # 280 steps of 5 per epoch
+    assert learning.rows_for(["allspark"], extensions=False) == ["allspark"]
+    assert learning.rows_for(["supervised"], ceiling=False) == ["supervised"]
+    assert learning.summarize([1.0, 2.0, 3.0]) == (2.0, 1.0)
+
+
+def test_unknown_method_is_a_usage_error():
+    with pytest.raises(learning.app.UsageError, match=r"--methods=mean_teacher: expected"):
+        learning.rows_for(["mean_teacher"])
+
+
+def test_end_to_end_one_seed(tmp_path):
+    out = tmp_path / "out.json"
+    flags = run_config.cli_flags(train__epochs=1, eval_every_steps=10**9,
+                                 checkpoint_every_steps=10**9)
+    cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
+           "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
+           "--methods", "supervised,allspark", "--noextensions", "--json", str(out), *flags]
+    proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data["results"]) == ["supervised", "supervised_all_labels", "allspark"]
+    for r in data["results"].values():
+        assert len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0 and r["std"] == 0.0
+        assert r["mean"] == r["miou"][0] and r["steps"] == 4  # 16 unlabeled // 4, one epoch
+    assert set(data["summary"]) == {"allspark_minus_supervised", "ceiling_minus_supervised"}
+    assert data["config"]["data"]["synthetic"]["num_train"] == 22 and data["seeds"] == [0]
+    assert "supervised_all_labels" in proc.stdout and "mean" in proc.stdout
