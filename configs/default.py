@@ -84,6 +84,7 @@ def get_config():
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
     train.key_group_size = None  # Teacher keys mix groups of this many images (None = whole batch).
+    train.stop_on_nan = True  # Stop at a non-finite loss or state; no such state is checkpointed.
 
     # ------------------------------------------------------------------------------- evaluation
     config.eval = ev = ml_collections.ConfigDict()
@@ -121,5 +122,8 @@ def get_config():
         num_processes=None,  # Number of processes.
         process_id=None,  # This process's id.
         auto=False,  # jax.distributed.initialize() with JAX's cluster auto-detection.
+        # A process silent this long counts as dead: every other process then stops with an error.
+        heartbeat_timeout_seconds=100,
+        shutdown_timeout_seconds=300,  # At exit, how long a process waits for the others to finish.
     ))
     return config

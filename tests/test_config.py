@@ -32,6 +32,7 @@ def test_shipped_configs_load_by_path_and_validate(spec):
     ("eval.mode", "tiled", r"config.eval.mode='tiled': expected one of 'original'"),
     ("eval.best_of", "ema", r"config.eval.best_of='ema': expected 'student' unless"),
     ("keep_checkpoints", 0, r"config.keep_checkpoints=0: expected an integer >= 1"),
+    ("train.stop_on_nan", None, r"config.train.stop_on_nan=None: expected True or False"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     config = make_config()
