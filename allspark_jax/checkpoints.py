@@ -68,13 +68,21 @@ class Checkpointer:
         opts = dict(create=not read_only, cleanup_tmp_directories=not read_only)
         if read_only:
             keep = None
+        # Each manager's own barrier names: both save the same step after an evaluation, which
+        # otherwise fails in multi-process runs ("Barrier _async_write_complete.<step> is already
+        # ongoing").
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if keep is None else max(int(keep), 1), **opts))
+                max_to_keep=None if keep is None else max(int(keep), 1), **opts,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=LATEST_DIR)))
         self.best = ocp.CheckpointManager(
             os.path.join(self.workdir, BEST_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else 1, **opts))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else 1, **opts,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=BEST_DIR)))
 
     # ------------------------------------------------------------------------------------ save
     @staticmethod

@@ -23,7 +23,7 @@ class NonFiniteError(RuntimeError):
 
 
 def _format(losses: dict) -> str:
-    return ", ".join(f"{k}={float(v):.6g}" for k, v in losses.items())
+    return ", ".join(f"{k}={float(losses[k]):.6g}" for k in LOSS_KEYS if k in losses)
 
 
 class LossWatch:

@@ -260,6 +260,7 @@ def two_processes(workdir, port):
         env = {**run_config.subprocess_env(), "ALLSPARK_COORDINATOR": f"127.0.0.1:{port}",
                "ALLSPARK_NUM_PROCESSES": "2", "ALLSPARK_PROCESS_ID": str(pid)}
         procs.append(MainProcess(workdir, env=env, **{
+            "train.epochs": 1,  # 4 steps, the memory not yet read: one train step to compile
             "distributed.heartbeat_timeout_seconds": HEARTBEAT_S,
             "distributed.shutdown_timeout_seconds": HEARTBEAT_S}))
     return procs
@@ -272,23 +273,28 @@ def free_port():
 
 
 def test_a_killed_process_stops_the_other_and_both_resume(tmp_path):
+    """Process 1 dies at step 2: process 0's next collective fails at once (or, when it waits
+    elsewhere, JAX's heartbeat check ends it). The coordinator dying ends the other the same way."""
     workdir = tmp_path / "two"
-    first, second = two_processes(workdir, free_port())
+    victim = 1
+    procs = two_processes(workdir, free_port())
     try:
-        assert first.wait_for(r"Writing checkpoint \S*/checkpoints/3$") is not None, (
-            first.output()[-5000:])
-        second.kill()
+        assert procs[victim].wait_for(r"\[2\] train/epoch=") is not None, (
+            procs[victim].output()[-5000:])
+        procs[victim].kill()
         killed = time.monotonic()
-        rc, out = first.finish(timeout=HEARTBEAT_S + 120)
+        rc, out = procs[1 - victim].finish(timeout=HEARTBEAT_S + 120)
         waited = time.monotonic() - killed
     finally:
-        for p in (first, second):
+        for p in procs:
             if p.proc.poll() is None:
                 p.kill()
     assert rc != 0, out[-5000:]
-    assert waited < HEARTBEAT_S + 60, waited
-    assert re.search(r"error: process 0 of 2 stopped: .*\nWhen another process of the run dies",
-                     out), out[-5000:]
+    assert waited < HEARTBEAT_S + 50, (victim, waited)
+    assert re.search(rf"error: process {1 - victim} of 2 stopped: .*\nWhen another process of the "
+                     r"run dies|Terminating process because the JAX distributed service detected "
+                     r"fatal errors. This most likely indicates that another task died", out), (
+        out[-5000:])
     procs = two_processes(workdir, free_port())
     try:
         results = [p.finish() for p in procs]
@@ -298,4 +304,4 @@ def test_a_killed_process_stops_the_other_and_both_resume(tmp_path):
                 p.kill()
     for rc, out in results:
         assert rc == 0, out[-5000:]
-        assert re.search(r"Resumed from step [3-8] ", out), out[-5000:]
+        assert re.search(r"Resumed from step [1-4] ", out), out[-5000:]
