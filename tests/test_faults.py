@@ -25,7 +25,9 @@ from allspark_jax import nonfinite
 
 MAIN = os.path.join(run_config.ROOT, "main.py")
 DEMO = os.path.join(run_config.ROOT, "configs", "demo.py")
-FAULT_OVERRIDES = {"train.teacher": "ema", "checkpoint_every_steps": 1, "log_every_steps": 1}
+FAULT_OVERRIDES = {"train.teacher": "ema", "train.epochs": 3, "checkpoint_every_steps": 1,
+                   "log_every_steps": 1}
+STEPS = 12  # 3 epochs of 4 steps; evaluations at 4, 8, 12
 SEED = 14
 KILLS = 6
 LINE_TIMEOUT = 300  # seconds a run may go without printing the line a test waits for
@@ -98,7 +100,7 @@ def complete_steps(folder) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted run (checkpoints/7, checkpoints/8 and the best one are left)."""
+    """An uninterrupted run (checkpoints/11, checkpoints/12 and the best one are left)."""
     workdir = tmp_path_factory.mktemp("reference")
     rc, out = MainProcess(workdir).finish()
     assert rc == 0, out[-5000:]
@@ -112,16 +114,16 @@ def test_kill_9_at_random_moments_then_resume_ends_bitwise_equal(reference, tmp_
     while len(kills) < KILLS:
         done = max(complete_steps(workdir / checkpoints.LATEST_DIR)
                    + complete_steps(workdir / checkpoints.BEST_DIR) + [0])
-        kind = "startup" if done == run_config.STEPS else rng.choice(
-            ["write", "write", "step", "startup"])
-        target = min(done + rng.randint(1, 2), run_config.STEPS)
+        kind = "startup" if done == STEPS else rng.choice(
+            ["write", "write", "step", "step", "startup"])
+        target = min(done + rng.randint(1, 3), STEPS)
         run = MainProcess(workdir)
         if kind == "startup":  # during the restore and compilation
             assert run.wait_for(r"steps/epoch \d+") is not None, run.output()[-5000:]
             time.sleep(rng.uniform(0.0, 1.0))
         elif kind == "write":  # as a checkpoint is being written
             folder = rng.choice([checkpoints.LATEST_DIR, checkpoints.BEST_DIR])
-            if target != 4:  # the best is written after an evaluation (4, 8) that improved on it
+            if target != 4:  # the best is written after an evaluation (4, 8, 12) that improved
                 folder = checkpoints.LATEST_DIR
             match = run.wait_for(rf"Writing checkpoint \S*/{folder}/{target}$")
             assert match is not None, run.output()[-5000:]
@@ -140,7 +142,7 @@ def test_kill_9_at_random_moments_then_resume_ends_bitwise_equal(reference, tmp_
     assert cut_writes >= 1, f"no kill interrupted a checkpoint write: {kills}"
     state, meta, step = restore(workdir)
     ref_state, ref_meta, ref_step = restore(reference)
-    assert step == ref_step == run_config.STEPS
+    assert step == ref_step == STEPS
     assert_bitwise_equal(state, ref_state)
 
 
@@ -165,51 +167,51 @@ def damage_step(workdir, step: int, how: str) -> list[str]:
 def test_resume_skips_a_truncated_newest_checkpoint_and_ends_bitwise_equal(reference, tmp_path):
     workdir = tmp_path / "truncated"
     shutil.copytree(reference, workdir)
-    damaged = damage_step(workdir, run_config.STEPS, "truncate")
+    damaged = damage_step(workdir, STEPS, "truncate")
     rc, out = MainProcess(workdir).finish()
     assert rc == 0, out[-5000:]
     for path in damaged:
         assert re.search(rf"Skipping checkpoint {re.escape(path)}, which cannot be restored: "
                          r"\w+: \S", out), out[-5000:]
         assert os.path.isdir(path + ".unreadable")  # set aside, kept for inspection
-    assert f"Resumed from step {run_config.STEPS - 1}" in out
+    assert f"Resumed from step {STEPS - 1}" in out
     state, _, step = restore(workdir)
     ref_state, _, _ = restore(reference)
-    assert step == run_config.STEPS
+    assert step == STEPS
     assert_bitwise_equal(state, ref_state)
 
 
 def test_eval_latest_skips_a_newest_checkpoint_with_a_deleted_file(reference, tmp_path):
     workdir = tmp_path / "deleted"
     shutil.copytree(reference, workdir)
-    damaged = damage_step(workdir, run_config.STEPS, "delete")
+    damaged = damage_step(workdir, STEPS, "delete")
     rc, out = MainProcess(workdir, "--mode", "eval", "--checkpoint", "latest").finish()
     assert rc == 0, out[-5000:]
     for path in damaged:
         assert re.search(rf"Skipping checkpoint {re.escape(path)}, which cannot be restored: "
                          r"\w+: \S", out), out[-5000:]
         assert os.path.isdir(path)  # evaluation changes nothing
-    assert f"(step {run_config.STEPS - 1})" in out  # the table's title names the step evaluated
+    assert f"(step {STEPS - 1})" in out  # the table's title names the step evaluated
 
 
 @pytest.mark.parametrize("poison,message", [
-    ("params", r"non-finite loss at step 8: loss=nan, loss_x=nan, loss_u=nan"),
+    ("params", r"non-finite loss at step 12: loss=nan, loss_x=nan, loss_u=nan"),
     ("opt_state", r"non-finite values in ema_params, opt_state, params of the train state after "
-                  r"step 8"),
+                  r"step 12"),
 ], ids=["nan-params", "inf-momentum"])
 def test_non_finite_values_stop_the_run_without_a_checkpoint(reference, tmp_path, poison, message):
-    """Step 7's checkpoint gets a NaN weight (the next loss is NaN) or an infinite momentum (the
-    next loss is finite, the next state is not); the run resumed from it stops at step 8."""
+    """Step 11's checkpoint gets a NaN weight (the next loss is NaN) or an infinite momentum (the
+    next loss is finite, the next state is not); the run resumed from it stops at step 12."""
     workdir = tmp_path / poison
     shutil.copytree(reference, workdir)
     for folder in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR):
-        shutil.rmtree(workdir / folder / str(run_config.STEPS), ignore_errors=True)
-    state, meta, step = restore(workdir, 7)
+        shutil.rmtree(workdir / folder / str(STEPS), ignore_errors=True)
+    state, meta, step = restore(workdir, STEPS - 1)
     leaves, treedef = jax.tree.flatten(getattr(state, poison))
     i = next(i for i, x in enumerate(leaves) if x.dtype == np.float32 and x.ndim)
     leaves[i] = np.full(leaves[i].shape, np.nan if poison == "params" else np.inf, np.float32)
     state = state.replace(**{poison: jax.tree.unflatten(treedef, leaves)})
-    shutil.rmtree(workdir / checkpoints.LATEST_DIR / "7")
+    shutil.rmtree(workdir / checkpoints.LATEST_DIR / str(STEPS - 1))
     ck = checkpoints.Checkpointer(workdir)
     ck.save(step, state, meta)
     ck.wait()
@@ -217,9 +219,9 @@ def test_non_finite_values_stop_the_run_without_a_checkpoint(reference, tmp_path
     rc, out = MainProcess(workdir).finish()
     assert rc == 1, out[-5000:]
     assert re.search(r"error: " + message + r"\. Training stopped \(train.stop_on_nan\) without "
-                     r"checkpointing this state; the newest checkpoint is step 7", out), out[-5000:]
-    assert complete_steps(workdir / checkpoints.LATEST_DIR) == [7]
-    assert run_config.STEPS not in complete_steps(workdir / checkpoints.BEST_DIR)
+                     r"checkpointing this state; the newest checkpoint is step 11", out), out[-5000:]
+    assert complete_steps(workdir / checkpoints.LATEST_DIR) == [STEPS - 1]
+    assert STEPS not in complete_steps(workdir / checkpoints.BEST_DIR)
 
 
 def test_loss_watch_names_the_first_non_finite_step():
