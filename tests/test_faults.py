@@ -3,6 +3,7 @@
 One uninterrupted run of the (shortened) demo config with an EMA teacher and a checkpoint after
 every step is the reference; the other runs start from it or are compared with it.
 """
+import contextlib
 import os
 import queue
 import random
@@ -268,6 +269,17 @@ def two_processes(workdir, port):
     return procs
 
 
+@contextlib.contextmanager
+def reaped(procs):
+    """Kills what is still running of `procs` on the way out (a failed test leaves nothing)."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.proc.poll() is None:
+                p.kill()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,34 +288,25 @@ def free_port():
 
 def test_a_killed_process_stops_the_other_and_both_resume(tmp_path):
     """Process 1 dies at step 2: process 0's next collective fails at once (or, when it waits
-    elsewhere, JAX's heartbeat check ends it). The coordinator dying ends the other the same way."""
+    elsewhere, JAX's heartbeat check ends it). A dead coordinator (process 0) ends process 1 through
+    the same JAX check, within a second when tried by hand; not run here, to keep the test short."""
     workdir = tmp_path / "two"
     victim = 1
-    procs = two_processes(workdir, free_port())
-    try:
+    with reaped(two_processes(workdir, free_port())) as procs:
         assert procs[victim].wait_for(r"\[2\] train/epoch=") is not None, (
             procs[victim].output()[-5000:])
         procs[victim].kill()
         killed = time.monotonic()
         rc, out = procs[1 - victim].finish(timeout=HEARTBEAT_S + 120)
         waited = time.monotonic() - killed
-    finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.kill()
     assert rc != 0, out[-5000:]
     assert waited < HEARTBEAT_S + 50, (victim, waited)
     assert re.search(rf"error: process {1 - victim} of 2 stopped: .*\nWhen another process of the "
                      r"run dies|Terminating process because the JAX distributed service detected "
                      r"fatal errors. This most likely indicates that another task died", out), (
         out[-5000:])
-    procs = two_processes(workdir, free_port())
-    try:
+    with reaped(two_processes(workdir, free_port())) as procs:
         results = [p.finish() for p in procs]
-    finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.kill()
     for rc, out in results:
         assert rc == 0, out[-5000:]
         assert re.search(r"Resumed from step [1-4] ", out), out[-5000:]
