@@ -182,6 +182,7 @@ def main(argv):
         runtime.hide_accelerators_from_tensorflow()
     import jax
 
+    from allspark_jax import nonfinite
     from allspark_jax import predict as predict_lib
     from allspark_jax import train
     from allspark_jax import workdir as workdir_lib
@@ -204,6 +205,21 @@ def main(argv):
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except nonfinite.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # pylint: disable=broad-except
+        if jax.process_count() == 1:
+            raise
+        # Most often a collective that lost its peer: name this process and what to do.
+        logging.exception("process %d failed", jax.process_index())
+        lines = str(e).splitlines()
+        print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+              f"{type(e).__name__}: {lines[0] if lines else ''}\nWhen another process of the run "
+              "dies (killed, host lost), the others stop like this, at the latest after "
+              "config.distributed.heartbeat_timeout_seconds; restart every process with the same "
+              "--workdir to resume from the newest checkpoint.", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

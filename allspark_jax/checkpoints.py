@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from allspark_jax import convert
@@ -164,22 +165,33 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2, *, read_only: bool = False):
         self.workdir = os.fspath(workdir_lib.resolve(workdir))
         # read_only: for eval / predict; the managers then neither create nor delete anything.
-        opts = dict(create=not read_only)
+        # Otherwise leftovers of writes cut short (`<step>.orbax-checkpoint-tmp*`) are removed.
+        opts = dict(create=not read_only, cleanup_tmp_directories=not read_only)
         if read_only:
             keep = None
+        # Each manager's own barrier names: both save the same step after an evaluation, which
+        # otherwise fails in multi-process runs ("Barrier _async_write_complete.<step> is already
+        # ongoing").
         self.latest = ocp.CheckpointManager(
             os.path.join(self.workdir, LATEST_DIR),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if keep is None else max(int(keep), 1), **opts))
+                max_to_keep=None if keep is None else max(int(keep), 1), **opts,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=LATEST_DIR)))
         self.best = ocp.CheckpointManager(
             os.path.join(self.workdir, BEST_DIR),
-            options=ocp.CheckpointManagerOptions(max_to_keep=None if read_only else 1, **opts))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=None if read_only else 1, **opts,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix=BEST_DIR)))
 
     # ------------------------------------------------------------------------------------ save
     @staticmethod
     def _save(manager, step: int, state, meta: dict) -> None:
         if step in manager.all_steps():
             return
+        # A line to read in logs; the fault tests also wait for it to kill a run mid-write.
+        logging.info("Writing checkpoint %s", manager.directory / str(int(step)))
         manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -232,7 +244,9 @@ class Checkpointer:
         structure, shapes, dtypes and placement of the result; a leaf without a sharding is restored
         replicated over every device. Raises CheckpointMismatchError (the checkpoint holds other
         arrays) or CheckpointReadError (orbax failed on a checkpoint that fits)."""
-        manager, step = self.resolve(spec)
+        return self._restore_from(*self.resolve(spec), template)
+
+    def _restore_from(self, manager, step: int, template) -> tuple[Any, dict, int]:
         target = _restore_target(template)
         where = f"checkpoint step {step} in {manager.directory}"
         wanted = _flat_arrays(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
@@ -264,13 +278,77 @@ class Checkpointer:
         finally:
             handler.close()
 
+    def restore_newest_readable(self, template, *, set_aside: bool = False
+                                ) -> tuple[Any, dict, int, list[str]]:
+        """(state, meta, step, skipped): 'latest', falling back past checkpoints that fail to load.
+
+        Tries every checkpoint (of both folders) newest first. Each one that fails to restore (a
+        file inside it truncated, missing or corrupt) is logged as a warning naming its path and
+        the error, and listed in `skipped`; with `set_aside` (training) process 0 renames it to
+        `<step>.unreadable` so that the run can write that step again. Raises CheckpointError
+        naming every checkpoint and its error when none loads, or when there is none.
+        """
+        candidates = sorted([(s, 1, self.latest) for s in self.latest.all_steps()]
+                            + [(s, 0, self.best) for s in self.best.all_steps()], reverse=True)
+        if not candidates:
+            raise CheckpointError(f"--checkpoint=latest: no checkpoint in {self.workdir}")
+        skipped = []
+        for step, _, manager in candidates:
+            path = manager.directory / str(step)
+            try:
+                out = self._restore_from(manager, step, template)
+            except CheckpointMismatchError:  # the config's fault, not damage: every step would fail
+                raise
+            except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+                reason = _root_cause(e)
+                skipped.append(f"{path} ({reason})")
+                logging.warning("Skipping checkpoint %s, which cannot be restored: %s", path, reason)
+                if set_aside:
+                    _set_aside(manager, step, path)
+                continue
+            if skipped:
+                logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)",
+                                step, len(skipped))
+            return (*out, skipped)
+        raise CheckpointError(
+            f"no checkpoint in {self.workdir} can be restored: {'; '.join(skipped)}")
+
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
         steps = self.best.all_steps()
         if not steps:
             return None
-        out = self.best.restore(max(steps), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        try:
+            out = self.best.restore(max(steps),
+                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:  # pylint: disable=broad-except  # as in restore_newest_readable
+            logging.warning("The best checkpoint %s cannot be read (%s: %s); best-tracking "
+                            "starts anew", self.best.directory / str(max(steps)),
+                            type(e).__name__, e)
+            return None
         return dict(out["meta"] or {})
+
+
+def _root_cause(error: BaseException, limit: int = 500) -> str:
+    """'Type: first line' of the innermost exception in the chain (orbax wraps tensorstore's)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:limit]
+
+
+def _set_aside(manager, step: int, path) -> None:
+    """Renames an unreadable step directory to `<step>.unreadable[.N]` (kept for inspection)."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if jax.process_index() == 0:
+        target, n = path.parent / f"{path.name}.unreadable", 1
+        while target.exists():
+            target, n = path.parent / f"{path.name}.unreadable.{n}", n + 1
+        path.rename(target)
+        logging.warning("Renamed %s to %s", path, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside {path}")
+    manager.reload()
 
 
 def restore_template(config, model=None, mesh=None) -> state_lib.TrainState:
@@ -323,11 +401,16 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)
+    template, skipped = restore_template(config, model), []
     try:
-        state, meta, step = checkpointer.restore(parsed, restore_template(config, model))
+        if parsed == "latest":
+            state, meta, step, skipped = checkpointer.restore_newest_readable(template)
+        else:
+            state, meta, step = checkpointer.restore(parsed, template)
     finally:
         checkpointer.close()
     out = {"student": state.variables()}
     if state.ema_params is not None:
         out["ema"] = state.variables(teacher=True)
-    return out, {"checkpoint": spec, "step": int(step), "meta": meta, "model": model}
+    return out, {"checkpoint": spec, "step": int(step), "meta": meta, "model": model,
+                 "skipped": skipped}

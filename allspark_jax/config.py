@@ -240,6 +240,8 @@ def validate(config) -> None:
     if config.train.key_group_size is not None and batch % int(config.train.key_group_size):
         raise _error("train.key_group_size", config.train.key_group_size,
                      f"None or a divisor of data.batch_size ({batch})")
+    if not isinstance(config.train.stop_on_nan, bool):
+        raise _error("train.stop_on_nan", config.train.stop_on_nan, "True or False")
     # evaluation
     _one_of(config, "eval.mode", EVAL_MODES)
     _in_range(config, "eval.crop_size", 1, integer=True, optional=True)
@@ -259,6 +261,8 @@ def validate(config) -> None:
     _in_range(config, "keep_checkpoints", 1, integer=True)
     _in_range(config, "profile_first_step", 0, integer=True)
     _in_range(config, "profile_num_steps", 1, integer=True)
+    for key in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        _in_range(config, f"distributed.{key}", 1, integer=True)
 
 
 # --------------------------------------------------------------------------- command-line overrides

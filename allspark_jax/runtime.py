@@ -40,9 +40,13 @@ def initialize_distributed(config) -> None:
     Settings come from `config.distributed` (coordinator_address, num_processes, process_id) when
     given, else from the environment (ALLSPARK_COORDINATOR / ALLSPARK_NUM_PROCESSES /
     ALLSPARK_PROCESS_ID, or JAX's own auto-detection on TPU pods and SLURM with
-    `distributed.auto`). Single-host runs with no settings skip it.
+    `distributed.auto`). Single-host runs with no settings skip it. A process that stops sending
+    heartbeats for `distributed.heartbeat_timeout_seconds` (killed, host lost) makes every other
+    process terminate with an error naming it, instead of waiting in a collective forever.
     """
     dist = config.get("distributed", None) or {}
+    timeouts = {k: int(dist[k]) for k in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds")
+                if dist.get(k) is not None}
     address = dist.get("coordinator_address") or os.environ.get(ENV_COORDINATOR)
     num = dist.get("num_processes") or os.environ.get(ENV_NUM_PROCESSES)
     pid = dist.get("process_id")
@@ -52,9 +56,9 @@ def initialize_distributed(config) -> None:
             raise ValueError("distributed: coordinator_address needs num_processes and process_id "
                              f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
         jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                                   process_id=int(pid))
+                                   process_id=int(pid), **timeouts)
     elif dist.get("auto", False):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
 
 
 def setup_compilation_cache(config, workdir: str) -> None:

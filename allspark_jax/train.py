@@ -19,6 +19,7 @@ from clu import metric_writers, periodic_actions
 from allspark_jax import checkpoints as ckpt_lib
 from allspark_jax import config as config_lib
 from allspark_jax import convert
+from allspark_jax import nonfinite
 from allspark_jax import optimizer
 from allspark_jax import runtime
 from allspark_jax import sharding as sharding_lib
@@ -160,8 +161,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     state, s_sharding = initial_state(config, model, tx, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     start_step = 0
-    if checkpointer.latest_step() is not None:
-        state, _, start_step = checkpointer.restore("latest", state)
+    if checkpointer.latest.all_steps() or checkpointer.best.all_steps():
+        state, _, start_step, _ = checkpointer.restore_newest_readable(state, set_aside=True)
         logging.info("Resumed from step %d (%s)", start_step, workdir)
     best = checkpointer.best_meta()
     best_of = config.eval.best_of
@@ -216,6 +217,27 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             best = meta_for(step, results)
             checkpointer.save_best(step, state, best)
 
+    watch = nonfinite.LossWatch(config.train.stop_on_nan)
+
+    def check_finite(step, with_state: bool = False):
+        """train.stop_on_nan: the losses since the last check (and the state) must be finite."""
+        if not watch.enabled:
+            return
+        try:
+            watch.check()
+            parts = nonfinite.nonfinite_parts(state) if with_state else []
+            if parts:
+                raise nonfinite.NonFiniteError(
+                    f"non-finite values in {', '.join(parts)} of the train state after step {step}")
+        except nonfinite.NonFiniteError as e:
+            checkpointer.wait()  # the saves already started hold finite states: let them finish
+            newest = checkpointer.latest_step()
+            raise nonfinite.NonFiniteError(
+                f"{e}. Training stopped (train.stop_on_nan) without checkpointing this state; "
+                f"the newest checkpoint is {'none' if newest is None else f'step {newest}'}"
+                f" in {workdir}. Lower optim.lr, or set train.stop_on_nan=False to "
+                "train on regardless.") from None
+
     train_iter = input_pipeline.create_train_iterator(opts, start_step=start_step, plan=plan)
     keys = train_step_lib.batch_keys(method, cutmix=opts.cutmix_prob > 0)
     train_iter = ({k: b[k] for k in keys} for b in train_iter)
@@ -236,14 +258,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             logger.add(metrics)
             step += 1
             progress.step()
+            watch.add(step, metrics)
             for hook in hooks:
                 hook(step)
             if step % log_every == 0 or step == num_steps:
                 progress.show(logger.write(step))
+                check_finite(step)
             last = step == num_steps
-            if step % eval_every == 0 or last:
+            evaluate, save = step % eval_every == 0 or last, step % ckpt_every == 0 or last
+            if evaluate or save:
+                check_finite(step, with_state=True)
+            if evaluate:
                 run_eval(step)
-            if step % ckpt_every == 0 or last:
+            if save:
                 checkpointer.save(step, state, meta_for(step, history.get(step)))
     progress.close()
     checkpointer.wait()

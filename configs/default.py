@@ -124,6 +124,7 @@ def get_config():
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
     train.key_group_size = placeholder(int)  # Teacher keys mix groups of this many images; None = all.
     train.progress_bar = True  # Console progress bar (main process): step, epoch, losses, img/s, ETA.
+    train.stop_on_nan = True  # Stop at a non-finite loss or state; no such state is checkpointed.
 
     # ------------------------------------------------------------------------------- evaluation
     config.eval = ev = ml_collections.ConfigDict()
@@ -161,5 +162,8 @@ def get_config():
         num_processes=placeholder(int),  # Number of processes.
         process_id=placeholder(int),  # This process's id.
         auto=False,  # jax.distributed.initialize() with JAX's cluster auto-detection.
+        # A process silent this long counts as dead: every other process then stops with an error.
+        heartbeat_timeout_seconds=100,
+        shutdown_timeout_seconds=300,  # At exit, how long a process waits for the others to finish.
     ))
     return config
