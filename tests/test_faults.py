@@ -35,11 +35,14 @@ LINE_TIMEOUT = 300  # seconds a run may go without printing the line a test wait
 
 
 class MainProcess:
-    """`main.py` in a subprocess whose output lines are read as they come (a reader thread)."""
+    """`main.py` in a subprocess whose output lines are read as they come (a reader thread).
+
+    `--verbose`: the absl log lines that the tests wait for ("Writing checkpoint", "Resumed from
+    step") go to the console too, not only to the workdir's log file."""
 
     def __init__(self, workdir, *args, env=None, **overrides):
         self.proc = subprocess.Popen(
-            [sys.executable, MAIN, "--config", DEMO, "--workdir", str(workdir), *args,
+            [sys.executable, MAIN, "--verbose", "--config", DEMO, "--workdir", str(workdir), *args,
              *run_config.cli_flags(**{**FAULT_OVERRIDES, **overrides})],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=run_config.ROOT,
             env=env or run_config.subprocess_env())

@@ -250,7 +250,7 @@ def test_missing_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     (["--config.data.check_files=all"],
      "config.data.check_files='all': expected one of 'none', 'exist', 'decode'"),
     (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0: expected an integer >= 1"),
-    (["--config=configs/pascal.py:1_3"], "configs/pascal.py:1_3: unknown split; expected one of 92,"),
+    (["--config=configs/pascal.py:1_3"], "configs/pascal.py:1_3: unknown split '1_3'; expected one of 92,"),
     (["--config=configs/nope.py"], "configs/nope.py' does not exist"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
