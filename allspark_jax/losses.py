@@ -24,8 +24,10 @@ def _per_group(fn, logits, target, groups: int):
 def _masked_ce(logits, target, keep):
     """Mean of -log p[target] over pixels where `keep`; 0 when no pixel is kept."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    safe = jnp.where(keep, target, 0)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    # A select against the class index rather than a gather: the gradient of a gather is a
+    # scatter-add, which XLA:CPU runs as a serial loop over the pixels; a select's is elementwise.
+    hit = target[..., None] == jnp.arange(logp.shape[-1], dtype=target.dtype)
+    nll = -jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 

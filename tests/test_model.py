@@ -135,6 +135,78 @@ def test_depthwise_conv_and_its_vjp_match_xla_convolution(shape, k):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("hw,out", [((9, 9), (65, 65)), ((33, 21), (65, 65)),
+                                    ((65, 65), (9, 9)), ((45, 61), (17, 23)), ((7, 5), (7, 11))])
+def test_resize_by_taps_and_its_vjp_match_dense_resize(hw, out):
+    """resize_bilinear (taps, custom VJP) against jax.image.resize's dense products (no
+    antialiasing), up and down, and the transpose against autodiff's."""
+    from allspark_jax.models.resize import resize_bilinear
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(2, *hw, 3), jnp.float32)
+    dense = lambda v: jax.image.resize(v, (2, *out, 3), "bilinear", antialias=False)  # noqa: E731
+    np.testing.assert_allclose(resize_bilinear(x, out), dense(x), rtol=1e-5, atol=1e-6)
+    cot = jnp.asarray(r.randn(2, *out, 3), jnp.float32)
+    np.testing.assert_allclose(jax.vjp(lambda v: resize_bilinear(v, out), x)[1](cot)[0],
+                               jax.vjp(dense, x)[1](cot)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_one_pass_batch_norm_and_its_vjp_match_the_two_pass_form():
+    """batch_norm_train (one-pass shifted sums, closed-form VJP) against autodiff of the textbook
+    two-pass form, on a map whose mean is far from 0, with cotangents on the statistics too."""
+    from allspark_jax.models.head import batch_norm_train
+
+    def two_pass(x, scale, bias):
+        mean = jnp.mean(x, 0)
+        var = jnp.mean(jnp.square(x - mean), 0)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias, mean, var
+
+    r = np.random.RandomState(0)
+    x = jnp.asarray(r.randn(3000, 6) * 0.5 + 20.0, jnp.float32)
+    scale, bias = (jnp.asarray(r.randn(6), jnp.float32) for _ in range(2))
+    ours, vjp_ours = jax.vjp(lambda *a: batch_norm_train(*a, 1e-5), x, scale, bias)
+    theirs, vjp_theirs = jax.vjp(two_pass, x, scale, bias)
+    for name, a, b in zip(("y", "mean", "var"), ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+    cot = (jnp.asarray(r.randn(3000, 6), jnp.float32), jnp.asarray(r.randn(6), jnp.float32),
+           jnp.asarray(r.randn(6), jnp.float32))
+    for name, a, b in zip(("x", "scale", "bias"), vjp_ours(cot), vjp_theirs(cot)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_dropout2d_folded_into_the_classifier():
+    """The head's training-mode Dropout2d, applied as a per-image scale of the classifier's kernel,
+    gives the logits of nn.Dropout on the map (same module path, so the same PRNG draws) followed
+    by the 1x1 classifier."""
+    import flax.linen as nn
+    from allspark_jax.models.head import Conv1x1, SegFormerHead
+
+    class MapDropout(nn.Module):  # the unfolded form, named as in the head
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dropout(0.5, broadcast_dims=(1, 2), deterministic=False)(x)
+            return Conv1x1(3, name="linear_pred")(x)
+
+    r = np.random.RandomState(0)
+    feats = [jnp.asarray(r.randn(4, 12 // 2 ** i, 12 // 2 ** i, 4 * (i + 1)), jnp.float32)
+             for i in range(4)]
+    head = SegFormerHead(3, 8, 0.5)
+    variables = head.init({"params": jax.random.key(1), "dropout": jax.random.key(2)}, feats,
+                          train=True)
+
+    def run(key):
+        logits, state = head.apply(variables, feats, train=True, rngs={"dropout": key},
+                                   mutable=["batch_stats", "intermediates"],
+                                   capture_intermediates=True)
+        fused = state["intermediates"]["linear_fuse"]["__call__"][0]
+        want = MapDropout().apply({"params": {"linear_pred": variables["params"]["linear_pred"]}},
+                                  fused, rngs={"dropout": key})
+        return logits, want
+
+    got, want = run(jax.random.key(3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, run(jax.random.key(4))[0])  # the mask follows the key
+
+
 _MEMORY_SCRIPT = """
 import os
 from allspark_jax import config as config_lib, runtime

@@ -31,4 +31,7 @@ with `block_until_ready`; compile time excludes tracing, which is reported apart
   * predict  the same for `--mode predict` on a folder of JPEGs.
   * scaling  the train step in subprocesses with 1..N devices (`--devices`) at a fixed per-device
              batch; on CPU the devices are simulated (`jax_num_cpu_devices`) and share the host.
+
+`python -m allspark_jax.benchmark.versus_release` times the authors' PyTorch release and this
+command alternately, case by case, and prints the ratio table (`versus_release`).
 """

@@ -1,6 +1,7 @@
 """SegFormer all-MLP decode head and a PyTorch-semantics BatchNorm, NHWC."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -30,13 +31,67 @@ class Conv1x1(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, channel_scale=None):
+        """`channel_scale` (B, C_in) or None: computes conv(x * channel_scale[:, None, None]) as
+        x @ (channel_scale[b, :, None] * kernel) per image, without forming the scaled map."""
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
         bias = (self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias
                 else None)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.dot(x, kernel[0, 0])
+        if channel_scale is None:
+            y = jnp.dot(x, kernel[0, 0])
+        else:
+            scaled = channel_scale.astype(kernel.dtype)[:, :, None] * kernel[0, 0]
+            y = jnp.einsum("bhwc,bck->bhwk", x, scaled)
         return y if bias is None else y + bias
+
+
+def _sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel (sum a, sum b) of two (N, C) arrays: sibling reductions of the same operands,
+    which XLA fuses into one pass (a variadic `lax.reduce` would, but XLA:CPU runs it unvectorised)."""
+    return jnp.sum(a, 0), jnp.sum(b, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
+    """Training-mode BatchNorm on float32 (N, C) rows: (y, mean, biased var), y (N, C).
+
+    The statistics come from one pass over x: the sums of d = x - s and d^2 with s a per-channel
+    shift (the mean of the first row-block of up to 64 rows, so that the difference of the two sums
+    does not cancel when |mean| >> std). The backward is BatchNorm's closed form, its two sums again
+    in one pass; autodiff of the two-pass form reads the map in more passes (BENCHMARKS.md,
+    "one-pass BatchNorm").
+    """
+    return _batch_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+    n = x.shape[0]
+    shift = jnp.mean(x[:64], 0)
+    d = x - shift
+    s1, s2 = _sums(d, d * d)
+    dm = s1 / n
+    mean = shift + dm
+    var = jnp.maximum(s2 / n - dm * dm, 0.0)
+    inv = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * (inv * scale) + bias
+    return (y, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(epsilon, res, g):
+    del epsilon
+    x, mean, inv, scale = res
+    gy, gmean, gvar = g
+    n = x.shape[0]
+    xhat = (x - mean) * inv
+    sum_g, sum_gx = _sums(gy, gy * xhat)
+    dx = (inv * scale) * (gy - sum_g / n - xhat * (sum_gx / n))
+    # Cotangents of the returned statistics (zero when only running averages read them).
+    dx = dx + gmean / n + (x - mean) * (2.0 * gvar / n)
+    return dx, sum_gx.astype(scale.dtype), sum_g.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class TorchBatchNorm(nn.Module):
@@ -61,20 +116,17 @@ class TorchBatchNorm(nn.Module):
         var_v = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         count_v = self.variable("batch_stats", "num_batches_tracked", jnp.zeros, (), jnp.int32)
         x32 = x.astype(jnp.float32)
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)
-            if not self.is_initializing():
-                n = x32.size // c
-                m = self.momentum
-                mean_v.value = (1 - m) * mean_v.value + m * jax.lax.stop_gradient(mean)
-                var_v.value = (1 - m) * var_v.value + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
-                count_v.value = count_v.value + 1
-        else:
-            mean, var = mean_v.value, var_v.value
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(x.dtype)
+        if not train:
+            y = (x32 - mean_v.value) * jax.lax.rsqrt(var_v.value + self.epsilon) * scale + bias
+            return y.astype(x.dtype)
+        y, mean, var = batch_norm_train(x32.reshape(-1, c), scale, bias, self.epsilon)
+        if not self.is_initializing():
+            n = x32.size // c
+            m = self.momentum
+            mean_v.value = (1 - m) * mean_v.value + m * jax.lax.stop_gradient(mean)
+            var_v.value = (1 - m) * var_v.value + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
+            count_v.value = count_v.value + 1
+        return y.reshape(x.shape).astype(x.dtype)
 
 
 class DenseParams(nn.Module):
@@ -175,6 +227,13 @@ class SegFormerHead(nn.Module):
         else:
             x = fuse(inputs, size, train, [valid_sizes[i - 1] for i in (4, 3, 2, 1)],
                      valid_sizes[0])
-        # Dropout2d: whole channels of a sample are dropped together.
-        x = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(x)
-        return Conv1x1(self.num_classes, dtype=self.dtype, name="linear_pred")(x)
+        pred = Conv1x1(self.num_classes, dtype=self.dtype, name="linear_pred")
+        if not train or self.dropout == 0:
+            return pred(x)
+        # Dropout2d drops whole channels of an image, so it is a per-(image, channel) scale (0 or
+        # 1 / (1 - p)) that the classifier's kernel takes instead of the map: one pass over the
+        # (B, H/4, W/4, E) map less each way. The scale is nn.Dropout's own mask (same module
+        # path, PRNG stream and draws as on the map), so the dropped channels are unchanged.
+        keep = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=False)(
+            jnp.ones((x.shape[0], 1, 1, x.shape[-1]), x.dtype))
+        return pred(x, channel_scale=keep[:, 0, 0])

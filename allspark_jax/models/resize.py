@@ -1,18 +1,85 @@
 """Bilinear resizing with PyTorch's `F.interpolate(mode='bilinear', align_corners=False)` semantics."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     """(B, H, W, C) -> (B, h, w, C); half-pixel centres, edge-clamped, NO antialiasing.
 
-    `jax.image.resize` antialiases when downsampling by default; PyTorch's bilinear interpolation
-    does not, and the AllSpark grouping downsamples the teacher's logits.
+    PyTorch's bilinear interpolation does not antialias when downsampling (the AllSpark grouping
+    downsamples the teacher's logits); the weights are `interpolation_matrix`'s, PyTorch's formula.
+    Computed from each axis's at most two taps per output (`_resize_taps`), not as products with
+    the dense (out, in) matrices: a gather and two multiply-adds per output that XLA fuses with
+    their consumers (the head's sum of upsampled maps), where the dense products cost in_len
+    multiply-adds per output and write every upsampled map (BENCHMARKS.md, "Bilinear resizing
+    by taps").
     """
-    b, _, _, c = x.shape
-    return jax.image.resize(x, (b, size[0], size[1], c), method="bilinear", antialias=False)
+    if tuple(size) == tuple(x.shape[1:3]):
+        return x
+    return _resize_taps(x, tuple(x.shape[1:3]), tuple(size))
+
+
+@functools.lru_cache(maxsize=None)
+def _axis_taps(in_len: int, out_len: int):
+    """Static taps of PyTorch's bilinear weights along one axis, both ways.
+
+    Returns (fwd_idx, fwd_w) (out_len, 2): the inputs each output reads and their weights, and
+    (bwd_idx, bwd_w) (in_len, T): the outputs each input's gradient reads (the transpose, T the most
+    outputs one input feeds; padded with weight 0), all numpy.
+    """
+    with jax.ensure_compile_time_eval():
+        m = np.asarray(interpolation_matrix(jnp.array([in_len]), jnp.array([out_len]), in_len,
+                                            out_len)[0])
+
+    def taps(mat):
+        width = max(int((mat != 0).sum(1).max()), 1)
+        idx = np.zeros((mat.shape[0], width), np.int32)
+        w = np.zeros((mat.shape[0], width), np.float32)
+        for r in range(mat.shape[0]):
+            nz = np.flatnonzero(mat[r])
+            idx[r, :len(nz)], w[r, :len(nz)] = nz, mat[r, nz]
+        return idx, w
+
+    return taps(m) + taps(m.T)
+
+
+def _apply_taps(x: jax.Array, idx: np.ndarray, w: np.ndarray, axis: int) -> jax.Array:
+    """sum_t w[o, t] * x[..., idx[o, t], ...] along `axis` (static numpy taps)."""
+    shape = [1] * x.ndim
+    shape[axis] = idx.shape[0]
+    out = None
+    for t in range(idx.shape[1]):
+        term = (jnp.take(x, idx[:, t], axis=axis, mode="clip")
+                * jnp.asarray(w[:, t].reshape(shape), x.dtype))
+        out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _resize_taps(x: jax.Array, in_size: tuple[int, int], size: tuple[int, int]) -> jax.Array:
+    (fh, wh, _, _), (fw, ww, _, _) = (_axis_taps(in_size[0], size[0]),
+                                      _axis_taps(in_size[1], size[1]))
+    return _apply_taps(_apply_taps(x, fh, wh, 1), fw, ww, 2)
+
+
+def _resize_taps_fwd(x, in_size, size):
+    return _resize_taps(x, in_size, size), None
+
+
+def _resize_taps_bwd(in_size, size, _, g):
+    # The transpose reads taps too (each input gathers the outputs it fed): autodiff's transpose
+    # of a gather is a scatter-add, a serial loop on XLA:CPU.
+    (_, _, bh, wh), (_, _, bw, ww) = (_axis_taps(in_size[0], size[0]),
+                                      _axis_taps(in_size[1], size[1]))
+    return (_apply_taps(_apply_taps(g, bw, ww, 2), bh, wh, 1),)
+
+
+_resize_taps.defvjp(_resize_taps_fwd, _resize_taps_bwd)
 
 
 def interpolation_matrix(in_size: jax.Array, out_size: jax.Array, in_len: int,
