@@ -173,6 +173,7 @@ def main(argv):
     from allspark_jax import checkpoints
     from allspark_jax import convert
     from allspark_jax import runtime
+    from allspark_jax.config import ConfigError
     from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
@@ -188,7 +189,11 @@ def main(argv):
     from allspark_jax import workdir as workdir_lib
     from allspark_jax.evaluation import evaluator
 
-    runtime.start(config)
+    try:
+        runtime.start(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with native_stderr_to_log(FLAGS.verbose):
         devices = jax.local_devices()  # starts the backends
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
@@ -201,7 +206,7 @@ def main(argv):
         else:
             out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_lib.PREDICTIONS_DIR)
             predict_lib.run_predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.inputs, out)
-    except (checkpoints.CheckpointError, convert.WeightImportError, DataError,
+    except (checkpoints.CheckpointError, ConfigError, convert.WeightImportError, DataError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,8 @@ import os
 
 import jax
 
+from allspark_jax.config import ConfigError
+
 # Environment variables naming the coordinator, the process count and this process's id.
 ENV_COORDINATOR = "ALLSPARK_COORDINATOR"
 ENV_NUM_PROCESSES = "ALLSPARK_NUM_PROCESSES"
@@ -53,12 +55,26 @@ def initialize_distributed(config) -> None:
     pid = os.environ.get(ENV_PROCESS_ID) if pid is None else pid
     if address:
         if num is None or pid is None:
-            raise ValueError("distributed: coordinator_address needs num_processes and process_id "
-                             f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
-        jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                                   process_id=int(pid), **timeouts)
+            raise ConfigError("distributed: coordinator_address needs num_processes and process_id "
+                              f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
+        num = _integer(num, f"config.distributed.num_processes or {ENV_NUM_PROCESSES}", 1)
+        pid = _integer(pid, f"config.distributed.process_id or {ENV_PROCESS_ID}", 0)
+        if pid >= num:
+            raise ConfigError(f"distributed: process_id={pid} must be below num_processes={num}")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                                   process_id=pid, **timeouts)
     elif dist.get("auto", False):
         jax.distributed.initialize(**timeouts)
+
+
+def _integer(value, name: str, minimum: int) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out < minimum:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return out
 
 
 def setup_compilation_cache(config, workdir: str) -> None:

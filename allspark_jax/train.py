@@ -158,17 +158,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_divisible(opts.batch_size, mesh)
     b_sharding = sharding_lib.batch_sharding(mesh)
-    state, s_sharding = initial_state(config, model, tx, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     start_step = 0
     if checkpointer.latest.all_steps() or checkpointer.best.all_steps():
-        state, _, start_step, _ = checkpointer.restore_newest_readable(state, set_aside=True)
+        # An abstract template: a resume neither initialises a state nor reads model.pretrained.
+        template = ckpt_lib.restore_template(config, model, mesh)
+        s_sharding = jax.tree.map(lambda x: x.sharding, template)
+        state, _, start_step, _ = checkpointer.restore_newest_readable(template, set_aside=True)
         logging.info("Resumed from step %d (%s)", start_step, workdir)
-    best = checkpointer.best_meta()
+    else:
+        state, s_sharding = initial_state(config, model, tx, mesh)
     best_of = config.eval.best_of
     history_path = wd / workdir_lib.EVAL_HISTORY_JSON
     history = {int(k): v for k, v in workdir_lib.read_json(history_path, {}).items()
                if int(k) <= start_step}
+    best = checkpointer.best_meta(history)
 
     method = config.method
     # Only AllSpark reads the memory: the baselines compile one step.
@@ -180,7 +184,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     steps = {flag: compiled.get(flag, compiled[False]) for flag in (False, True)}
     predictor = evaluator.make_predictor(config, model)
 
-    log_every = max(int(config.log_every_steps), 1)
+    log_every = _every(config.log_every_steps, steps_per_epoch)
     eval_every = _every(config.eval_every_steps, steps_per_epoch)
     ckpt_every = _every(config.checkpoint_every_steps, steps_per_epoch)
     hooks = []
