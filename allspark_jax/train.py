@@ -103,7 +103,7 @@ class _ProgressBar:
     def show(self, scalars: dict[str, float]) -> None:
         if self.bar is not None:
             shown = {"epoch": f"{scalars['train/epoch']:.2f}"}
-            shown.update({k: f"{scalars[f'train/{k}']:.4f}" for k in ("loss", "loss_x", "loss_u")
+            shown.update({k: f"{scalars[f'train/{k}']:.4f}" for k in train_step_lib.LOSS_KEYS
                           if f"train/{k}" in scalars})
             shown["img/s"] = f"{scalars['train/images_per_second']:.1f}"
             self.bar.set_postfix(shown, refresh=True)
