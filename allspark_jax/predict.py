@@ -18,28 +18,12 @@ from PIL import Image
 from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
 from allspark_jax.data import datasets
+from allspark_jax.data.datasets import palette
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_ALPHA = 0.5
-
-CITYSCAPES_COLORS = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
-
-
-def palette(dataset: str, opts=None) -> np.ndarray:
-    """(256, 3) uint8 colour map for `dataset` (a custom one's from its DataOptions `opts`)."""
-    if opts is not None and opts.palette is not None:
-        return datasets.palette_array(opts.palette, opts.num_classes, opts.ignore_index)
-    pal = datasets.voc_palette().copy()
-    if dataset == "cityscapes":
-        pal[:len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, np.uint8)
-        pal[len(CITYSCAPES_COLORS):255] = 0
-    return pal
-
 
 def list_images(inputs) -> list[str]:
     """Image files named by `inputs` (files and/or folders, searched non-recursively, sorted)."""
