@@ -45,7 +45,6 @@ flags.DEFINE_bool("verbose", False, "Every log line on the console as well: absl
                   "and XLA C++ logs, JAX's backend probe. By default the log lines go to "
                   "<workdir>/main.INFO and the console shows progress, results and warnings.")
 
-LOG_NAME = "main"  # <workdir>/main.INFO: the log of the latest run (absl's symlink)
 # TensorFlow / XLA C++ log threshold unless the environment sets one: 2 keeps errors only.
 QUIET_TF_CPP_MIN_LOG_LEVEL = "2"
 
@@ -133,8 +132,9 @@ def log_to_workdir(workdir: str | None, verbose: bool) -> None:
     warnings and errors still reach the console, and with `verbose` everything does."""
     if not workdir or "://" in workdir:
         return
+    from allspark_jax import workdir as workdir_lib
     os.makedirs(workdir, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file(LOG_NAME, workdir)
+    logging.get_absl_handler().use_absl_log_file(workdir_lib.LOG_NAME, workdir)
     if not FLAGS["stderrthreshold"].present:
         FLAGS.stderrthreshold = "warning"
     if verbose:

@@ -36,10 +36,9 @@ from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import workdir as workdir_lib
+from allspark_jax.workdir import BEST_DIR, LATEST_DIR
 from allspark_jax.models.segmentor import build_model, init_variables
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "checkpoints_best"
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
 
 

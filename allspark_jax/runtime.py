@@ -10,12 +10,12 @@ import os
 import jax
 
 from allspark_jax.config import ConfigError
+from allspark_jax.workdir import COMPILATION_CACHE_DIR
 
 # Environment variables naming the coordinator, the process count and this process's id.
 ENV_COORDINATOR = "ALLSPARK_COORDINATOR"
 ENV_NUM_PROCESSES = "ALLSPARK_NUM_PROCESSES"
 ENV_PROCESS_ID = "ALLSPARK_PROCESS_ID"
-COMPILATION_CACHE_DIR = "jax_cache"  # <workdir>/jax_cache with config.compilation_cache
 
 
 def set_xla_flags(config) -> None:
