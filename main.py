@@ -55,8 +55,6 @@ class UsageError(app.UsageError):
 
 def check_flags():
     """Clear errors for the flags themselves (before any work starts)."""
-    if FLAGS.config is None:
-        raise UsageError("--config is required, e.g. --config configs/demo.py")
     if FLAGS.mode not in MODES:
         raise UsageError(f"--mode={FLAGS.mode!r}: expected one of {', '.join(MODES)}")
     if not FLAGS.workdir:
@@ -116,6 +114,8 @@ def parse_flags(argv):
         message = " ".join(str(e).split())
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
 def quiet_native_logs(verbose: bool) -> None:
     """Off unless `verbose`: TensorFlow's and XLA's C++ INFO / WARNING lines (oneDNN, CPU features,
     ...) and JAX's backend-probe warnings. Must run before TensorFlow and JAX load, which read
@@ -232,5 +232,5 @@ if __name__ == "__main__":
     # Config files import their siblings (`from configs import default`) wherever main.py runs from.
     _config_lib.register_configs_package(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "configs"))
-    flags.mark_flags_as_required(["config"])
+    flags.mark_flags_as_required(["config"])  # parse_flags turns its error into one line, status 2
     app.run(main, flags_parser=parse_flags)

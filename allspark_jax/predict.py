@@ -95,22 +95,22 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
     os.makedirs(output_dir, exist_ok=True)
 
     def images():
-        for path in files:
+        for i, path in enumerate(files):
             rgb, image = load_image(path)
             image, _ = predictor.prepare(image)
-            yield (path, rgb), image
+            yield (i, path, rgb), image
 
-    records = []
-    for (path, rgb), pred in predictor.predict_stream(variables["student"], images()):
+    records = []  # (input index, record): the stream finishes images out of order
+    for (i, path, rgb), pred in predictor.predict_stream(variables["student"], images()):
         if predictor.mode == "center_crop":
             rgb = bucketing.center_crop(rgb, predictor.crop)
         name = os.path.splitext(os.path.basename(path))[0]
         mask_path, overlay_path = save_outputs(rgb, pred, pal, output_dir, name)
-        records.append({"image": path, "mask": mask_path, "overlay": overlay_path,
-                        "classes": sorted(int(c) for c in np.unique(pred))})
+        records.append((i, {"image": path, "mask": mask_path, "overlay": overlay_path,
+                            "classes": sorted(int(c) for c in np.unique(pred))}))
         if not quiet:
             print(f"{path} -> {mask_path}, {overlay_path}", flush=True)
     if not quiet:
         print(f"predicted {len(files)} image(s) with checkpoint {info['checkpoint']} "
-          f"(step {info['step']}) into {output_dir}", flush=True)
-    return sorted(records, key=lambda r: files.index(r["image"]))
+              f"(step {info['step']}) into {output_dir}", flush=True)
+    return [record for _, record in sorted(records, key=lambda r: r[0])]

@@ -1,7 +1,10 @@
-"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache.
+"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache, the
+config check with a one-line error (`validate_or_exit`), and TensorFlow kept off the GPUs
+(`hide_accelerators_from_tensorflow`); `validated_start` runs them in order for a command line.
 
-Everything here runs once per process, before the first computation (`main.py` and the benchmark
-call it first), because XLA and `jax.distributed` read their settings when JAX starts its backends.
+Everything here runs once per process, before the first computation (`main.py` and the learning
+benchmark start with it, the speed benchmark with `set_xla_flags`), because XLA and
+`jax.distributed` read their settings when JAX starts its backends.
 """
 from __future__ import annotations
 
@@ -98,7 +101,7 @@ def validate_or_exit(config) -> None:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-    """tf.data runs on the host: TensorFlow must not take GPU memory (or TPUs) from JAX."""
+    """tf.data runs on the host: TensorFlow must not take GPU memory from JAX, so it sees no GPU."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.experimental.set_visible_devices([], "GPU")
 

@@ -26,10 +26,7 @@ from allspark_jax.sharding import to_host
 def _progress(total, enabled: bool, desc: str):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
 
 
