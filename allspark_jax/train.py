@@ -45,7 +45,7 @@ def initial_state(config, model, tx, mesh) -> tuple[state_lib.TrainState, state_
         variables = convert.load_pretrained_encoder(config.model.pretrained, variables)
         logging.info("Encoder initialised from %s", config.model.pretrained)
     ema = config.train.teacher == "ema"
-    # Jitted: Flax init op by op is slow (tens of seconds on CPU even for a tiny model).
+    # Jitted: Flax init run op by op dispatches every small op alone, which is slow.
     init_fn = lambda r, v: state_lib.create_train_state(  # noqa: E731
         model, tx, r, crop, ema=ema, variables=v)
     init_args = (init_rng if variables is None else state_rng, variables)
