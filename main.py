@@ -45,7 +45,6 @@ flags.DEFINE_bool("verbose", False, "Every log line on the console as well: absl
                   "and XLA C++ logs, JAX's backend probe. By default the log lines go to "
                   "<workdir>/main.INFO and the console shows progress, results and warnings.")
 
-LOG_NAME = "main"  # <workdir>/main.INFO: the log of the latest run (absl's symlink)
 # TensorFlow / XLA C++ log threshold unless the environment sets one: 2 keeps errors only.
 QUIET_TF_CPP_MIN_LOG_LEVEL = "2"
 
@@ -56,8 +55,6 @@ class UsageError(app.UsageError):
 
 def check_flags():
     """Clear errors for the flags themselves (before any work starts)."""
-    if FLAGS.config is None:
-        raise UsageError("--config is required, e.g. --config configs/demo.py")
     if FLAGS.mode not in MODES:
         raise UsageError(f"--mode={FLAGS.mode!r}: expected one of {', '.join(MODES)}")
     if not FLAGS.workdir:
@@ -117,6 +114,8 @@ def parse_flags(argv):
         message = " ".join(str(e).split())
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
 def quiet_native_logs(verbose: bool) -> None:
     """Off unless `verbose`: TensorFlow's and XLA's C++ INFO / WARNING lines (oneDNN, CPU features,
     ...) and JAX's backend-probe warnings. Must run before TensorFlow and JAX load, which read
@@ -133,8 +132,9 @@ def log_to_workdir(workdir: str | None, verbose: bool) -> None:
     warnings and errors still reach the console, and with `verbose` everything does."""
     if not workdir or "://" in workdir:
         return
+    from allspark_jax import workdir as workdir_lib
     os.makedirs(workdir, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file(LOG_NAME, workdir)
+    logging.get_absl_handler().use_absl_log_file(workdir_lib.LOG_NAME, workdir)
     if not FLAGS["stderrthreshold"].present:
         FLAGS.stderrthreshold = "warning"
     if verbose:
@@ -173,6 +173,7 @@ def main(argv):
     from allspark_jax import checkpoints
     from allspark_jax import convert
     from allspark_jax import runtime
+    from allspark_jax.config import ConfigError
     from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
@@ -188,7 +189,11 @@ def main(argv):
     from allspark_jax import workdir as workdir_lib
     from allspark_jax.evaluation import evaluator
 
-    runtime.start(config)
+    try:
+        runtime.start(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with native_stderr_to_log(FLAGS.verbose):
         devices = jax.local_devices()  # starts the backends
     logging.info("JAX process %d / %d, local devices: %s", jax.process_index(),
@@ -201,7 +206,7 @@ def main(argv):
         else:
             out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_lib.PREDICTIONS_DIR)
             predict_lib.run_predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.inputs, out)
-    except (checkpoints.CheckpointError, convert.WeightImportError, DataError,
+    except (checkpoints.CheckpointError, ConfigError, convert.WeightImportError, DataError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -227,5 +232,5 @@ if __name__ == "__main__":
     # Config files import their siblings (`from configs import default`) wherever main.py runs from.
     _config_lib.register_configs_package(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                       "configs"))
-    flags.mark_flags_as_required(["config"])
+    flags.mark_flags_as_required(["config"])  # parse_flags turns its error into one line, status 2
     app.run(main, flags_parser=parse_flags)

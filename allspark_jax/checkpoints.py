@@ -36,10 +36,9 @@ from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import workdir as workdir_lib
+from allspark_jax.workdir import BEST_DIR, LATEST_DIR
 from allspark_jax.models.segmentor import build_model, init_variables
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "checkpoints_best"
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
 
 
@@ -285,14 +284,16 @@ class Checkpointer:
         Tries every checkpoint (of both folders) newest first. Each one that fails to restore (a
         file inside it truncated, missing or corrupt) is logged as a warning naming its path and
         the error, and listed in `skipped`; with `set_aside` (training) process 0 renames it to
-        `<step>.unreadable` so that the run can write that step again. Raises CheckpointError
-        naming every checkpoint and its error when none loads, or when there is none.
+        `<step>.unreadable` so that the run can write that step again, once an older one has
+        restored (when none does, nothing is renamed: a rerun fails the same way instead of
+        starting from step 0). Raises CheckpointError naming every checkpoint and its error when
+        none loads, or when there is none.
         """
         candidates = sorted([(s, 1, self.latest) for s in self.latest.all_steps()]
                             + [(s, 0, self.best) for s in self.best.all_steps()], reverse=True)
         if not candidates:
             raise CheckpointError(f"--checkpoint=latest: no checkpoint in {self.workdir}")
-        skipped = []
+        skipped, failed = [], []
         for step, _, manager in candidates:
             path = manager.directory / str(step)
             try:
@@ -302,10 +303,12 @@ class Checkpointer:
             except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
                 reason = _root_cause(e)
                 skipped.append(f"{path} ({reason})")
+                failed.append((manager, step, path))
                 logging.warning("Skipping checkpoint %s, which cannot be restored: %s", path, reason)
-                if set_aside:
-                    _set_aside(manager, step, path)
                 continue
+            if set_aside:
+                for args in failed:
+                    _set_aside(*args)
             if skipped:
                 logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)",
                                 step, len(skipped))
@@ -313,19 +316,26 @@ class Checkpointer:
         raise CheckpointError(
             f"no checkpoint in {self.workdir} can be restored: {'; '.join(skipped)}")
 
-    def best_meta(self) -> dict | None:
-        """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume."""
+    def best_meta(self, history: dict | None = None) -> dict | None:
+        """The meta of the best checkpoint (its mIoU), to continue best-tracking after a resume.
+
+        When its meta cannot be read, `history` (the run's eval results by step) supplies its
+        results ({'step', 'eval'}), so that a worse result does not replace it; None when neither
+        has it (best-tracking starts anew) or when there is no best checkpoint.
+        """
         steps = self.best.all_steps()
         if not steps:
             return None
+        step = max(steps)
         try:
-            out = self.best.restore(max(steps),
-                                    args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            out = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         except Exception as e:  # pylint: disable=broad-except  # as in restore_newest_readable
-            logging.warning("The best checkpoint %s cannot be read (%s: %s); best-tracking "
-                            "starts anew", self.best.directory / str(max(steps)),
-                            type(e).__name__, e)
-            return None
+            recorded = (history or {}).get(step)
+            logging.warning("The meta of the best checkpoint %s cannot be read (%s: %s); %s",
+                            self.best.directory / str(step), type(e).__name__, e,
+                            "its results come from the eval history" if recorded is not None
+                            else "best-tracking starts anew")
+            return None if recorded is None else {"step": step, "eval": recorded}
         return dict(out["meta"] or {})
 
 

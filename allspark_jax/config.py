@@ -24,6 +24,7 @@ import ml_collections
 
 from allspark_jax.data import datasets
 from allspark_jax.data.datasets import DataError
+from allspark_jax.workdir import SYNTHETIC_DIR
 
 METHODS = ("allspark", "semi", "supervised")  # the release's three trainers (configs/default.py)
 TEACHERS = ("online", "ema")
@@ -32,7 +33,6 @@ STUDENT_VIEWS = ("weak", "strong")
 SOURCES = ("files", "tfds")
 CHECK_FILES = ("none", "exist", "decode")
 BEST_OF = ("student", "ema")
-SYNTHETIC_DIR = "synthetic_data"  # <workdir>/synthetic_data when data.name == 'synthetic', no root
 
 
 class ConfigError(ValueError):

@@ -45,7 +45,7 @@ def colorize(labels, palette: np.ndarray | None = None) -> np.ndarray:
     """(..., H, W) int labels -> (..., H, W, 3) uint8 colours of `palette` ((256, 3) uint8).
 
     Default palette: VOC's (255 = ignore is drawn in VOC's off-white). Use
-    `allspark_jax.predict.palette(config.data.name)` for Cityscapes colours.
+    `allspark_jax.data.datasets.palette(config.data.name)` for Cityscapes colours.
     """
     if palette is None:
         palette = voc_palette()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-LOSS_KEYS = ("loss", "loss_x", "loss_u")
+from allspark_jax.train_step import LOSS_KEYS
 
 
 class NonFiniteError(RuntimeError):

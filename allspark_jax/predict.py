@@ -18,28 +18,12 @@ from PIL import Image
 from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
 from allspark_jax.data import datasets
+from allspark_jax.data.datasets import palette
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_ALPHA = 0.5
-
-CITYSCAPES_COLORS = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
-
-
-def palette(dataset: str, opts=None) -> np.ndarray:
-    """(256, 3) uint8 colour map for `dataset` (a custom one's from its DataOptions `opts`)."""
-    if opts is not None and opts.palette is not None:
-        return datasets.palette_array(opts.palette, opts.num_classes, opts.ignore_index)
-    pal = datasets.voc_palette().copy()
-    if dataset == "cityscapes":
-        pal[:len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, np.uint8)
-        pal[len(CITYSCAPES_COLORS):255] = 0
-    return pal
-
 
 def list_images(inputs) -> list[str]:
     """Image files named by `inputs` (files and/or folders, searched non-recursively, sorted)."""
@@ -111,22 +95,22 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
     os.makedirs(output_dir, exist_ok=True)
 
     def images():
-        for path in files:
+        for i, path in enumerate(files):
             rgb, image = load_image(path)
             image, _ = predictor.prepare(image)
-            yield (path, rgb), image
+            yield (i, path, rgb), image
 
-    records = []
-    for (path, rgb), pred in predictor.predict_stream(variables["student"], images()):
+    records = []  # (input index, record): the stream finishes images out of order
+    for (i, path, rgb), pred in predictor.predict_stream(variables["student"], images()):
         if predictor.mode == "center_crop":
             rgb = bucketing.center_crop(rgb, predictor.crop)
         name = os.path.splitext(os.path.basename(path))[0]
         mask_path, overlay_path = save_outputs(rgb, pred, pal, output_dir, name)
-        records.append({"image": path, "mask": mask_path, "overlay": overlay_path,
-                        "classes": sorted(int(c) for c in np.unique(pred))})
+        records.append((i, {"image": path, "mask": mask_path, "overlay": overlay_path,
+                            "classes": sorted(int(c) for c in np.unique(pred))}))
         if not quiet:
             print(f"{path} -> {mask_path}, {overlay_path}", flush=True)
     if not quiet:
         print(f"predicted {len(files)} image(s) with checkpoint {info['checkpoint']} "
-          f"(step {info['step']}) into {output_dir}", flush=True)
-    return sorted(records, key=lambda r: files.index(r["image"]))
+              f"(step {info['step']}) into {output_dir}", flush=True)
+    return [record for _, record in sorted(records, key=lambda r: r[0])]

@@ -1,7 +1,10 @@
-"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache.
+"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache, the
+config check with a one-line error (`validate_or_exit`), and TensorFlow kept off the GPUs
+(`hide_accelerators_from_tensorflow`); `validated_start` runs them in order for a command line.
 
-Everything here runs once per process, before the first computation (`main.py` and the benchmark
-call it first), because XLA and `jax.distributed` read their settings when JAX starts its backends.
+Everything here runs once per process, before the first computation (`main.py` and the learning
+benchmark start with it, the speed benchmark with `set_xla_flags`), because XLA and
+`jax.distributed` read their settings when JAX starts its backends.
 """
 from __future__ import annotations
 
@@ -9,11 +12,13 @@ import os
 
 import jax
 
+from allspark_jax.config import ConfigError
+from allspark_jax.workdir import COMPILATION_CACHE_DIR
+
 # Environment variables naming the coordinator, the process count and this process's id.
 ENV_COORDINATOR = "ALLSPARK_COORDINATOR"
 ENV_NUM_PROCESSES = "ALLSPARK_NUM_PROCESSES"
 ENV_PROCESS_ID = "ALLSPARK_PROCESS_ID"
-COMPILATION_CACHE_DIR = "jax_cache"  # <workdir>/jax_cache with config.compilation_cache
 
 
 def set_xla_flags(config) -> None:
@@ -53,12 +58,26 @@ def initialize_distributed(config) -> None:
     pid = os.environ.get(ENV_PROCESS_ID) if pid is None else pid
     if address:
         if num is None or pid is None:
-            raise ValueError("distributed: coordinator_address needs num_processes and process_id "
-                             f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
-        jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
-                                   process_id=int(pid), **timeouts)
+            raise ConfigError("distributed: coordinator_address needs num_processes and process_id "
+                              f"(config.distributed.* or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
+        num = _integer(num, f"config.distributed.num_processes or {ENV_NUM_PROCESSES}", 1)
+        pid = _integer(pid, f"config.distributed.process_id or {ENV_PROCESS_ID}", 0)
+        if pid >= num:
+            raise ConfigError(f"distributed: process_id={pid} must be below num_processes={num}")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                                   process_id=pid, **timeouts)
     elif dist.get("auto", False):
         jax.distributed.initialize(**timeouts)
+
+
+def _integer(value, name: str, minimum: int) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or out < minimum:
+        raise ConfigError(f"{name}={value!r}: expected an integer >= {minimum}")
+    return out
 
 
 def setup_compilation_cache(config, workdir: str) -> None:
@@ -82,7 +101,7 @@ def validate_or_exit(config) -> None:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-    """tf.data runs on the host: TensorFlow must not take GPU memory (or TPUs) from JAX."""
+    """tf.data runs on the host: TensorFlow must not take GPU memory from JAX, so it sees no GPU."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.experimental.set_visible_devices([], "GPU")
 

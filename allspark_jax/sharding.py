@@ -11,6 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from allspark_jax.config import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -64,8 +66,8 @@ def abstract(tree, shardings):
 def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
     n = mesh.shape[DATA_AXIS]
     if global_batch % n:
-        raise ValueError(f"config.data.batch_size={global_batch} (global) must be divisible by the "
-                         f"{n} devices of the mesh")
+        raise ConfigError(f"config.data.batch_size={global_batch} (global) must be divisible by "
+                          f"the {n} devices of the mesh")
 
 
 def to_host(tree):

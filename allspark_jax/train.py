@@ -45,7 +45,7 @@ def initial_state(config, model, tx, mesh) -> tuple[state_lib.TrainState, state_
         variables = convert.load_pretrained_encoder(config.model.pretrained, variables)
         logging.info("Encoder initialised from %s", config.model.pretrained)
     ema = config.train.teacher == "ema"
-    # Jitted: Flax init op by op is slow (tens of seconds on CPU even for a tiny model).
+    # Jitted: Flax init run op by op dispatches every small op alone, which is slow.
     init_fn = lambda r, v: state_lib.create_train_state(  # noqa: E731
         model, tx, r, crop, ema=ema, variables=v)
     init_args = (init_rng if variables is None else state_rng, variables)
@@ -103,7 +103,7 @@ class _ProgressBar:
     def show(self, scalars: dict[str, float]) -> None:
         if self.bar is not None:
             shown = {"epoch": f"{scalars['train/epoch']:.2f}"}
-            shown.update({k: f"{scalars[f'train/{k}']:.4f}" for k in ("loss", "loss_x", "loss_u")
+            shown.update({k: f"{scalars[f'train/{k}']:.4f}" for k in train_step_lib.LOSS_KEYS
                           if f"train/{k}" in scalars})
             shown["img/s"] = f"{scalars['train/images_per_second']:.1f}"
             self.bar.set_postfix(shown, refresh=True)
@@ -158,17 +158,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     mesh = sharding_lib.create_mesh()
     sharding_lib.check_batch_divisible(opts.batch_size, mesh)
     b_sharding = sharding_lib.batch_sharding(mesh)
-    state, s_sharding = initial_state(config, model, tx, mesh)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     start_step = 0
     if checkpointer.latest.all_steps() or checkpointer.best.all_steps():
-        state, _, start_step, _ = checkpointer.restore_newest_readable(state, set_aside=True)
+        # An abstract template: a resume neither initialises a state nor reads model.pretrained.
+        template = ckpt_lib.restore_template(config, model, mesh)
+        s_sharding = jax.tree.map(lambda x: x.sharding, template)
+        state, _, start_step, _ = checkpointer.restore_newest_readable(template, set_aside=True)
         logging.info("Resumed from step %d (%s)", start_step, workdir)
-    best = checkpointer.best_meta()
+    else:
+        state, s_sharding = initial_state(config, model, tx, mesh)
     best_of = config.eval.best_of
     history_path = wd / workdir_lib.EVAL_HISTORY_JSON
     history = {int(k): v for k, v in workdir_lib.read_json(history_path, {}).items()
                if int(k) <= start_step}
+    best = checkpointer.best_meta(history)
 
     method = config.method
     # Only AllSpark reads the memory: the baselines compile one step.
@@ -180,7 +184,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     steps = {flag: compiled.get(flag, compiled[False]) for flag in (False, True)}
     predictor = evaluator.make_predictor(config, model)
 
-    log_every = max(int(config.log_every_steps), 1)
+    log_every = _every(config.log_every_steps, steps_per_epoch)
     eval_every = _every(config.eval_every_steps, steps_per_epoch)
     ckpt_every = _every(config.checkpoint_every_steps, steps_per_epoch)
     hooks = []

@@ -25,6 +25,9 @@ from allspark_jax.data.datasets import IGNORE_INDEX
 from allspark_jax.models.segmentor import AllSparkSegmentor
 from allspark_jax.state import TrainState
 
+# The scalar losses a step returns ('supervised' has no loss_u); the run loop logs and checks them.
+LOSS_KEYS = ("loss", "loss_x", "loss_u")
+
 # The batch entries an AllSpark / semi step reads (CutMix off).
 BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u")
 
@@ -134,7 +137,7 @@ def make_train_step(model: AllSparkSegmentor, tx: optax.GradientTransformation, 
         state, metrics = train_step(state, batch, model=model, tx=tx, train_config=train_config,
                                     use_memory=use_memory, method=method)
         if not with_outputs:
-            metrics = {k: metrics[k] for k in ("loss", "loss_x", "loss_u") if k in metrics}
+            metrics = {k: metrics[k] for k in LOSS_KEYS if k in metrics}
         return state, metrics
 
     kwargs = {}

@@ -4,8 +4,10 @@ Layout (`--workdir DIR`):
   config.json                the run's config
   eval_results.json          evaluations during training, by step
   eval_<checkpoint>.json     `--mode eval` results
-  checkpoints/, checkpoints_best/   orbax checkpoints (`allspark_jax.checkpoints`)
+  checkpoints/, checkpoints_best/   orbax checkpoints, a `<step>/` each (`allspark_jax.checkpoints`)
+  checkpoints*/<step>.unreadable[.N]  a damaged checkpoint set aside once an older one restored
   events.out.tfevents.*      TensorBoard scalars (clu / tf.summary)
+  main.INFO                  `main.py`'s log lines of the latest run (absl's link to its log file)
   synthetic_data/            the synthetic dataset, for data.name='synthetic' without a root
   jax_cache/                 the persistent compilation cache (config.compilation_cache)
   predictions/               `--mode predict` outputs by default
@@ -25,6 +27,11 @@ from allspark_jax.data import datasets
 CONFIG_JSON = "config.json"
 EVAL_HISTORY_JSON = "eval_results.json"
 PREDICTIONS_DIR = "predictions"
+LATEST_DIR = "checkpoints"
+BEST_DIR = "checkpoints_best"
+SYNTHETIC_DIR = "synthetic_data"  # when data.name == 'synthetic' and no data.root
+COMPILATION_CACHE_DIR = "jax_cache"  # with config.compilation_cache
+LOG_NAME = "main"  # main.py's absl log: main.INFO
 
 
 def resolve(workdir: str | os.PathLike) -> epath.Path:

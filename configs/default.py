@@ -141,7 +141,7 @@ def get_config():
     ev.max_images = -1  # > 0: evaluate only the first images (quick checks); -1 = all.
 
     # ----------------------------------------------------------------------- run loop / logging
-    config.log_every_steps = 50  # Write losses, learning rates and throughput every this many steps.
+    config.log_every_steps = 50  # Write losses, learning rates and throughput every this many steps; <= 0: every epoch.
     config.eval_every_steps = -1  # Evaluate every this many steps; <= 0: at the end of every epoch.
     config.checkpoint_every_steps = -1  # Save every this many steps; <= 0: end of every epoch.
     config.keep_checkpoints = 2  # How many of the latest checkpoints to keep (the best is kept apart).

@@ -1,6 +1,7 @@
 """Orbax checkpoints: an interrupted run resumes exactly; latest / best / step specs; clear errors."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -106,3 +107,42 @@ def test_load_inference_variables_from_a_checkpoint_and_an_official_file(uninter
     np.testing.assert_array_equal(
         np.asarray(imported["student"]["params"]["head"]["linear_pred"]["kernel"]),
         np.asarray(out["state"].params["head"]["linear_pred"]["kernel"]))
+
+
+def _damage_all(workdir):
+    """Deletes the largest (array data) file of every checkpoint's state: none can be restored."""
+    ck = checkpoints.Checkpointer(workdir, read_only=True)
+    paths = [os.path.join(workdir, folder, str(step))
+             for folder, manager in ((checkpoints.LATEST_DIR, ck.latest),
+                                     (checkpoints.BEST_DIR, ck.best))
+             for step in manager.all_steps()]
+    for path in paths:
+        files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(path, "state"))
+                 for n in names]
+        os.remove(max(files, key=os.path.getsize))
+    return paths
+
+
+def test_when_no_checkpoint_restores_none_is_set_aside(uninterrupted, tmp_path):
+    """A rerun must fail the same way, not find an empty workdir and start again from step 0."""
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(uninterrupted[0], workdir)
+    paths = _damage_all(workdir)
+    template = jax.eval_shape(lambda: uninterrupted[1]["state"])
+    for _ in range(2):
+        with pytest.raises(checkpoints.CheckpointError, match="can be restored"):
+            checkpoints.Checkpointer(workdir).restore_newest_readable(template, set_aside=True)
+        assert all(os.path.isdir(p) and not os.path.exists(p + ".unreadable") for p in paths)
+
+
+def test_best_meta_unreadable_comes_from_the_eval_history(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "meta")
+    shutil.copytree(uninterrupted[0], workdir)
+    ck = checkpoints.Checkpointer(workdir)
+    step = max(ck.best.all_steps())
+    assert ck.best_meta()["eval"] == uninterrupted[1]["eval"][step]
+    shutil.rmtree(os.path.join(workdir, checkpoints.BEST_DIR, str(step), "meta"))
+    ck = checkpoints.Checkpointer(workdir)
+    assert ck.best_meta() is None  # nothing on record: best-tracking starts anew
+    history = {s: r for s, r in uninterrupted[1]["eval"].items()}
+    assert ck.best_meta(history) == {"step": step, "eval": history[step]}

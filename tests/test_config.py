@@ -1,9 +1,12 @@
 """The config: files load by path, every shipped config validates, each bad value is named once."""
 import os
+import types
 
 import pytest
 
 from allspark_jax import config as config_lib
+from allspark_jax import runtime
+from allspark_jax import sharding
 from allspark_jax.data.datasets import DataError
 from conftest import ROOT, make_config
 
@@ -117,3 +120,28 @@ def test_key_groups_are_allspark_only():
     config.train.key_group_size = 4
     with pytest.raises(config_lib.ConfigError, match=r"key_group_size=4: expected None with method"):
         config_lib.validate(config)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"ALLSPARK_NUM_PROCESSES": "two", "ALLSPARK_PROCESS_ID": "0"},
+     "ALLSPARK_NUM_PROCESSES='two': expected an integer >= 1"),
+    ({"ALLSPARK_NUM_PROCESSES": "2", "ALLSPARK_PROCESS_ID": "2"},
+     "process_id=2 must be below num_processes=2"),
+    ({"ALLSPARK_NUM_PROCESSES": "2"}, "needs num_processes and process_id"),
+])
+def test_bad_distributed_settings_are_config_errors(monkeypatch, env, message):
+    monkeypatch.setenv("ALLSPARK_COORDINATOR", "127.0.0.1:1")
+    for key in ("ALLSPARK_NUM_PROCESSES", "ALLSPARK_PROCESS_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        runtime.initialize_distributed(make_config())
+
+
+def test_a_batch_not_divisible_by_the_devices_is_a_config_error():
+    mesh = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})  # all the check reads of a mesh
+    sharding.check_batch_divisible(12, mesh)
+    with pytest.raises(config_lib.ConfigError, match=r"config.data.batch_size=10 \(global\) must "
+                       "be divisible by the 4 devices"):
+        sharding.check_batch_divisible(10, mesh)

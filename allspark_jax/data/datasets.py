@@ -230,7 +230,12 @@ def coco_mask_path(image_path: str) -> str:
     return f"masks/{os.path.splitext(os.path.basename(image_path))[0]}.png"
 
 
-# --------------------------------------------------------------------------- VOC palette (numpy)
+# ------------------------------------------------------------------------------ palettes (numpy)
+
+CITYSCAPES_COLORS = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32))
 
 
 def voc_palette() -> np.ndarray:
@@ -250,4 +255,16 @@ def palette_array(colours, num_classes: int, ignore_index: int = IGNORE_INDEX) -
     pal[:num_classes] = np.asarray(colours[:num_classes], np.uint8)
     if len(colours) > num_classes:
         pal[ignore_index] = colours[num_classes]
+    return pal
+
+
+def palette(dataset: str, opts=None) -> np.ndarray:
+    """(256, 3) uint8 colour map for `dataset` (a custom one's from its DataOptions `opts`): VOC's
+    for Pascal / COCO / synthetic, Cityscapes' (black above class 18, 255 VOC's) for Cityscapes."""
+    if opts is not None and opts.palette is not None:
+        return palette_array(opts.palette, opts.num_classes, opts.ignore_index)
+    pal = voc_palette().copy()
+    if dataset == "cityscapes":
+        pal[:len(CITYSCAPES_COLORS)] = np.array(CITYSCAPES_COLORS, np.uint8)
+        pal[len(CITYSCAPES_COLORS):255] = 0
     return pal

@@ -70,6 +70,10 @@ class _FileReader:
         path = tf.gather(self.mask_paths, i)
         return tf.io.read_file(path), path
 
+    def example(self, i):
+        """(image bytes, image path, mask bytes, mask path) of labeled example i."""
+        return (*self.image(i), *self.mask(i))
+
 
 class _TfdsReader:
     """Reads example i of a list from TFDS ArrayRecord records by random access."""
@@ -94,6 +98,19 @@ class _TfdsReader:
 
     def mask(self, i):
         return self._fetch(tf.gather(self.records, i), "mask"), tf.gather(self.mask_paths, i)
+
+    def example(self, i):
+        """(image bytes, image path, mask bytes, mask path) of labeled example i, both fields from
+        one record read (each py_function call is a separate, serialised read)."""
+        def fetch(r):
+            with self._lock:
+                record = self._source[int(r)]
+            return record["image"], record["mask"]
+        record = tf.gather(self.records, i)
+        image_b, mask_b = tf.py_function(fetch, [record], [tf.string, tf.string])
+        image_b.set_shape([])
+        mask_b.set_shape([])
+        return image_b, tf.gather(self.image_paths, i), mask_b, tf.gather(self.mask_paths, i)
 
 
 @dataclasses.dataclass
@@ -125,10 +142,10 @@ def _open_tfds(opts) -> _Tfds:
 # ------------------------------------------------------------------------- decoding and file checks
 
 
-def _decode_mask(reader, i, opts):
-    """Mask i of a list: (H, W) uint8 labels checked against `opts` (classes, ignore value,
+def _decode_mask(mask_b, mask_path, opts):
+    """A mask's bytes as (H, W) uint8 labels checked against `opts` (classes, ignore value,
     palette); failures name the file."""
-    return augment.decode_mask(*reader.mask(i), opts.num_classes, opts.ignore_index, opts.palette)
+    return augment.decode_mask(mask_b, mask_path, opts.num_classes, opts.ignore_index, opts.palette)
 
 
 def _decode_example(reader, i, opts, labeled: bool):
@@ -137,12 +154,12 @@ def _decode_example(reader, i, opts, labeled: bool):
     Returns (image (H, W, 3) uint8, mask (H, W) uint8 with labels checked and the size checked
     against the image) when `labeled`, else (image, None).
     """
-    image_b, image_path = reader.image(i)
-    image = augment.decode_image(image_b, image_path)
     if not labeled:
-        return image, None
-    mask = _decode_mask(reader, i, opts)
-    return augment.check_same_size(image, mask, image_path, reader.mask(i)[1]), mask
+        return augment.decode_image(*reader.image(i)), None
+    image_b, image_path, mask_b, mask_path = reader.example(i)
+    image = augment.decode_image(image_b, image_path)
+    mask = _decode_mask(mask_b, mask_path, opts)
+    return augment.check_same_size(image, mask, image_path, mask_path), mask
 
 
 def _clean_message(message: str) -> str:
@@ -188,7 +205,7 @@ def _example_errors(reader, indices, opts, labeled: bool) -> list[str]:
               tf.function(lambda i: tf.shape(_decode_example(reader, i, opts, False)[0])))]
     if labeled:
         steps += [("mask", "an intact PNG file", reader.mask_paths,
-                   tf.function(lambda i: tf.shape(_decode_mask(reader, i, opts)))),
+                   tf.function(lambda i: tf.shape(_decode_mask(*reader.mask(i), opts)))),
                   ("", "", None,
                    tf.function(lambda i: tf.shape(_decode_example(reader, i, opts, True)[0])))]
     errors = []

@@ -29,6 +29,10 @@ import numpy as np
 
 Bucket = tuple[int, int]
 
+# The collections "eval" mode reads; dropping the Semantic Memory keeps it off the device and out
+# of the program's signature.
+INFERENCE_COLLECTIONS = ("params", "batch_stats")
+
 
 # --------------------------------------------------------------------------------------- buckets
 
@@ -140,9 +144,7 @@ def _checked(variables, images, sizes):
     if bad.size:
         raise ValueError(f"sizes {sizes[bad].tolist()} (images {bad.tolist()}) do not fit the "
                          f"{h}x{w} batch")
-    # Only these collections are read in "eval" mode; dropping the Semantic Memory keeps it off
-    # the device and out of the program's signature.
-    variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+    variables = {k: variables[k] for k in INFERENCE_COLLECTIONS if k in variables}
     return variables, images, sizes.astype(np.int32)
 
 

@@ -26,10 +26,7 @@ from allspark_jax.sharding import to_host
 def _progress(total, enabled: bool, desc: str):
     if not enabled:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return None
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, leave=False)
 
 
@@ -100,9 +97,8 @@ def evaluate_variables(config, opts, predictor: Predictor, variables, *, desc: s
     examples, count = input_pipeline.create_val_iterator(
         opts, process_index=jax.process_index(), process_count=jax.process_count(),
         max_images=int(config.eval.max_images))
-    inference_vars = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     return evaluate(
-        predictor, inference_vars, examples, opts.num_classes, class_names=opts.class_names,
+        predictor, variables, examples, opts.num_classes, class_names=opts.class_names,
         progress=bool(config.eval.progress_bar) and jax.process_index() == 0,
         desc=desc, num_images=count)
 

@@ -89,7 +89,7 @@ class Predictor:
 
     def device_variables(self, variables):
         """`variables` (params, batch_stats) replicated on this predictor's devices."""
-        inference = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
+        inference = {k: variables[k] for k in bucketing.INFERENCE_COLLECTIONS if k in variables}
         return jax.device_put(inference, self._replicated)
 
     # --------------------------------------------------------------------------------- device
