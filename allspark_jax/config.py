@@ -14,6 +14,7 @@ This module reads a config and never adds values of its own:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -171,28 +172,78 @@ def _validate_data(config) -> None:
     _validate_custom(config)
 
 
+# Keys that only some methods read. Under a method that does not read a key, the key must keep its
+# value of configs/default.py: a changed value would be accepted and ignored.
+ALLSPARK_ONLY_KEYS = ("model.allspark_heads", "model.attn_drop", "model.proj_drop",
+                      "train.warmup_epoch", "train.key_group_size")
+UNLABELED_ONLY_KEYS = ("data.unlabeled_split", "data.student_view", "data.cutmix_prob",
+                       "train.teacher", "train.ema_decay", "train.conf_thresh",
+                       "train.loss_u_ignore_padding")
+_UNREAD_BECAUSE = {
+    "allspark": "only AllSpark reads it (AllSpark module, Semantic Memory, teacher keys)",
+    "unlabeled": "it trains on labeled images only (no unlabeled list, teacher or pseudo-labels)",
+}
+
+
+def unread_keys(method: str) -> dict[str, str]:
+    """The keys that `method` does not read -> why (the methods' docs: configs/default.py)."""
+    out = {}
+    if method != "allspark":
+        out.update(dict.fromkeys(ALLSPARK_ONLY_KEYS, _UNREAD_BECAUSE["allspark"]))
+    if method == "supervised":
+        out.update(dict.fromkeys(UNLABELED_ONLY_KEYS, _UNREAD_BECAUSE["unlabeled"]))
+    return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """configs/default.py's config: the value of every key before a config file changes it.
+
+    Loaded under a private module name: a user's own `configs` package stays as it is.
+    """
+    path = os.path.join(configs_dir(), "default.py")
+    spec = importlib.util.spec_from_file_location("_allspark_jax_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def with_method(config, method: str) -> ml_collections.ConfigDict:
+    """A copy of `config` that runs `method`, the keys it does not read back at their defaults.
+
+    For callers that derive one run per method from one config (the learning benchmark); a run's
+    own config keeps what it says, and `validate` refuses changed keys its method does not read.
+    """
+    out = copy.deepcopy(config)
+    out.method = method
+    defaults = default_config()
+    for key in unread_keys(method):
+        *parents, leaf = key.split(".")
+        _get(out, ".".join(parents))[leaf] = _get(defaults, key)
+    return out
+
+
 def _validate_method(config) -> None:
-    """`method`, and the options that only the methods with an unlabeled loss or AllSpark read."""
+    """`method`, and that the keys the method does not read keep configs/default.py's values."""
     _one_of(config, "method", METHODS)
     method = config.method
     if config.model.get("method", method) != method:
         raise _error("model.method", config.model.method, f"config.method ({method!r})")
-    if method == "supervised":
-        unused = (("data.student_view", "weak"), ("data.cutmix_prob", 0.0),
-                  ("train.conf_thresh", 0.0), ("train.loss_u_ignore_padding", False))
-        for key, off in unused:
-            if _get(config, key) != off:
-                raise _error(key, _get(config, key), f"{off!r} with method 'supervised', which "
-                             "trains on labeled images only (no unlabeled view, no pseudo-labels)")
-    if method != "allspark" and config.train.key_group_size is not None:
-        raise _error("train.key_group_size", config.train.key_group_size,
-                     f"None with method {method!r} (teacher key groups are AllSpark's)")
+    unread = unread_keys(method)
+    if not unread:
+        return
+    defaults = default_config()
+    for key, why in unread.items():
+        value, default = _get(config, key), _get(defaults, key)
+        if value != default:
+            raise _error(key, value, f"{default!r} (its configs/default.py value) with method "
+                         f"{method!r}: {why}")
 
 
 def validate(config) -> None:
     """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
 
-    Pure: reads nothing from disk (data roots and lists are checked by `data_options`).
+    Reads no data (data roots and lists are checked by `data_options`); only configs/default.py,
+    whose values the keys a method does not read must keep.
     """
     from allspark_jax.evaluation import bucketing  # pylint: disable=g-import-not-at-top
     from allspark_jax.evaluation.predictor import EVAL_MODES  # pylint: disable=g-import-not-at-top
@@ -263,6 +314,32 @@ def validate(config) -> None:
     _in_range(config, "profile_num_steps", 1, integer=True)
     for key in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
         _in_range(config, f"distributed.{key}", 1, integer=True)
+    _validate_learning(config)
+
+
+def _validate_learning(config) -> None:
+    """learning.*: the learning benchmark's source-task pretraining."""
+    _in_range(config, "learning.pretrain_steps", 0, integer=True)
+    _in_range(config, "learning.pretrain_num_classes", 2, 255, integer=True)
+    _in_range(config, "learning.pretrain_num_images", 2, integer=True)
+    _in_range(config, "learning.pretrain_seed", 0, integer=True)
+    if int(config.learning.pretrain_steps) == 0:
+        return
+    if config.data.name != "synthetic":
+        raise _error("learning.pretrain_steps", config.learning.pretrain_steps,
+                     f"0 with data.name={config.data.name!r} (the source task is synthetic, "
+                     "pretraining for the synthetic benchmark task)")
+    if config.model.pretrained:
+        raise _error("model.pretrained", config.model.pretrained,
+                     "None with learning.pretrain_steps > 0 (the source task's encoder is the "
+                     "runs' pretrained encoder)")
+    if int(config.learning.pretrain_num_images) < int(config.data.batch_size):
+        raise _error("learning.pretrain_num_images", config.learning.pretrain_num_images,
+                     f"at least data.batch_size ({config.data.batch_size}): one source batch")
+    if int(config.learning.pretrain_seed) == int(config.data.synthetic.seed):
+        raise _error("learning.pretrain_seed", config.learning.pretrain_seed,
+                     f"a seed other than data.synthetic.seed ({config.data.synthetic.seed}): the "
+                     "source task's images must not be the benchmark's")
 
 
 # --------------------------------------------------------------------------- command-line overrides

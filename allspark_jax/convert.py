@@ -206,6 +206,18 @@ def load_pretrained_encoder(path: str | os.PathLike, variables: Mapping, *,
     return variables
 
 
+def save_pretrained_encoder(variables: Mapping, path: str | os.PathLike) -> None:
+    """Writes the encoder of `variables` as a SegFormer `mit_bX.pth` state dict (encoder keys
+    without prefix; `.npz` or `.pth` by the suffix), which `load_pretrained_encoder` reads."""
+    state = _strip(to_state_dict({"params": {"backbone": variables["params"]["backbone"]}}),
+                   "backbone.")
+    path = os.fspath(path)
+    if path.endswith(".npz"):
+        np.savez(path, **state)
+    else:
+        pth.save_pth(state, path)
+
+
 def save_official_checkpoint(variables: Mapping, path: str | os.PathLike, *, epoch: int = 0,
                              previous_best: float = 0.0) -> None:
     """Writes `variables` as the release's `latest.pth` (`model` keys prefixed `module.`)."""

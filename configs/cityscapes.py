@@ -33,7 +33,8 @@ def get_config(arg: str = "1_16"):
     config.optim.lr = 0.005 if method == "allspark" else 0.001  # the baselines' yaml: 0.001
     config.optim.lr_multi = 1.0
     config.train.epochs = 240
-    config.train.warmup_epoch = 15
+    if method == "allspark":  # the Semantic Memory's warm-up (the baselines have no memory)
+        config.train.warmup_epoch = 15
     config.train.loss_x = "ohem"
     config.train.ohem_thresh = 0.7
     config.train.ohem_min_kept = 200000

@@ -33,7 +33,8 @@ def get_config(arg: str = "1_512"):
     config.optim.lr = 0.001
     config.optim.lr_multi = 10.0
     config.train.epochs = 10
-    config.train.warmup_epoch = 1  # not in the release (see the module docstring)
+    if method == "allspark":  # the Semantic Memory's warm-up (the baselines have no memory)
+        config.train.warmup_epoch = 1  # not in the release (see the module docstring)
     config.train.loss_x = "ce"
     config.eval.mode = "original"
     config.eval.buckets = (640,)  # COCO images are at most 640 x 640

@@ -16,7 +16,9 @@ as the release's 4 DDP processes each average over their own pixels; 1 = one ave
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
 'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
 argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer; `--config.method=semi` switches the method and keeps every other key.
+that trainer; `--config.method=semi` switches the method and keeps every other key. A key that
+the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
+'supervised': `allspark_jax.config.unread_keys`) must keep its value here, else validation names it.
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -31,10 +33,14 @@ def split_and_method(arg: str, config_file: str, splits) -> tuple[str, str]:
     if split not in splits:
         raise ValueError(f"configs/{config_file}:{arg}: unknown split {split!r}; expected one of "
                          f"{', '.join(splits)}")
-    if method not in METHODS:
-        raise ValueError(f"configs/{config_file}:{arg}: unknown method {method!r}; expected one of "
-                         f"{', '.join(METHODS)}")
+    check_method(method, f"configs/{config_file}:{arg}")
     return split, method
+
+
+def check_method(method: str, spec: str) -> None:
+    """Raises ValueError naming the config argument `spec` if `method` is not a method."""
+    if method not in METHODS:
+        raise ValueError(f"{spec}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
 
 
 def get_config():
@@ -154,6 +160,19 @@ def get_config():
     # backward pass needs from every block alive at once; turning it off lowers training memory
     # (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the CPU compiler.
     config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+    # ------------------------------------------------------------------------ learning benchmark
+    # Read only by `python -m allspark_jax.experiments.learning` (data.name 'synthetic').
+    config.learning = ml_collections.ConfigDict(dict(
+        # > 0: first train a supervised model this many steps on a source task (a synthetic dataset
+        # of other classes, every image labeled, none of its images in the compared task), then
+        # start every run's encoder from its encoder (as model.pretrained: the paper's ImageNet
+        # weights); 0: every run from random initialisation.
+        pretrain_steps=0,
+        pretrain_num_classes=9,  # Source task's classes incl. background (other shape/colour pairs).
+        pretrain_num_images=640,  # Source task's training images (all labeled).
+        pretrain_seed=1000,  # Source task's rendering and training seed (not data.synthetic.seed).
+    ))
 
     # ----------------------------------------------------------------------------- distribution
     config.shard_params = False  # Shard params / optimizer state over devices (ZeRO style).

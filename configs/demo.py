@@ -8,12 +8,15 @@ embed dims (16, 32, 64, 96), one block per stage and a 64-dim decoder, trained f
 trains, evaluates (centre crops, one compiled shape) at the end of every few epochs, checkpoints,
 and resumes if started again with the same workdir. Predicting background everywhere scores an
 mIoU of 15.9 (79% of the labeled validation pixels are background); the demo reaches about 70.
+The optional argument is the method (`configs/demo.py:semi`, `configs/demo.py:supervised`).
 """
 from configs import default
 
 
-def get_config():
+def get_config(method: str = "allspark"):
+    default.check_method(method, f"configs/demo.py:{method}")
     config = default.get_config()
+    config.method = method
     config.data.name = "synthetic"
     config.data.root = None  # written into <workdir>/synthetic_data
     config.data.split = "default"
@@ -34,7 +37,8 @@ def get_config():
     config.optim.lr = 0.01
     config.optim.lr_multi = 1.0
     config.train.epochs = 24
-    config.train.warmup_epoch = 4
+    if method == "allspark":  # the Semantic Memory's warm-up (the baselines have no memory)
+        config.train.warmup_epoch = 4
     config.eval.mode = "center_crop"
     config.eval.crop_size = 60  # every val image is at least 0.75 * 80 = 60 px on each side
     config.log_every_steps = 16

@@ -49,10 +49,17 @@ TOPOLOGY_STEPS, TOPOLOGY_RESUME_STEP = 6, 3
 
 
 def tiny_config(**extra):
-    """configs/demo.py with OVERRIDES (and `extra`, dotted keys with '__' for '.') applied."""
+    """configs/demo.py with OVERRIDES (and `extra`, dotted keys with '__' for '.') applied.
+
+    With `method=` in `extra`: configs/demo.py:METHOD, without the OVERRIDES the method does not
+    read (the memory's warm-up of AllSpark)."""
     from allspark_jax import config as config_lib
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "demo.py"))
-    for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in extra.items()}}.items():
+    extra = {k.replace("__", "."): v for k, v in extra.items()}
+    method = extra.get("method", "allspark")
+    config = config_lib.load_config(os.path.join(ROOT, "configs", f"demo.py:{method}"))
+    unread = config_lib.unread_keys(method)
+    overrides = {k: v for k, v in OVERRIDES.items() if k not in unread}
+    for key, value in {**overrides, **extra}.items():
         *parents, leaf = key.split(".")
         node = config
         for p in parents:

@@ -101,24 +101,81 @@ def test_dataset_configs_give_each_method_the_release_hyperparameters():
     assert c.model.method == "semi"
 
 
-@pytest.mark.parametrize("key,value", [("data.student_view", "strong"), ("data.cutmix_prob", 0.5),
-                                       ("train.conf_thresh", 0.9),
-                                       ("train.loss_u_ignore_padding", True)])
-def test_supervised_refuses_unlabeled_options(key, value):
+# A changed value of each key that only some methods read.
+ALLSPARK_ONLY = [("model.allspark_heads", 4), ("model.attn_drop", 0.0), ("model.proj_drop", 0.2),
+                 ("train.warmup_epoch", 2), ("train.key_group_size", 4)]
+UNLABELED_ONLY = [("data.unlabeled_split", "other/unlabeled.txt"), ("data.student_view", "strong"),
+                  ("data.cutmix_prob", 0.5), ("train.teacher", "ema"), ("train.ema_decay", 0.99),
+                  ("train.conf_thresh", 0.9), ("train.loss_u_ignore_padding", True)]
+
+
+@pytest.mark.parametrize("method,key,value", [
+    *[("supervised", k, v) for k, v in UNLABELED_ONLY + ALLSPARK_ONLY],
+    *[("semi", k, v) for k, v in ALLSPARK_ONLY]])
+def test_keys_the_method_does_not_read_must_keep_their_defaults(method, key, value):
+    assert set(config_lib.unread_keys(method)) == {k for k, _ in (
+        ALLSPARK_ONLY + (UNLABELED_ONLY if method == "supervised" else []))}
     config = make_config()
-    config.method = "supervised"
+    config.method = method
     *parents, leaf = key.split(".")
     config[parents[0]][leaf] = value
+    default = config_lib.default_config()[parents[0]][leaf]
     with pytest.raises((config_lib.ConfigError, DataError),
-                       match=rf"config.{key}=.*with method 'supervised'"):
+                       match=rf"^config\.{key}={value!r}: expected {default!r} \(its "
+                             rf"configs/default.py value\) with method '{method}': ") as e:
+        config_lib.validate(config)
+    assert "\n" not in str(e.value)
+    assert isinstance(e.value, DataError) == key.startswith("data.")
+    # a method that reads the key takes the value
+    config.method = "allspark"
+    config_lib.validate(config)
+
+
+def test_with_method_puts_back_what_the_method_does_not_read():
+    config = config_lib.load_config(os.path.join(CONFIGS, "learning.py"))
+    assert (config.train.warmup_epoch, config.train.ema_decay) == (2, 0.99)
+    semi = config_lib.with_method(config, "semi")
+    assert (semi.method, semi.model.method, semi.train.warmup_epoch, semi.train.ema_decay) == (
+        "semi", "semi", 5, 0.99)
+    sup = config_lib.with_method(config, "supervised")
+    assert (sup.train.warmup_epoch, sup.train.ema_decay) == (5, 0.999)
+    assert sup.optim.lr == config.optim.lr and config.method == "allspark"  # the rest kept, a copy
+    for c in (semi, sup):
+        config_lib.validate(c)
+
+
+@pytest.mark.parametrize("spec", ["demo.py:semi", "demo.py:supervised", "cityscapes.py:1_16,semi",
+                                  "coco.py:1_32,semi", "learning.py"])
+def test_config_arguments_set_allspark_keys_for_allspark_only(spec):
+    config_lib.validate(config_lib.load_config(os.path.join(CONFIGS, spec)))
+
+
+def test_switching_a_config_to_a_method_that_ignores_its_keys_is_named():
+    config = config_lib.load_config(os.path.join(CONFIGS, "cityscapes.py:1_16"))
+    config.method = "supervised"
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.warmup_epoch=15: expected 5"):
         config_lib.validate(config)
 
 
-def test_key_groups_are_allspark_only():
-    config = make_config()
-    config.method = "semi"
-    config.train.key_group_size = 4
-    with pytest.raises(config_lib.ConfigError, match=r"key_group_size=4: expected None with method"):
+@pytest.mark.parametrize("key,value,message", [
+    ("learning.pretrain_steps", -1, r"learning.pretrain_steps=-1: expected an integer >= 0"),
+    ("learning.pretrain_num_classes", 1, r"pretrain_num_classes=1: expected an integer >= 2"),
+    ("learning.pretrain_seed", 0, r"learning.pretrain_seed=0: expected a seed other than "
+                                  r"data.synthetic.seed \(0\)"),
+    ("model.pretrained", "mit_b0.pth", r"model.pretrained='mit_b0.pth': expected None with "
+                                       r"learning.pretrain_steps > 0"),
+    ("data.name", "pascal", r"learning.pretrain_steps=640: expected 0 with data.name='pascal'"),
+])
+def test_learning_pretraining_keys(key, value, message):
+    config = config_lib.load_config(os.path.join(CONFIGS, "learning.py"))
+    config_lib.validate(config)
+    *parents, leaf = key.split(".")
+    config[parents[0]][leaf] = value
+    if key == "data.name":
+        config.data.root = "/data/voc"
+        config.data.split = "1_16"
+        config.data.num_classes = 21
+    with pytest.raises((config_lib.ConfigError, DataError), match=message):
         config_lib.validate(config)
 
 

@@ -29,6 +29,19 @@ def test_segformer_encoder_import(ref):
     assert "head.weight" in pth.load_pth(MIT_PTH)  # present in the file, ignored by the import
 
 
+@pytest.mark.parametrize("suffix", [".npz", ".pth"])
+def test_pretrained_encoder_export_round_trip(ref, tmp_path, suffix):
+    """save_pretrained_encoder writes the encoder alone, with mit_bX.pth's names."""
+    path = tmp_path / f"encoder{suffix}"
+    convert.save_pretrained_encoder(ref.variables, path)
+    written = set(convert.read_state_dict(path))
+    assert written == {k for k in pth.load_pth(MIT_PTH) if not k.startswith("head.")}
+    blank = jax.tree.map(np.zeros_like, ref.variables)
+    loaded = convert.load_pretrained_encoder(path, blank)
+    assert_trees_equal(loaded["params"]["backbone"], ref.variables["params"]["backbone"])
+    assert_trees_equal(loaded["params"]["head"], blank["params"]["head"])
+
+
 def test_state_dict_round_trip_is_exact(ref):
     state = convert.to_state_dict(ref.variables)
     assert set(state) == set(ref.state0)

@@ -59,6 +59,18 @@ def test_user_list_files(tmp_path):
         splits.read_list(str(tmp_path / "bad.txt"))
 
 
+def test_labeled_only_reads_no_unlabeled_list(tmp_path):
+    """config.method 'supervised': no unlabeled list is looked for, read or listed."""
+    (tmp_path / "l.txt").write_text("a.jpg a.png\n")
+    with pytest.raises(datasets.DataError, match=r"no unlabeled list for data.split="):
+        splits.resolve_train_split("pascal", str(tmp_path / "l.txt"))
+    s = splits.resolve_train_split("pascal", str(tmp_path / "l.txt"), labeled_only=True)
+    assert (s.labeled, s.unlabeled, s.unlabeled_source) == ([("a.jpg", "a.png")], [], "")
+    # COCO's unlabeled set is a listing of the root's train2017/: not needed either
+    s = splits.resolve_train_split("coco", "1_512", root=str(tmp_path), labeled_only=True)
+    assert len(s.labeled) in (231, 232) and s.unlabeled == []
+
+
 def test_coco_unlabeled_is_train2017_minus_labeled(tmp_path):
     (tmp_path / "train2017").mkdir()
     for i in range(5):

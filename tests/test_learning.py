@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import run_config
@@ -24,6 +25,8 @@ def test_every_row_is_a_valid_run_of_its_method():
         assert config.train.num_train_steps == 280
         if method == "supervised":
             assert config.train.epochs == 56  # 280 steps of 5 per epoch
+        # the memory's warm-up is AllSpark's: the other methods' rows keep the default
+        assert config.train.warmup_epoch == (2 if method == "allspark" else 5)
     assert learning.rows_for(["allspark"], extensions=False) == ["allspark"]
     assert learning.rows_for(["supervised"], ceiling=False) == ["supervised"]
     assert learning.summarize([1.0, 2.0, 3.0]) == (2.0, 1.0)
@@ -35,12 +38,15 @@ def test_unknown_method_is_a_usage_error():
 
 
 def test_end_to_end_one_seed(tmp_path):
-    out = tmp_path / "out.json"
+    """One seed, 4 steps a run, every run's encoder from a 2-step source-task model."""
+    out, workdir = tmp_path / "out.json", tmp_path / "work"
     flags = run_config.cli_flags(train__epochs=1, eval_every_steps=10**9,
-                                 checkpoint_every_steps=10**9)
+                                 checkpoint_every_steps=10**9, learning__pretrain_steps=2,
+                                 learning__pretrain_num_classes=5, learning__pretrain_num_images=8)
     cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
            "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
-           "--methods", "supervised,allspark", "--noextensions", "--json", str(out), *flags]
+           "--methods", "supervised,allspark", "--noextensions", "--json", str(out),
+           "--workdir", str(workdir), *flags]
     proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -49,6 +55,17 @@ def test_end_to_end_one_seed(tmp_path):
     for r in data["results"].values():
         assert len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0 and r["std"] == 0.0
         assert r["mean"] == r["miou"][0] and r["steps"] == 4  # 16 unlabeled // 4, one epoch
+        assert len(r["cpu_seconds"]) == 1 and r["cpu_seconds"][0] > 0
     assert set(data["summary"]) == {"allspark_minus_supervised", "ceiling_minus_supervised"}
     assert data["config"]["data"]["synthetic"]["num_train"] == 22 and data["seeds"] == [0]
+    assert data["config"]["learning"]["pretrain_steps"] == 2 and data["cpu_seconds"] > 0
     assert "supervised_all_labels" in proc.stdout and "mean" in proc.stdout
+    # the source task ran, and its encoder is a mit_bX.pth-style state dict the runs started from
+    pretrain = data["pretrain"]
+    assert pretrain["steps"] == 2 and 0.0 <= pretrain["miou"] <= 100.0
+    assert pretrain["path"] == str(workdir / "pretrain" / "encoder.npz")
+    with np.load(pretrain["path"]) as f:
+        keys = set(f.files)
+    assert "patch_embed1.proj.weight" in keys
+    assert not any(k.startswith(("backbone.", "decoder.", "head.")) for k in keys)
+    assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout

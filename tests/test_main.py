@@ -252,6 +252,12 @@ def test_missing_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0: expected an integer >= 1"),
     (["--config=configs/pascal.py:1_3"], "configs/pascal.py:1_3: unknown split '1_3'; expected one of 92,"),
     (["--config=configs/nope.py"], "configs/nope.py' does not exist"),
+    # a key that the method does not read, changed by the config file or the command line
+    (["--config.method=semi"], "config.train.warmup_epoch=4: expected 5 (its configs/default.py "
+                               "value) with method 'semi': only AllSpark reads it"),
+    (["--config=configs/demo.py:supervised", "--config.train.teacher=ema"],
+     "config.train.teacher='ema': expected 'online' (its configs/default.py value) with method "
+     "'supervised': it trains on labeled images only"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
     """Unknown keys, values of the wrong type, bad enum values, out-of-range values, bad config files

@@ -8,8 +8,11 @@ import pytest
 
 import run_config
 from allspark_jax import checkpoints, predict, train
+from allspark_jax import config as config_lib
 from allspark_jax.data import input_pipeline
+from allspark_jax.data.datasets import DataError
 from allspark_jax.evaluation import evaluator
+from conftest import make_config
 
 # semi with every extension on (EMA teacher, strong student view, threshold, padding, CutMix);
 # supervised as the release runs it: 6 labeled // 4 = 1 step per epoch.
@@ -80,6 +83,25 @@ def test_supervised_epochs_walk_the_labeled_list():
         orders.append(out["l"].numpy().tolist())
         assert sorted(orders[-1]) == list(range(6))
     assert orders[0] != orders[1]
+
+
+def test_supervised_pipeline_needs_no_unlabeled_list(data_synthetic_root, tmp_path):
+    """A labeled list with no unlabeled list beside it: enough for 'supervised' (labeled batches
+    only), a clear error for the methods that read unlabeled images."""
+    labeled = tmp_path / "labeled.txt"
+    labeled.write_text(open(os.path.join(data_synthetic_root, "splits", "default",
+                                         "labeled.txt")).read())
+    config = make_config(name="synthetic", root=data_synthetic_root, split=str(labeled),
+                         num_classes=5, crop_size=24, batch_size=2, check_files="decode")
+    with pytest.raises(DataError, match=r"no unlabeled list for data.split="):
+        input_pipeline.train_plan(config_lib.data_options(config))
+    config.method = "supervised"
+    opts = config_lib.data_options(config)
+    plan = input_pipeline.train_plan(opts)
+    assert plan.split.unlabeled == [] and plan.unlabeled_reader is None
+    assert plan.steps_per_epoch == 1  # 3 labeled // 2
+    batch = next(input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))
+    assert set(batch) == {"image_l", "mask_l"} and batch["image_l"].shape == (2, 24, 24, 3)
 
 
 def test_allspark_internals_need_allspark():

@@ -286,7 +286,8 @@ class TrainPlan:
     """The resolved training lists of a run (computed once by `train_plan`).
 
     split: the labeled and unlabeled (image, mask) lists and where they came from; labeled_reader /
-    unlabeled_reader: read example i of each list (files or TFDS records); steps_per_epoch:
+    unlabeled_reader: read example i of each list (files or TFDS records; no unlabeled list nor
+    reader with `labeled_only`); steps_per_epoch:
     unlabeled images // global batch (labeled images with `labeled_only`; the release drops the
     last partial batch).
     """
@@ -305,7 +306,9 @@ def train_plan(opts, *, progress: bool = False) -> TrainPlan:
     """
     tfds_meta = _open_tfds(opts) if opts.source == "tfds" else None
     root = opts.root
-    if tfds_meta is not None and opts.name == "coco" and not opts.unlabeled_split and not root:
+    if opts.labeled_only:  # config.method 'supervised' reads no unlabeled list
+        split = splits_lib.resolve_train_split(opts.name, opts.split, root=root, labeled_only=True)
+    elif tfds_meta is not None and opts.name == "coco" and not opts.unlabeled_split and not root:
         split = splits_lib.resolve_train_split(opts.name, opts.split, root=None, unlabeled_split=None,
                                                coco_train_images=tfds_meta.paths("train"))
     else:
@@ -323,10 +326,12 @@ def train_plan(opts, *, progress: bool = False) -> TrainPlan:
             if not opts.labeled_only:
                 datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
                                            require_masks=False)
-        readers = _FileReader(root, split.labeled), _FileReader(root, split.unlabeled)
+        readers = (_FileReader(root, split.labeled),
+                   None if opts.labeled_only else _FileReader(root, split.unlabeled))
     else:
         readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
-                   tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
+                   None if opts.labeled_only
+                   else tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
     if opts.check_files == "decode":
         val_pairs, _, val_reader = _val_reader(opts)
         unlabeled = [] if opts.labeled_only else [(readers[1], len(split.unlabeled), False)]
@@ -350,12 +355,10 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
     `labeled_only`: the epoch walks the labeled list once; no unlabeled index."""
     epoch = tf.cast(epoch, tf.int64)
     base = augment.fold_seed(tf.constant([seed, _SEED_SALT], tf.int64), epoch)
-    perm_u = tf.random.experimental.stateless_shuffle(
-        tf.range(num_unlabeled, dtype=tf.int64), augment.fold_seed(base, 1))
-    if labeled_only:
-        num_unlabeled = num_labeled  # the labeled list, once, in a fresh order
-    reps = math.ceil(num_unlabeled / num_labeled)
-    labeled_rep = tf.tile(tf.range(num_labeled, dtype=tf.int64), [reps])[:num_unlabeled]
+    # the labeled list, once, in a fresh order (labeled_only); else as many as the unlabeled list
+    walked = num_labeled if labeled_only else num_unlabeled
+    reps = math.ceil(walked / num_labeled)
+    labeled_rep = tf.tile(tf.range(num_labeled, dtype=tf.int64), [reps])[:walked]
     perm_l = tf.random.experimental.stateless_shuffle(labeled_rep, augment.fold_seed(base, 2))
     pos = tf.reshape(tf.range(steps * batch, dtype=tf.int64), [steps, batch])
     pos = tf.reshape(pos[:, process_index * local_batch:(process_index + 1) * local_batch], [-1])
@@ -363,6 +366,8 @@ def _epoch_positions(epoch, *, seed: int, num_labeled: int, num_unlabeled: int, 
     pos = pos[first:]
     out = {"epoch": tf.fill(tf.shape(pos), epoch), "pos": pos, "l": tf.gather(perm_l, pos)}
     if not labeled_only:
+        perm_u = tf.random.experimental.stateless_shuffle(
+            tf.range(num_unlabeled, dtype=tf.int64), augment.fold_seed(base, 1))
         out["u"] = tf.gather(perm_u, pos)
     return out
 

@@ -89,7 +89,8 @@ class TrainSplit:
 
     Attributes:
       labeled / unlabeled: (image_path, mask_path) lists, paths relative to the data root.
-      labeled_source / unlabeled_source: where each came from (a file path or a description).
+      labeled_source / unlabeled_source: where each came from (a file path or a description;
+        '' and no unlabeled pairs when resolved `labeled_only`).
     """
     labeled: Pairs
     unlabeled: Pairs
@@ -99,7 +100,8 @@ class TrainSplit:
 
 def resolve_train_split(name: str, split: str, unlabeled_split: str | None = None,
                         root: str | None = None,
-                        coco_train_images: list[str] | None = None) -> TrainSplit:
+                        coco_train_images: list[str] | None = None,
+                        labeled_only: bool = False) -> TrainSplit:
     """Resolves `data.split` / `data.unlabeled_split` into lists.
 
     Args:
@@ -111,6 +113,8 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
       root: the data root (needed for COCO's unlabeled listing and the synthetic dataset).
       coco_train_images: COCO's train2017 image paths when they come from somewhere other than the
         root's folder (the TFDS records); default: list `<root>/train2017/`.
+      labeled_only: resolve the labeled list alone (config.method 'supervised'): no unlabeled list
+        is looked for or read; the split's `unlabeled` is empty.
     """
     if not split:
         raise DataError(f"data.split is not set; expected one of {available_splits(name, root)} "
@@ -136,6 +140,8 @@ def resolve_train_split(name: str, split: str, unlabeled_split: str | None = Non
     labeled = read_list(labeled_path)
     _check_masks(labeled, labeled_path)
 
+    if labeled_only:
+        return TrainSplit(labeled, [], labeled_path, "")
     if unlabeled_split:
         u = str(unlabeled_split)
         if _is_path(u):

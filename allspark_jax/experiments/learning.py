@@ -13,11 +13,22 @@ optimizer steps with the same labeled batch: that of the config's semi-supervise
 (`train.epochs` x unlabeled // batch); the supervised rows, whose epochs walk the labeled list, get as
 many epochs as that takes (the schedule spans them, the run stops at the common step count).
 
-Prints a table (mIoU of every seed, mean, sample standard deviation, minutes) and writes JSON:
+With `learning.pretrain_steps` > 0 (configs/default.py) every run's encoder starts from one model
+trained first, supervised, on a source task: a synthetic dataset of `learning.pretrain_num_classes`
+classes (other shape / colour / stripe pairings than the compared task's), rendered with its own
+seed, every image labeled; none of its images is a training or validation image of the comparison.
+That is the role of the ImageNet-pretrained MiT encoder with which the paper starts every run; the
+decoder (and AllSpark) start from random initialisation per seed. 0: every run from scratch.
+
+Prints a table (mIoU of every seed, mean, sample standard deviation, wall and CPU minutes) and
+writes JSON:
   {"results": {row: {"miou": [per seed], "mean": m, "std": s, "miou_ema": [...] (EMA rows),
-                     "seconds": [...], "steps": n, "method": ..., "overrides": {...}}},
+                     "seconds": [...], "cpu_seconds": [...], "steps": n, "method": ...,
+                     "overrides": {...}}},
    "summary": {"allspark_minus_supervised": ..., "ceiling_minus_supervised": ..., ...},
-   "seeds": [...], "command": "...", "config": {the base config}}
+   "pretrain": {"miou": source validation mIoU, "steps", "seconds", ...} or null,
+   "seeds": [...], "seconds": wall, "cpu_seconds": this process's CPU time, "command": "...",
+   "config": {the base config}}
 """
 from __future__ import annotations
 
@@ -80,21 +91,21 @@ def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str
     return rows
 
 
-def write_all_labeled(plan, folder: str) -> str:
-    """Writes `folder`/labeled.txt (every training image of `plan`, labeled and unlabeled, with its
-    mask) and unlabeled.txt beside it; returns the labeled list's path."""
+def write_all_labeled(split, folder: str, needed_by: str = "the row supervised_all_labels "
+                      "(run with --noceiling)") -> str:
+    """Writes `folder`/labeled.txt: every training image of `split` (a TrainSplit: labeled and
+    unlabeled) with its mask; returns its path. A supervised run reads no unlabeled list."""
     from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
-    pairs = list(plan.split.labeled) + list(plan.split.unlabeled)
+    pairs = list(split.labeled) + list(split.unlabeled)
     missing = [image for image, mask in pairs if not mask]
     if missing:
-        raise DataError(f"the row supervised_all_labels needs a mask for every training image; "
-                        f"{plan.split.unlabeled_source} lists {len(missing)} without one "
-                        f"(e.g. {missing[0]}); run with --noceiling")
+        raise DataError(f"{split.unlabeled_source} lists {len(missing)} images without a mask "
+                        f"(e.g. {missing[0]}); {needed_by} needs a mask for every training image")
     os.makedirs(folder, exist_ok=True)
-    for name, subset in (("labeled.txt", pairs), ("unlabeled.txt", plan.split.unlabeled)):
-        with open(os.path.join(folder, name), "w") as f:
-            f.writelines(f"{image} {mask}\n" for image, mask in subset)
-    return os.path.join(folder, "labeled.txt")
+    path = os.path.join(folder, "labeled.txt")
+    with open(path, "w") as f:
+        f.writelines(f"{image} {mask}\n" for image, mask in pairs)
+    return path
 
 
 def _set(config, key: str, value) -> None:
@@ -110,9 +121,9 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
     the epochs that the common step count takes. `plan_fn(config)` -> its TrainPlan."""
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     method, overrides = ROWS[row]
-    config = copy.deepcopy(base)
+    # the keys the method does not read back at their defaults (the base config is AllSpark's)
+    config = config_lib.with_method(base, method)
     config.seed = int(seed)
-    config.method = method
     for key, value in overrides.items():
         _set(config, key, all_labeled if value == ALL_LABELED else value)
     config.train.num_train_steps = int(total_steps)
@@ -132,14 +143,15 @@ def summarize(miou: list[float]) -> tuple[float, float]:
 
 
 def format_table(results: dict, seeds) -> str:
-    """One line per row: mIoU (%) of each seed, mean, std, steps, minutes of all its runs."""
+    """One line per row: mIoU (%) of each seed, mean, std, steps, wall and CPU minutes of all its
+    runs."""
     head = (f"{'row':<24}" + "".join(f"{'seed ' + str(s):>9}" for s in seeds)
-            + f"{'mean':>9}{'std':>7}{'steps':>7}{'minutes':>9}")
+            + f"{'mean':>9}{'std':>7}{'steps':>7}{'minutes':>9}{'CPU min':>9}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         lines.append(f"{name:<24}" + "".join(f"{x:9.2f}" for x in r["miou"])
                      + f"{r['mean']:9.2f}{r['std']:7.2f}{r['steps']:7d}"
-                     + f"{sum(r['seconds']) / 60:9.1f}")
+                     + f"{sum(r['seconds']) / 60:9.1f}{sum(r['cpu_seconds']) / 60:9.1f}")
     return "\n".join(lines)
 
 
@@ -156,12 +168,65 @@ def summary(results: dict) -> dict:
     return out
 
 
-def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
-    """Trains every (row, seed) in `workdir`; returns the results dict written as JSON."""
+def _train_run(config, run_dir: str) -> tuple[dict, float, float]:
+    """train.train_and_evaluate in `run_dir` -> (its output, wall seconds, CPU seconds)."""
+    from allspark_jax import train  # pylint: disable=g-import-not-at-top
+    t0, c0 = time.time(), time.process_time()
+    out = train.train_and_evaluate(config, run_dir)
+    return out, time.time() - t0, time.process_time() - c0
+
+
+def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
+    """The source task of `learning.pretrain_*`: writes its synthetic dataset (other classes, other
+    images, every one labeled), trains `supervised` on it for `learning.pretrain_steps` steps and
+    writes the encoder as a `mit_bX.pth`-style state dict (`convert.save_pretrained_encoder`).
+
+    Returns {'path': the encoder file, 'miou': source validation mIoU, 'steps', 'seconds',
+    'cpu_seconds', 'num_classes', 'num_images', 'seed'}.
+    """
     import jax  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from allspark_jax import train  # pylint: disable=g-import-not-at-top
+    from allspark_jax import convert  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    src = base.learning
+    steps, num_images = int(src.pretrain_steps), int(src.pretrain_num_images)
+    folder = os.path.join(workdir, "pretrain")
+    root = os.path.join(folder, "data")
+    synthetic.ensure_dataset(root, num_train=num_images, num_val=int(base.data.synthetic.num_val),
+                             size=int(base.data.synthetic.size),
+                             num_classes=int(src.pretrain_num_classes),
+                             seed=int(src.pretrain_seed), num_labeled=1)
+    split = splits_lib.resolve_train_split("synthetic", "default", root=root)
+    config = config_lib.with_method(base, "supervised")
+    config.seed = int(src.pretrain_seed)
+    config.data.root = root
+    config.data.split = write_all_labeled(split, os.path.join(root, "all_labeled"),
+                                          "learning.pretrain_steps > 0")
+    config.data.num_classes = int(src.pretrain_num_classes)
+    config.train.num_train_steps = steps
+    config.train.epochs = max(1, math.ceil(steps / (num_images // int(config.data.batch_size))))
+    config_lib.validate(config)
+    out, seconds, cpu = _train_run(config, os.path.join(folder, "run"))
+    path = os.path.join(folder, "encoder.npz")
+    convert.save_pretrained_encoder({"params": jax.device_get(out["state"].params)}, path)
+    miou = float(out["eval"][out["step"]]["student"]["miou"])
+    print_fn(f"source task ({src.pretrain_num_classes} classes, {num_images} labeled images): "
+             f"mIoU {miou:.2f} after {out['step']} steps ({seconds / 60:.1f} min); every run's "
+             f"encoder starts from {path}")
+    shutil.rmtree(os.path.join(folder, "run"), ignore_errors=True)
+    return {"path": path, "miou": miou, "steps": int(out["step"]), "seconds": seconds,
+            "cpu_seconds": cpu, "num_classes": int(src.pretrain_num_classes),
+            "num_images": num_images, "seed": int(src.pretrain_seed)}
+
+
+def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
+    """Trains every (row, seed) in `workdir` (after the source task, with learning.pretrain_steps
+    > 0); returns {'results': the rows' results, 'pretrain': pretrain_encoder's dict or None}."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
     os.makedirs(workdir, exist_ok=True)
@@ -174,43 +239,42 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
     base.compilation_cache = False
     opts = config_lib.data_options(base, os.path.join(workdir, "data"))  # writes synthetic data
     base.data.root = opts.root
-    semi_opts = config_lib.data_options(_with_method(base, "allspark"))
+    pretrain = None
+    if int(base.learning.pretrain_steps) > 0:
+        pretrain = pretrain_encoder(base, workdir, print_fn)
+        # every run starts from the source encoder, as from ImageNet weights; none pretrains itself
+        base.model.pretrained = pretrain["path"]
+        base.learning.pretrain_steps = 0
+    semi_opts = config_lib.data_options(config_lib.with_method(base, "allspark"))
     plan = input_pipeline.train_plan(semi_opts)
     total_steps = int(base.train.epochs) * plan.steps_per_epoch
     if int(base.train.num_train_steps) > 0:
         total_steps = min(total_steps, int(base.train.num_train_steps))
     all_labeled = ""
     if "supervised_all_labels" in rows:
-        all_labeled = write_all_labeled(plan, os.path.join(workdir, "all_labeled"))
+        all_labeled = write_all_labeled(plan.split, os.path.join(workdir, "all_labeled"))
     plan_fn = lambda c: input_pipeline.train_plan(config_lib.data_options(c))  # noqa: E731
 
     results = {}
     for row in rows:
         r = results[row] = {"method": ROWS[row][0], "overrides": ROWS[row][1], "miou": [],
-                            "seconds": [], "steps": total_steps}
+                            "seconds": [], "cpu_seconds": [], "steps": total_steps}
         for seed in seeds:
             config = row_config(base, row, seed, all_labeled=all_labeled,
                                 total_steps=total_steps, plan_fn=plan_fn)
             run_dir = os.path.join(workdir, "runs", f"{row}_seed{seed}")
-            t0 = time.time()
-            out = train.train_and_evaluate(config, run_dir)
-            seconds = time.time() - t0
+            out, seconds, cpu = _train_run(config, run_dir)
             last = out["eval"][out["step"]]
             r["miou"].append(float(last["student"]["miou"]))
             if "ema" in last:
                 r.setdefault("miou_ema", []).append(float(last["ema"]["miou"]))
             r["seconds"].append(seconds)
+            r["cpu_seconds"].append(cpu)
             print_fn(f"{row} seed {seed}: mIoU {r['miou'][-1]:.2f} after {out['step']} steps "
-                     f"({seconds / 60:.1f} min)")
+                     f"({seconds / 60:.1f} min, CPU {cpu / 60:.1f} min)")
             shutil.rmtree(run_dir, ignore_errors=True)
         r["mean"], r["std"] = summarize(r["miou"])
-    return results
-
-
-def _with_method(config, method: str):
-    config = copy.deepcopy(config)
-    config.method = method
-    return config
+    return {"results": results, "pretrain": pretrain}
 
 
 def main(argv):
@@ -232,17 +296,24 @@ def main(argv):
     runtime.validated_start(base)
     logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
+    t0, c0 = time.time(), time.process_time()
     try:
-        results = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir)
+        ran = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         if not FLAGS.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
-    out = {"results": results, "summary": summary(results), "seeds": seeds,
-           "command": " ".join(["python -m allspark_jax.experiments.learning"] + sys.argv[1:]), "config": json.loads(base.to_json_best_effort())}
+    results = ran["results"]
+    out = {"results": results, "summary": summary(results), "pretrain": ran["pretrain"],
+           "seeds": seeds, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - c0,
+           "command": " ".join(["python -m allspark_jax.experiments.learning"] + sys.argv[1:]),
+           "config": json.loads(base.to_json_best_effort())}
+    if ran["pretrain"] and not FLAGS.workdir:
+        out["pretrain"]["path"] = None  # removed with the temporary workdir
     print(format_table(results, seeds))
+    print(f"total: {out['seconds'] / 60:.1f} min, CPU {out['cpu_seconds'] / 60:.1f} min")
     for key, value in out["summary"].items():
         print(f"{key}: {value:+.2f} mIoU points")
     if FLAGS.json:
