@@ -18,7 +18,6 @@ from PIL import Image
 from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
 from allspark_jax.data import datasets
-from allspark_jax.data.datasets import palette
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 
@@ -91,7 +90,7 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
     predictor = evaluator.make_predictor(config, info["model"])
     # A custom dataset's palette file lives under its root: resolve the data options for it.
     opts = config_lib.data_options(config, workdir) if config.data.name == "custom" else None
-    pal = palette(config.data.name, opts)
+    pal = datasets.palette(config.data.name, opts)
     os.makedirs(output_dir, exist_ok=True)
 
     def images():

@@ -23,6 +23,7 @@ from PIL import Image
 from allspark_jax import convert
 from allspark_jax import predict as predict_lib
 from allspark_jax.benchmark.timing import compile_stats, host_peak_rss_bytes
+from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables
@@ -136,7 +137,7 @@ def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side:
             t0 = time.perf_counter()
             if way == "per_size":
                 fn = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, mode="eval"), -1))
-                pal = predict_lib.palette(config.data.name)
+                pal = datasets.palette(config.data.name)
                 os.makedirs(dest)
                 for path in predict_lib.list_images(folder):
                     rgb, image = predict_lib.load_image(path)

@@ -227,13 +227,14 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
     os.makedirs(workdir, exist_ok=True)
     # One persistent compilation cache (unless one is set already): runs of the same method share
     # their programs.
     if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, workdir_lib.COMPILATION_CACHE_DIR))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     base = copy.deepcopy(base)
     base.compilation_cache = False
