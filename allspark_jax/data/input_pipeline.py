@@ -128,7 +128,8 @@ def _open_tfds(opts) -> _Tfds:
 def _decode_mask(reader, i, opts):
     """Mask i of a list: (H, W) uint8 labels checked against `opts` (classes, ignore value,
     palette); failures name the file."""
-    return augment.decode_mask(*reader.mask(i), opts.num_classes, opts.ignore_index, opts.palette)
+    return augment.decode_mask(*reader.mask(i), opts.num_classes, opts.ignore_index, opts.palette,
+                               opts.max_image_pixels)
 
 
 def _decode_example(reader, i, opts, labeled: bool):
@@ -138,7 +139,7 @@ def _decode_example(reader, i, opts, labeled: bool):
     against the image) when `labeled`, else (image, None).
     """
     image_b, image_path = reader.image(i)
-    image = augment.decode_image(image_b, image_path)
+    image = augment.decode_image(image_b, image_path, opts.max_image_pixels)
     if not labeled:
         return image, None
     mask = _decode_mask(reader, i, opts)
