@@ -169,6 +169,7 @@ def _validate_data(config) -> None:
     if not (config.data.num_parallel_calls == -1 or config.data.num_parallel_calls >= 1):
         raise _error("data.num_parallel_calls", config.data.num_parallel_calls, "-1 (AUTOTUNE) or >= 1")
     _in_range(config, "data.prefetch", 1, integer=True)
+    _in_range(config, "data.max_image_pixels", 1, integer=True)
     _validate_custom(config)
 
 
@@ -407,6 +408,7 @@ class DataOptions:
     labeled_strong: bool
     scale_range: tuple[float, float]
     check_files: str
+    max_image_pixels: int
     num_parallel_calls: int
     prefetch: int
     seed: int
@@ -471,6 +473,7 @@ def data_options(config, workdir: str | None = None) -> DataOptions:
         tfds_data_dir=d.tfds_data_dir, student_view=d.student_view,
         cutmix_prob=float(d.cutmix_prob), labeled_strong=bool(d.labeled_strong),
         scale_range=tuple(float(x) for x in d.scale_range), check_files=d.check_files,
-        num_parallel_calls=int(d.num_parallel_calls), prefetch=int(d.prefetch),
+        max_image_pixels=int(d.max_image_pixels), num_parallel_calls=int(d.num_parallel_calls),
+        prefetch=int(d.prefetch),
         seed=int(config.seed), ignore_index=int(d.custom.ignore_index), palette=palette,
         labeled_only=config.get("method") == "supervised")

@@ -42,15 +42,23 @@ def list_images(inputs) -> list[str]:
     return files
 
 
-def load_image(path: str) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: str, max_pixels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image, normalised float32 image) as the validation pipeline normalises.
 
     Raises DataError naming `path` when the file is not a readable image (corrupt, truncated, or
-    another format).
+    another format), or when its header declares more than `max_pixels` pixels (checked before
+    decoding; None: no bound).
     """
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels and width * height > max_pixels:
+                raise datasets.DataError(
+                    f"image {path!r} too large: its header declares {height} x {width} pixels; "
+                    f"expected at most {max_pixels} (data.max_image_pixels)")
             rgb = np.asarray(image.convert("RGB"))
+    except datasets.DataError:
+        raise
     except Exception as e:  # pylint: disable=broad-except
         # PIL's format plugins report corrupt data with many types (OSError, SyntaxError,
         # ValueError, struct.error, EOFError, DecompressionBombError, ...).
@@ -95,7 +103,7 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
 
     def images():
         for i, path in enumerate(files):
-            rgb, image = load_image(path)
+            rgb, image = load_image(path, int(config.data.max_image_pixels))
             image, _ = predictor.prepare(image)
             yield (i, path, rgb), image
 

@@ -15,6 +15,7 @@ import time
 import jax
 from absl import logging
 from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
 
 from allspark_jax import checkpoints as ckpt_lib
 from allspark_jax import config as config_lib
@@ -277,7 +278,14 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             if save:
                 checkpointer.save(step, state, meta_for(step, history.get(step)))
     progress.close()
+    # The input pipeline (tf.data threads, batches prefetched past the last step) is torn down here,
+    # not when the process exits: that takes seconds on a loaded host, and in a multi-process run a
+    # process that exits first waits for the others at JAX's shutdown barrier, which has a timeout.
+    device_iter.close()
+    train_iter.close()
     checkpointer.wait()
     checkpointer.close()
     writer.flush()
+    if jax.process_count() > 1:  # every process's work is done: they exit together
+        multihost_utils.sync_global_devices("train_and_evaluate done")
     return {"state": state, "step": step, "eval": history, "best": best}

@@ -68,6 +68,9 @@ def get_config():
     data.labeled_strong = True  # Strong photometric augmentation on labeled images (release: yes).
     data.scale_range = (0.5, 2.0)  # Random rescale range of the long side.
     data.check_files = "exist"  # Before reading: 'none' | 'exist' (files present) | 'decode' (all decoded).
+    # Largest image or mask accepted, in pixels (height x width as its header declares it, checked
+    # before decoding): a file claiming more fails naming it instead of taking gigabytes to decode.
+    data.max_image_pixels = 100_000_000
     data.num_parallel_calls = -1  # tf.data map parallelism (-1 = AUTOTUNE).
     data.prefetch = 2  # Batches prefetched by tf.data (host) and to the devices.
     # Only for data.name == 'synthetic' with data.root None: the dataset written into

@@ -2,6 +2,8 @@
 import os
 import re
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -159,6 +161,55 @@ def test_corrupt_unlabeled_image_in_training_names_it_and_the_step(broken):
                         r"JPEG or PNG file", str(e.value)), str(e.value)
 
 
+# JPEG frame header (SOFn) markers: 0xC0..0xCF but DHT (C4), JPG (C8) and DAC (CC).
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _declare_size(path, height, width):
+    """Rewrites the size that a JPEG's frame header or a PNG's IHDR declares (with the IHDR's CRC,
+    so a decoder would believe it); the pixel data stays as it is."""
+    data = bytearray(open(path, "rb").read())
+    if data[:4] == b"\x89PNG":
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    else:
+        pos = 2
+        while data[pos + 1] not in SOF_MARKERS:
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        data[pos + 5:pos + 9] = struct.pack(">HH", height, width)
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("what", ["image", "mask"])
+def test_a_header_declaring_a_huge_size_fails_before_decoding(broken, what):
+    """60000 x 60000 (10.8 GB of RGB) declared by a tiny file: refused from its header."""
+    rel = {"image": "JPEGImages/train_00000.jpg", "mask": "SegmentationClass/train_00000.png"}[what]
+    _declare_size(os.path.join(broken, rel), 60000, 60000)
+    with pytest.raises(DataError, match=rf"training input pipeline: step 0: {what.capitalize()} "
+                       r"too large \(expected at most 100000000 pixels, data.max_image_pixels\): "
+                       rf".*{rel}.* header declares height, width: \[?60000 60000") as e:
+        _first_batch(_config(broken))
+    _assert_clean(str(e.value))
+
+
+@pytest.mark.parametrize("fmt,options", [
+    ("JPEG", {}), ("JPEG", {"progressive": True, "exif": b"Exif\0\0" + bytes(300)}),
+    ("PNG", {}), ("PNG", {"mode": "L"})])
+def test_header_size_is_the_decoded_size_and_the_bound_is_inclusive(tmp_path, fmt, options):
+    import tensorflow as tf
+    from allspark_jax.data import augment
+    options = dict(options)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), np.uint8))
+    path = str(tmp_path / f"image.{fmt.lower()}")
+    image.convert(options.pop("mode", "RGB")).save(path, format=fmt, **options)
+    data = tf.io.read_file(path)
+    assert augment.header_size(data).numpy().tolist() == [37, 53]
+    assert augment.decode_image(data, tf.constant(path), 37 * 53).shape == (37, 53, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"Image too large \(expected at most "
+                                                           r"1960 pixels"):
+        augment.decode_image(data, tf.constant(path), 37 * 53 - 1)
+
+
 def _cityscapes_root(root, rng):
     """A tiny Cityscapes layout (PNG images, labelTrainIds masks): 2 labeled, 2 unlabeled, 2 val."""
     lines = []
@@ -264,9 +315,14 @@ def test_check_files_decode_names_every_bad_file_at_once(tmp_path):
 def test_predict_names_an_unreadable_image(tmp_path):
     path = str(tmp_path / "photo.jpg")
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(str(tmp_path / "photo.png"))
+    assert predict.load_image(str(tmp_path / "photo.png"), 600)[0].shape == (20, 30, 3)
     rgb, image = predict.load_image(path)
     assert rgb.shape == (20, 30, 3) and image.dtype == np.float32
     _truncate(path)
     with pytest.raises(DataError, match=r"cannot read image '.*photo.jpg' \(OSError: .*\); "
                                         r"expected an intact image file"):
         predict.load_image(path)
+    with pytest.raises(DataError, match=r"image '.*photo.png' too large: its header declares 20 x 30 "
+                                        r"pixels; expected at most 599 \(data.max_image_pixels\)"):
+        predict.load_image(str(tmp_path / "photo.png"), 599)

@@ -61,13 +61,66 @@ def _assert(cond, *data) -> tf.Operation:
     return tf.debugging.Assert(cond, list(data), summarize=8)
 
 
-def decode_image(data: tf.Tensor, path: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG bytes into (H, W, 3) uint8; a non-JPEG/PNG file fails naming `path`."""
+def _bytes_at(data: tf.Tensor, pos, n: int) -> tf.Tensor:
+    """The n bytes of `data` from byte `pos` as an (n,) int32 tensor, zeros past the end."""
+    pos = tf.minimum(tf.cast(pos, tf.int32), tf.strings.length(data))
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(data, pos, n), tf.uint8, fixed_length=n),
+                   tf.int32)
+
+
+def _jpeg_size(data: tf.Tensor) -> tf.Tensor:
+    """(height, width) of a JPEG's frame header (SOF0..SOF15 marker), found by walking the marker
+    segments from the start; (0, 0) when the chain of segments breaks first (the decoder then
+    reports the file)."""
+    n = tf.strings.length(data)
+
+    def body(pos, hw, found):
+        b = _bytes_at(data, pos, 9)  # FF marker length(2) precision height(2) width(2)
+        marker = b[1]
+        is_sof = ((b[0] == 0xFF) & (marker >= 0xC0) & (marker <= 0xCF) & (marker != 0xC4)
+                  & (marker != 0xC8) & (marker != 0xCC))  # DHT, JPG and DAC share the range
+        hw = tf.where(is_sof, tf.stack([b[5] * 256 + b[6], b[7] * 256 + b[8]]), hw)
+        step = 2 + b[2] * 256 + b[3]
+        return tf.where(b[0] == 0xFF, pos + step, n), hw, is_sof
+
+    _, hw, _ = tf.while_loop(lambda pos, hw, found: (pos + 9 <= n) & ~found, body,
+                             (tf.constant(2), tf.zeros(2, tf.int32), tf.constant(False)))
+    return hw
+
+
+def header_size(data: tf.Tensor) -> tf.Tensor:
+    """(height, width), int64, that a JPEG's frame header or a PNG's IHDR chunk declares, read
+    without decoding; (0, 0) for other bytes."""
+    is_png = tf.equal(tf.strings.substr(data, 0, 4), b"\x89PNG")
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+    def png():  # IHDR: width then height, big-endian uint32 at bytes 16..23
+        b = tf.cast(_bytes_at(data, 16, 8), tf.int64)
+        w, h = [((b[k] * 256 + b[k + 1]) * 256 + b[k + 2]) * 256 + b[k + 3] for k in (0, 4)]
+        return tf.stack([h, w])
+
+    return tf.case([(is_png, png), (is_jpeg, lambda: tf.cast(_jpeg_size(data), tf.int64))],
+                   default=lambda: tf.zeros(2, tf.int64))
+
+
+def _check_pixels(data: tf.Tensor, path: tf.Tensor, max_pixels: int | None, what: str):
+    """Asserts that the size in the header of `data` is at most `max_pixels` (None: no bound)."""
+    if not max_pixels:
+        return tf.no_op()
+    hw = header_size(data)
+    return _assert(hw[0] * hw[1] <= max_pixels, f"{what} too large (expected at most {max_pixels} "
+                   "pixels, data.max_image_pixels):", path, "header declares height, width:", hw)
+
+
+def decode_image(data: tf.Tensor, path: tf.Tensor, max_pixels: int | None = None) -> tf.Tensor:
+    """Decodes JPEG/PNG bytes into (H, W, 3) uint8; a non-JPEG/PNG file, or one whose header
+    declares more than `max_pixels` pixels (checked before decoding), fails naming `path`."""
     head = tf.strings.substr(data, 0, 4)
     is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
     is_png = tf.equal(head, b"\x89PNG")
     with tf.control_dependencies([_assert(
-        is_jpeg | is_png, "Unreadable image (expected a JPEG or PNG file):", path)]):
+        is_jpeg | is_png, "Unreadable image (expected a JPEG or PNG file):", path),
+            _check_pixels(data, path, max_pixels, "Image")]):
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
@@ -111,18 +164,21 @@ def _index_from_palette(rgb: tf.Tensor, colours, indices) -> tuple[tf.Tensor, tf
 
 
 def decode_mask(data: tf.Tensor, path: tf.Tensor, num_classes: int,
-                ignore_index: int = IGNORE_INDEX, palette=None) -> tf.Tensor:
+                ignore_index: int = IGNORE_INDEX, palette=None,
+                max_pixels: int | None = None) -> tf.Tensor:
     """Decodes a label PNG into (H, W) uint8 labels, checking 0 <= label < num_classes or ignored.
 
     Grayscale PNGs hold labels directly; palette PNGs (VOC's SegmentationClass) are decoded to RGB by
     TensorFlow, so their colours are mapped back to indices through the VOC colour map, or through
     `palette` (a custom dataset's colours: class k's at k, then optionally the ignore colour). A
     colour outside the palette fails naming `path`. Pixels equal to `ignore_index` (a custom
-    dataset's ignore value; 255 for the official datasets) come out as 255. Errors name `path`.
+    dataset's ignore value; 255 for the official datasets) come out as 255. A mask whose header
+    declares more than `max_pixels` pixels fails before decoding. Errors name `path`.
     """
     # A PNG holds its 8-byte signature and the 25-byte IHDR chunk (colour type at byte 25) first.
     is_png = tf.equal(tf.strings.substr(data, 0, 4), b"\x89PNG") & (tf.strings.length(data) >= 33)
-    with tf.control_dependencies([_assert(is_png, "Unreadable mask (expected a PNG file):", path)]):
+    with tf.control_dependencies([_assert(is_png, "Unreadable mask (expected a PNG file):", path),
+                                  _check_pixels(data, path, max_pixels, "Mask")]):
         color_type = tf.strings.substr(data, 25, 1)  # IHDR colour type byte
     is_palette = tf.equal(color_type, b"\x03")
     is_gray = tf.equal(color_type, b"\x00") | tf.equal(color_type, b"\x04")

@@ -145,7 +145,8 @@ def _open_tfds(opts) -> _Tfds:
 def _decode_mask(mask_b, mask_path, opts):
     """A mask's bytes as (H, W) uint8 labels checked against `opts` (classes, ignore value,
     palette); failures name the file."""
-    return augment.decode_mask(mask_b, mask_path, opts.num_classes, opts.ignore_index, opts.palette)
+    return augment.decode_mask(mask_b, mask_path, opts.num_classes, opts.ignore_index, opts.palette,
+                               opts.max_image_pixels)
 
 
 def _decode_example(reader, i, opts, labeled: bool):
@@ -155,9 +156,9 @@ def _decode_example(reader, i, opts, labeled: bool):
     against the image) when `labeled`, else (image, None).
     """
     if not labeled:
-        return augment.decode_image(*reader.image(i)), None
+        return augment.decode_image(*reader.image(i), opts.max_image_pixels), None
     image_b, image_path, mask_b, mask_path = reader.example(i)
-    image = augment.decode_image(image_b, image_path)
+    image = augment.decode_image(image_b, image_path, opts.max_image_pixels)
     mask = _decode_mask(mask_b, mask_path, opts)
     return augment.check_same_size(image, mask, image_path, mask_path), mask
 
