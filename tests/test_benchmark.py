@@ -138,6 +138,8 @@ def test_eval_and_predict_speed_measurements():
                     eval_sides=(20, 40), log=lambda s: None)
     e = r["eval"]
     assert e["per_size"]["programs"] == 3 and e["bucketed"]["programs"] == 1
+    # Tracing a new size compiles nothing else (static resize taps are computed in numpy).
+    assert e["per_size"]["compilations"] == 3
     assert e["pixels_differing"] == 0 and e["speedup"] > 0
     assert r["predict"]["bucketed"]["seconds"] > 0 and r["predict"]["speedup"] > 0
     assert e["bucketed"]["memory"]["bucket"] == [48, 48]

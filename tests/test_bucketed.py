@@ -9,12 +9,12 @@ import concurrent.futures
 import os
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import release_loops
+from allspark_jax.benchmark.timing import CompileCounter
 from allspark_jax.evaluation import bucketing, evaluator, metrics, predictor as predictor_lib
 from allspark_jax.models.mit import OverlapPatchEmbed, token_grid, token_grid_sizes
 from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
@@ -48,26 +48,6 @@ def image(h, w, seed):
 @pytest.fixture(scope="module")
 def ref():
     return reference()
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (jax.monitoring) while active."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kwargs):
-        if event == self.EVENT:
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 @pytest.fixture(scope="module")

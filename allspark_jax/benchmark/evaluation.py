@@ -22,7 +22,7 @@ from PIL import Image
 
 from allspark_jax import convert
 from allspark_jax import predict as predict_lib
-from allspark_jax.benchmark.timing import compile_stats, host_peak_rss_bytes
+from allspark_jax.benchmark.timing import CompileCounter, compile_stats, host_peak_rss_bytes
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
@@ -59,9 +59,17 @@ def _setup(config, num_sizes: int, min_side: int, max_side: int):
     return config, model, variables, image_sizes(num_sizes, min_side, max_side)
 
 
+def _per_size_fn(model):
+    """The release's way in JAX: (variables, one image (1, h, w, 3)) -> (1, h, w) classes, jitted, so
+    one compilation per distinct image size."""
+    def per_size_predict(v, x):
+        return jax.numpy.argmax(model.apply(v, x, mode="eval"), -1)
+    return jax.jit(per_size_predict)
+
+
 def _per_size_predictions(model, variables, images):
-    fn = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, mode="eval"), -1))
-    return [np.asarray(fn(variables, im[None]))[0] for im in images], fn._cache_size()
+    fn = _per_size_fn(model)
+    return [np.asarray(fn(variables, im[None]))[0] for im in images]
 
 
 def bucket_memory(config, model, variables) -> dict:
@@ -82,7 +90,12 @@ def bucket_memory(config, model, variables) -> dict:
 
 def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: int = 100,
                max_side: int = 500, ways=("per_size", "bucketed")) -> dict:
-    """Cold-start evaluation of the image set each way: seconds, images/s, programs compiled."""
+    """Cold-start evaluation of the image set each way: seconds, images/s, programs compiled.
+
+    `programs`: XLA compilations of the model's program (per-size: `per_size_predict`; bucketed:
+    the bucketed logits / argmax programs); `compilations`: every XLA compilation the way caused,
+    small helper programs included.
+    """
     config, model, variables, sizes = _setup(config, num_sizes, min_side, max_side)
     images = _images(sizes, num_images)
     out = {"num_images": num_images, "num_sizes": num_sizes, "min_side": min_side,
@@ -93,16 +106,17 @@ def bench_eval(config, num_images: int = 200, num_sizes: int = 100, min_side: in
     for way in ways:
         jax.clear_caches()
         t0 = time.perf_counter()
-        if way == "per_size":
-            preds[way], programs = _per_size_predictions(model, variables, images)
-        else:
-            predictor = evaluator.make_predictor(config, model)
-            before = bucketing.compiled_programs()
-            preds[way] = predictor.predict(variables, images)
-            programs = bucketing.compiled_programs() - before
+        with CompileCounter() as counter:
+            if way == "per_size":
+                preds[way] = _per_size_predictions(model, variables, images)
+                programs = counter.by_name["jit(per_size_predict)"]
+            else:
+                predictor = evaluator.make_predictor(config, model)
+                preds[way] = predictor.predict(variables, images)
+                programs = counter.by_name["jit(_logits)"] + counter.by_name["jit(_predict)"]
         seconds = time.perf_counter() - t0
         out[way] = {"seconds": seconds, "images_per_s": num_images / seconds,
-                    "programs": programs}
+                    "programs": programs, "compilations": counter.count}
     if "bucketed" in ways:
         out["bucketed"]["memory"] = bucket_memory(config, model, variables)
     if len(preds) == 2:
@@ -136,7 +150,7 @@ def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side:
             dest = os.path.join(tmp, way)
             t0 = time.perf_counter()
             if way == "per_size":
-                fn = jax.jit(lambda v, x: jax.numpy.argmax(model.apply(v, x, mode="eval"), -1))
+                fn = _per_size_fn(model)
                 pal = datasets.palette(config.data.name)
                 os.makedirs(dest)
                 for path in predict_lib.list_images(folder):

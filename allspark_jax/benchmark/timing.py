@@ -1,6 +1,7 @@
 """Timing and XLA's compile-time statistics of a program; peak memory of the device and the host."""
 from __future__ import annotations
 
+import collections
 import resource
 import time
 from typing import Any, Callable
@@ -19,6 +20,31 @@ def median_time(call: Callable[[], Any], steps: int, warmup: int) -> tuple[float
         call()
         times.append(time.perf_counter() - t)
     return float(np.median(times)), times
+
+
+class CompileCounter:
+    """Counts XLA backend compilations (`jax.monitoring` events) while active.
+
+    `count`: all of them; `by_name`: per jitted function name (e.g. ``"jit(per_size_predict)"``).
+    """
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.by_name: collections.Counter = collections.Counter()
+
+    def __call__(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+            self.by_name[kwargs.get("fun_name", "?")] += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def compile_stats(jitted, *args) -> tuple[Any, dict]:

@@ -32,9 +32,9 @@ def _axis_taps(in_len: int, out_len: int):
     (bwd_idx, bwd_w) (in_len, T): the outputs each input's gradient reads (the transpose, T the most
     outputs one input feeds; padded with weight 0), all numpy.
     """
-    with jax.ensure_compile_time_eval():
-        m = np.asarray(interpolation_matrix(jnp.array([in_len]), jnp.array([out_len]), in_len,
-                                            out_len)[0])
+    # numpy, not jnp: every new (in_len, out_len) pair would otherwise compile a dozen tiny XLA
+    # programs while the model is traced (about 2 s per new image size on a CPU).
+    m = interpolation_matrix(np.array([in_len]), np.array([out_len]), in_len, out_len, xp=np)[0]
 
     def taps(mat):
         width = max(int((mat != 0).sum(1).max()), 1)
@@ -83,12 +83,14 @@ _resize_taps.defvjp(_resize_taps_fwd, _resize_taps_bwd)
 
 
 def interpolation_matrix(in_size: jax.Array, out_size: jax.Array, in_len: int,
-                         out_len: int) -> jax.Array:
+                         out_len: int, xp=jnp) -> jax.Array:
     """Per-sample bilinear weights along one axis, PyTorch's align_corners=False formula.
 
     Args:
       in_size, out_size: (B,) int, the true lengths (<= in_len, out_len; 0 allowed).
       in_len, out_len: the static (padded) lengths.
+      xp: the array module, `jnp` (traced sizes) or `np` (static sizes, computed on the host in
+        the same float32 arithmetic).
     Returns:
       (B, out_len, in_len) float32 M with `out[o] = sum_i M[o, i] in[i]`: for o < out_size, weights
       1 - l and l on rows i0 and i1 = min(i0 + 1, in_size - 1), where src = max(scale (o + 0.5)
@@ -96,21 +98,21 @@ def interpolation_matrix(in_size: jax.Array, out_size: jax.Array, in_len: int,
       them: the scale first, in float32). Rows o >= out_size and columns i >= in_size are zero, so
       padded inputs are never read and padded outputs are 0.
     """
-    in_size = in_size.astype(jnp.int32)[:, None]
-    out_size = out_size.astype(jnp.int32)[:, None]
+    in_size = in_size.astype(xp.int32)[:, None]
+    out_size = out_size.astype(xp.int32)[:, None]
     # max(., 1): an empty output (size 0, a batch's filler slot) must not divide by zero.
-    scale = in_size.astype(jnp.float32) / jnp.maximum(out_size, 1).astype(jnp.float32)
-    o = jnp.arange(out_len, dtype=jnp.int32)[None, :]
-    src = jnp.maximum(scale * (o.astype(jnp.float32) + 0.5) - 0.5, 0.0)  # (B, out_len)
-    last = jnp.maximum(in_size - 1, 0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), last)
-    i1 = jnp.minimum(i0 + 1, last)
-    l1 = jnp.clip(src - i0.astype(jnp.float32), 0.0, 1.0)
+    scale = in_size.astype(xp.float32) / xp.maximum(out_size, 1).astype(xp.float32)
+    o = xp.arange(out_len, dtype=xp.int32)[None, :]
+    src = xp.maximum(scale * (o.astype(xp.float32) + 0.5) - 0.5, 0.0)  # (B, out_len)
+    last = xp.maximum(in_size - 1, 0)
+    i0 = xp.minimum(xp.floor(src).astype(xp.int32), last)
+    i1 = xp.minimum(i0 + 1, last)
+    l1 = xp.clip(src - i0.astype(xp.float32), 0.0, 1.0)
     l0 = 1.0 - l1
-    i = jnp.arange(in_len, dtype=jnp.int32)[None, None, :]
-    m = (jnp.where(i == i0[..., None], l0[..., None], 0.0)
-         + jnp.where(i == i1[..., None], l1[..., None], 0.0))
-    return jnp.where((o < out_size)[..., None], m, 0.0)
+    i = xp.arange(in_len, dtype=xp.int32)[None, None, :]
+    m = (xp.where(i == i0[..., None], l0[..., None], 0.0)
+         + xp.where(i == i1[..., None], l1[..., None], 0.0))
+    return xp.where((o < out_size)[..., None], m, 0.0)
 
 
 def resize_bilinear_valid(x: jax.Array, size: tuple[int, int], in_sizes: jax.Array,
