@@ -37,5 +37,6 @@ def get_config(arg: str = "1_512"):
         config.train.warmup_epoch = 1  # not in the release (see the module docstring)
     config.train.loss_x = "ce"
     config.eval.mode = "original"
-    config.eval.buckets = (640,)  # COCO images are at most 640 x 640
+    # COCO images are at most 640 x 640, most of them 640 x 480 or 480 x 640 (or smaller)
+    config.eval.buckets = ((480, 640), (640, 480), (640, 640))
     return config

@@ -173,6 +173,31 @@ def test_one_pass_batch_norm_and_its_vjp_match_the_two_pass_form():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("groups,dropout", [(1, True), (2, False)])
+def test_channel_attention_and_its_vjp_match_autodiff_of_the_chain(groups, dropout):
+    """channel_attention (one layout, fused statistics, closed-form VJP) against autodiff of the
+    release's chain: einsum, instance norm over (J, K), softmax, dropout, einsum."""
+    attention = allspark_lib.channel_attention
+    r = np.random.RandomState(0)
+    b, n, j, k = 2, 9, 8, 24
+    q = jnp.asarray(r.randn(groups, b, n, j) + 0.3, jnp.float32)
+    kk, v = (jnp.asarray(r.randn(groups, n, k), jnp.float32) for _ in range(2))
+    keep = jnp.asarray(r.rand(groups, b, j, k) > 0.2) if dropout else None
+
+    def chain(q, kk, v):
+        a = jax.nn.softmax(allspark_lib.instance_norm(jnp.einsum("gbnj,gnk->gbjk", q, kk)), -1)
+        if keep is not None:
+            a = jnp.where(keep, a / 0.8, 0.0)
+        return jnp.einsum("gbjk,gnk->gbnj", a, v)
+
+    ours, vjp_ours = jax.vjp(lambda *a: attention(*a, keep, 0.8), q, kk, v)
+    theirs, vjp_theirs = jax.vjp(chain, q, kk, v)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    cot = jnp.asarray(r.randn(*ours.shape), jnp.float32)
+    for name, a, c in zip(("q", "k", "v"), vjp_ours(cot), vjp_theirs(cot)):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 def test_dropout2d_folded_into_the_classifier():
     """The head's training-mode Dropout2d, applied as a per-image scale of the classifier's kernel,
     gives the logits of nn.Dropout on the map (same module path, so the same PRNG draws) followed

@@ -15,6 +15,7 @@ The memory lives in the ``"memory"`` collection (``kv_queue`` (K, C, n), ``queue
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,7 +31,10 @@ MODES = ("train", "teacher", "eval")
 allspark_dense_init = nn.initializers.xavier_uniform()
 
 
-def instance_norm(x: jax.Array, axes=(-2, -1), eps: float = 1e-5) -> jax.Array:
+INSTANCE_NORM_EPS = 1e-5  # nn.InstanceNorm2d's default
+
+
+def instance_norm(x: jax.Array, axes=(-2, -1), eps: float = INSTANCE_NORM_EPS) -> jax.Array:
     """InstanceNorm2d without affine: normalise over `axes` with the biased variance."""
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axes, keepdims=True)
@@ -41,6 +45,80 @@ def instance_norm(x: jax.Array, axes=(-2, -1), eps: float = 1e-5) -> jax.Array:
 def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
     """`F.normalize`: x / max(||x||, eps)."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def channel_attention(q, k, v, keep, keep_prob: float = 1.0):
+    """softmax(instance_norm(q^T k)) v over channels, the release's `CrossAttnMem` core.
+
+    Args:
+      q: (G, b, n, J) queries: J channels of n tokens, b query images per key group.
+      k, v: (G, n, K) keys and values: K channels (every key image's and class's channels side by
+        side) of the same n tokens.
+      keep: (G, b, J, K) bool dropout mask of the attention matrix, or None (no dropout).
+      keep_prob: the kept attention weights are divided by it.
+    Returns:
+      (G, b, n, J): out[g, b, :, j] = sum_k A[g, b, j, k] v[g, :, k], where A = dropout(softmax_k(
+      instance_norm(S))) and S[g, b] = q[g, b]^T k[g] is normalised over all its (J, K) entries.
+
+    The attention matrix (J x K per image, K = classes x J with the Semantic Memory) is the only
+    large tensor of the module. Autodiff's backward of this chain transposes it twice (its matmuls
+    contract it over its leading axes) and reads it in five reductions; this VJP keeps it in one
+    layout (every matmul reads it row-major; only the small q, k, v, out are transposed) and
+    reads it in two passes, with the instance norm's and softmax's sums taken together.
+    """
+    return _channel_attention_fwd(q, k, v, keep, keep_prob)[0]
+
+
+def attention_probs(q, k):
+    """(G, b, J, K) softmax_k(instance_norm(q^T k)): `channel_attention`'s matrix before dropout."""
+    return jax.nn.softmax(instance_norm(jnp.einsum("gbnj,gnk->gbjk", q, k)), axis=-1)
+
+
+def _attention_probs(s, mu, r, row_max, row_sum):
+    """z = instance-normalised scores, p = softmax_k(z), from the saved statistics."""
+    z = (s.astype(jnp.float32) - mu) * r
+    return z, jnp.exp(z - row_max) / row_sum
+
+
+def _channel_attention_fwd(q, k, v, keep, keep_prob):
+    s = jnp.einsum("gbnj,gnk->gbjk", q, k)  # no 1/sqrt(d) scale in the release
+    s32 = s.astype(jnp.float32)
+    mu = jnp.mean(s32, (-2, -1), keepdims=True)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(s32 - mu), (-2, -1), keepdims=True) + INSTANCE_NORM_EPS)
+    z = (s32 - mu) * r
+    row_max = jnp.max(z, -1, keepdims=True)
+    row_sum = jnp.sum(jnp.exp(z - row_max), -1, keepdims=True)
+    p = jnp.exp(z - row_max) / row_sum
+    d = p if keep is None else jnp.where(keep, p / keep_prob, 0.0)
+    d = d.astype(v.dtype)
+    out = jnp.swapaxes(jnp.einsum("gbjk,gnk->gbjn", d, v), -1, -2)
+    return out, (q, k, v, keep, s, d, mu, r, row_max, row_sum)
+
+
+def _channel_attention_bwd(keep_prob, res, g_out):
+    q, k, v, keep, s, d, mu, r, row_max, row_sum = res
+    go = jnp.swapaxes(g_out, -1, -2)  # (G, b, J, n)
+    dd = jnp.einsum("gbjn,gnk->gbjk", go, v).astype(jnp.float32)  # d loss / d(dropped probs)
+    dv = jnp.einsum("gbjn,gbjk->gnk", go, d)
+    z, p = _attention_probs(s, mu, r, row_max, row_sum)
+    d32 = d.astype(jnp.float32)
+    # Softmax: dz = p * (dp - c) with p * dp = d * dd (the mask and 1/keep_prob are in d) and
+    # c = sum_k p dp; the instance norm then needs the means of dz and dz * z over (J, K):
+    # sum_k dz = c (1 - sum_k p) and sum_k dz z = sum_k d dd z - c sum_k p z, all from one pass.
+    c = jnp.sum(d32 * dd, -1, keepdims=True)
+    sum_dz = c - c * jnp.sum(p, -1, keepdims=True)
+    sum_dz_z = jnp.sum(d32 * dd * z, -1, keepdims=True) - c * jnp.sum(p * z, -1, keepdims=True)
+    n_el = s.shape[-2] * s.shape[-1]
+    m1 = jnp.sum(sum_dz, -2, keepdims=True) / n_el
+    m2 = jnp.sum(sum_dz_z, -2, keepdims=True) / n_el
+    ds = (r * (d32 * dd - p * c - m1 - z * m2)).astype(s.dtype)
+    dq = jnp.swapaxes(jnp.einsum("gbjk,gnk->gbjn", ds, k), -1, -2)
+    dk = jnp.einsum("gbnj,gbjk->gnk", q, ds)
+    return dq, dk, dv, None
+
+
+channel_attention.defvjp(_channel_attention_fwd, _channel_attention_bwd)
 
 
 def group_channels(teacher_logits: jax.Array, emb_u: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -175,11 +253,18 @@ class CrossAttnMem(nn.Module):
             queries = q.reshape(source.shape[0], -1, *q.shape[1:])
         keys, values = k_proj(source), v_proj(source)  # (G, M, n, HC)
         g_, m = keys.shape[:2]
-        a = jnp.einsum("gbnj,gmnk->gbjmk", queries, keys).reshape(g_, b // g_, hc, m * hc)
-        a = jax.nn.softmax(instance_norm(a), axis=-1)
-        self.sow("intermediates", "attn_l2u", a)
-        a = attn_dropout(a).astype(values.dtype).reshape(g_, b // g_, hc, m, hc)
-        out = jnp.einsum("gbjmk,gmnk->gbnj", a, values).reshape(b, -1, hc)
+        # (G, n, M * HC): the key channels of every image / class side by side, sample-major.
+        flat = lambda t: jnp.swapaxes(t, 1, 2).reshape(g_, t.shape[2], m * hc)  # noqa: E731
+        shape = (g_, b // g_, hc, m * hc)
+        if self.is_mutable_collection("intermediates"):  # inspection only: computed apart
+            self.sow("intermediates", "attn_l2u", attention_probs(queries, flat(keys)))
+        keep = None
+        if train and self.attn_drop > 0:
+            # nn.Dropout's own draw (same module, same PRNG stream) as a mask: `channel_attention`
+            # applies it inside its fused softmax.
+            keep = attn_dropout(jnp.ones(shape, jnp.float32)) != 0
+        out = channel_attention(queries, flat(keys), flat(values), keep,
+                                1.0 - self.attn_drop).reshape(b, -1, hc)
         outputs.append(proj_dropout(self._dense(c, "out_l2u")(out)))
         if train:
             outputs.append(out_u)
