@@ -75,12 +75,6 @@ def attention_probs(q, k):
     return jax.nn.softmax(instance_norm(jnp.einsum("gbnj,gnk->gbjk", q, k)), axis=-1)
 
 
-def _attention_probs(s, mu, r, row_max, row_sum):
-    """z = instance-normalised scores, p = softmax_k(z), from the saved statistics."""
-    z = (s.astype(jnp.float32) - mu) * r
-    return z, jnp.exp(z - row_max) / row_sum
-
-
 def _channel_attention_fwd(q, k, v, keep, keep_prob):
     s = jnp.einsum("gbnj,gnk->gbjk", q, k)  # no 1/sqrt(d) scale in the release
     s32 = s.astype(jnp.float32)
@@ -93,15 +87,16 @@ def _channel_attention_fwd(q, k, v, keep, keep_prob):
     d = p if keep is None else jnp.where(keep, p / keep_prob, 0.0)
     d = d.astype(v.dtype)
     out = jnp.swapaxes(jnp.einsum("gbjk,gnk->gbjn", d, v), -1, -2)
-    return out, (q, k, v, keep, s, d, mu, r, row_max, row_sum)
+    # p is kept, not recomputed: the backward's sums would each redo the exponentials.
+    return out, (q, k, v, s, p, d, mu, r)
 
 
 def _channel_attention_bwd(keep_prob, res, g_out):
-    q, k, v, keep, s, d, mu, r, row_max, row_sum = res
+    q, k, v, s, p, d, mu, r = res
     go = jnp.swapaxes(g_out, -1, -2)  # (G, b, J, n)
     dd = jnp.einsum("gbjn,gnk->gbjk", go, v).astype(jnp.float32)  # d loss / d(dropped probs)
     dv = jnp.einsum("gbjn,gbjk->gnk", go, d)
-    z, p = _attention_probs(s, mu, r, row_max, row_sum)
+    z = (s.astype(jnp.float32) - mu) * r
     d32 = d.astype(jnp.float32)
     # Softmax: dz = p * (dp - c) with p * dp = d * dd (the mask and 1/keep_prob are in d) and
     # c = sum_k p dp; the instance norm then needs the means of dz and dz * z over (J, K):
