@@ -143,8 +143,8 @@ def get_config():
     # smallest of these (sides or (height, width) pairs) that holds them, each image's true size an
     # input of the program: one compilation per bucket, results equal to each image alone. An image
     # larger than every bucket runs in its own size rounded up to 128.
-    # Pascal VOC images are at most 500 x 500, most of them landscape 500 wide and at most 375
-    # high, or portrait: two 384 x 512 buckets hold those with 3/4 of the square's padding.
+    # Pascal VOC images are at most 500 x 500, most of them 500 wide and at most 375 high, or the
+    # transpose: a 384 x 512 and a 512 x 384 bucket hold those in 3/4 of the square's pixels.
     ev.buckets = ((384, 512), (512, 384), (512, 512))
     ev.batch_size = 8  # Images (or windows) per device in one evaluation program call.
     ev.best_of = "student"  # Which weights pick the 'best' checkpoint: 'student' | 'ema'.

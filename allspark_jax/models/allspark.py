@@ -63,9 +63,9 @@ def channel_attention(q, k, v, keep, keep_prob: float = 1.0):
 
     The attention matrix (J x K per image, K = classes x J with the Semantic Memory) is the only
     large tensor of the module. Autodiff's backward of this chain transposes it twice (its matmuls
-    contract it over its leading axes) and reads it in five reductions; this VJP keeps it in one
-    layout (every matmul reads it row-major; only the small q, k, v, out are transposed) and
-    reads it in two passes, with the instance norm's and softmax's sums taken together.
+    contract it over its leading axes); this VJP keeps it in one layout (every matmul reads it
+    row-major; only the small q, k, v and output are transposed) and takes the instance norm's and
+    the softmax's backward sums together, from the softmax saved by the forward pass.
     """
     return _channel_attention_fwd(q, k, v, keep, keep_prob)[0]
 
