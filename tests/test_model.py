@@ -173,15 +173,18 @@ def test_one_pass_batch_norm_and_its_vjp_match_the_two_pass_form():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("groups,dropout", [(1, True), (2, False)])
-def test_channel_attention_and_its_vjp_match_autodiff_of_the_chain(groups, dropout):
-    """channel_attention (one layout, fused statistics, closed-form VJP) against autodiff of the
-    release's chain: einsum, instance norm over (J, K), softmax, dropout, einsum."""
+@pytest.mark.parametrize("groups,dropout,offset", [(1, True, 0.3), (2, False, 0.3), (1, True, 3.0)])
+def test_channel_attention_and_its_vjp_match_autodiff_of_the_chain(groups, dropout, offset):
+    """channel_attention (one layout, closed-form VJP whose sums come from small matrices) against
+    autodiff of the release's chain: einsum, instance norm over (J, K), softmax, dropout, einsum.
+    `offset` shifts q and k so that the scores' mean is large against their spread (the VJP's
+    Gram-matrix terms subtract it out)."""
     attention = allspark_lib.channel_attention
     r = np.random.RandomState(0)
     b, n, j, k = 2, 9, 8, 24
-    q = jnp.asarray(r.randn(groups, b, n, j) + 0.3, jnp.float32)
-    kk, v = (jnp.asarray(r.randn(groups, n, k), jnp.float32) for _ in range(2))
+    q = jnp.asarray(r.randn(groups, b, n, j) + offset, jnp.float32)
+    kk = jnp.asarray(r.randn(groups, n, k) + offset - 0.3, jnp.float32)
+    v = jnp.asarray(r.randn(groups, n, k), jnp.float32)
     keep = jnp.asarray(r.rand(groups, b, j, k) > 0.2) if dropout else None
 
     def chain(q, kk, v):

@@ -63,9 +63,10 @@ def channel_attention(q, k, v, keep, keep_prob: float = 1.0):
 
     The attention matrix (J x K per image, K = classes x J with the Semantic Memory) is the only
     large tensor of the module. Autodiff's backward of this chain transposes it twice (its matmuls
-    contract it over its leading axes); this VJP keeps it in one layout (every matmul reads it
-    row-major; only the small q, k, v and output are transposed) and takes the instance norm's and
-    the softmax's backward sums together, from the softmax saved by the forward pass.
+    contract it over its leading axes) and reduces it four times (the softmax's and the instance
+    norm's sums). This VJP keeps it in one layout (every matmul reads it row-major; only the small
+    q, k, v and output are transposed) and reads it only in matmuls and one elementwise pass: each
+    of those sums is a product of (J, n) or (n, n) matrices (n tokens, n << K).
     """
     return _channel_attention_fwd(q, k, v, keep, keep_prob)[0]
 
@@ -86,31 +87,39 @@ def _channel_attention_fwd(q, k, v, keep, keep_prob):
     p = jnp.exp(z - row_max) / row_sum
     d = p if keep is None else jnp.where(keep, p / keep_prob, 0.0)
     d = d.astype(v.dtype)
-    out = jnp.swapaxes(jnp.einsum("gbjk,gnk->gbjn", d, v), -1, -2)
-    # p is kept, not recomputed: the backward's sums would each redo the exponentials.
-    return out, (q, k, v, s, p, d, mu, r)
+    out_t = jnp.einsum("gbjk,gnk->gbjn", d, v)
+    # p is kept, not recomputed: the backward would redo the exponentials.
+    return jnp.swapaxes(out_t, -1, -2), (q, k, v, p, d, mu, r, out_t)
 
 
 def _channel_attention_bwd(keep_prob, res, g_out):
-    q, k, v, s, p, d, mu, r = res
+    q, k, v, p, d, mu, r, out_t = res
+    n_el = p.shape[-2] * p.shape[-1]
+    f32 = jnp.float32
     go = jnp.swapaxes(g_out, -1, -2)  # (G, b, J, n)
-    dd = jnp.einsum("gbjn,gnk->gbjk", go, v).astype(jnp.float32)  # d loss / d(dropped probs)
     dv = jnp.einsum("gbjn,gbjk->gnk", go, d)
-    z = (s.astype(jnp.float32) - mu) * r
-    d32 = d.astype(jnp.float32)
-    # Softmax: dz = p * (dp - c) with p * dp = d * dd (the mask and 1/keep_prob are in d) and
-    # c = sum_k p dp; the instance norm then needs the means of dz and dz * z over (J, K):
-    # sum_k dz = c (1 - sum_k p) and sum_k dz z = sum_k d dd z - c sum_k p z, all from one pass.
-    c = jnp.sum(d32 * dd, -1, keepdims=True)
-    sum_dz = c - c * jnp.sum(p, -1, keepdims=True)
-    sum_dz_z = jnp.sum(d32 * dd * z, -1, keepdims=True) - c * jnp.sum(p * z, -1, keepdims=True)
-    n_el = s.shape[-2] * s.shape[-1]
-    m1 = jnp.sum(sum_dz, -2, keepdims=True) / n_el
-    m2 = jnp.sum(sum_dz_z, -2, keepdims=True) / n_el
-    ds = (r * (d32 * dd - p * c - m1 - z * m2)).astype(s.dtype)
-    dq = jnp.swapaxes(jnp.einsum("gbjk,gnk->gbjn", ds, k), -1, -2)
-    dk = jnp.einsum("gbnj,gbjk->gnk", q, ds)
-    return dq, dk, dv, None
+    dd = jnp.einsum("gbjn,gnk->gbjk", go, v).astype(f32)  # d loss / d(dropped probs)
+    # Softmax: dz = d * dd - p * c with c = sum_k d dd = sum_n go out_t (the mask and 1/keep_prob
+    # are in d), a sum over the n tokens instead of the K columns.
+    c = jnp.sum(go.astype(f32) * out_t.astype(f32), -1, keepdims=True)
+    dz = (d.astype(f32) * dd - p * c).astype(k.dtype)
+    # Instance norm: ds = r (dz - mean(dz) - z mean(dz z)) over (J, K), z = r (s - mu), s = q^T k.
+    # mean(dz) is 0 (each softmax row sums to one: sum_k dz = c (1 - sum_k p)). sum dz z comes from
+    # a = dz k^T, (J, n), needed for dq anyway: sum dz s = sum_nj a q. The z term of dq and dk is
+    # s's factors times small (n, n) Gram matrices. No reduction reads the (J, K) matrix.
+    a = jnp.einsum("gbjk,gnk->gbjn", dz, k).astype(f32)
+    q32, k32 = q.astype(f32), k.astype(f32)
+    dz_s = jnp.einsum("gbjn,gbnj->gb", a, q32)[..., None, None]
+    w = r * r * r * dz_s / n_el  # r * mean(dz z) * r, per (g, b): (G, b, 1, 1)
+    k_sum = jnp.sum(k32, -1)[:, None, None, :]  # (G, 1, 1, n)
+    s_k = jnp.einsum("gbmj,gmn->gbjn", q32, jnp.einsum("gmk,gnk->gmn", k32, k32))  # s k^T
+    dq = jnp.swapaxes(r * a - w * (s_k - mu * k_sum), -1, -2).astype(q.dtype)
+    # dk = sum_b q ds = sum_b [r q dz - w (q q^T k - mu q 1 1^T)].
+    qq = jnp.einsum("gbnj,gbmj->gnm", q32 * w, q32)
+    dk = (jnp.einsum("gbnj,gbjk->gnk", (q32 * r).astype(k.dtype), dz).astype(f32)
+          - jnp.einsum("gnm,gmk->gnk", qq, k32)
+          + jnp.sum(jnp.sum(q32, -1, keepdims=True) * w * mu, 1))
+    return dq, dk.astype(k.dtype), dv, None
 
 
 channel_attention.defvjp(_channel_attention_fwd, _channel_attention_bwd)
