@@ -223,21 +223,43 @@ def with_method(config, method: str) -> ml_collections.ConfigDict:
     return out
 
 
-def _validate_method(config) -> None:
-    """`method`, and that the keys the method does not read keep configs/default.py's values."""
+def unread_by_setting(config) -> dict[str, str]:
+    """The keys that another key's value leaves unread -> why (whatever the method)."""
+    out = {}
+    if config.train.loss_x != "ohem":
+        out.update(dict.fromkeys(("train.ohem_thresh", "train.ohem_min_kept"),
+                                 f"only train.loss_x 'ohem' reads it (train.loss_x="
+                                 f"{config.train.loss_x!r})"))
+    if config.eval.mode == "original":
+        out["eval.crop_size"] = ("only eval.mode 'center_crop' and 'sliding_window' read it "
+                                 "(eval.mode='original')")
+    if not config.profile:
+        out.update(dict.fromkeys(("profile_first_step", "profile_num_steps"),
+                                 "only profile=True reads it (profile=False)"))
+    if config.data.source != "tfds":
+        out["data.tfds_data_dir"] = (f"only data.source 'tfds' reads it (data.source="
+                                     f"{config.data.source!r})")
+    if config.data.name != "synthetic":
+        out.update({f"data.synthetic.{key}": f"only data.name 'synthetic' reads it (data.name="
+                    f"{config.data.name!r})" for key in config.data.synthetic})
+    return out
+
+
+def _validate_unread(config) -> None:
+    """`method`, and that the keys the method or another key's value leaves unread keep
+    configs/default.py's values (a changed value would be accepted and ignored)."""
     _one_of(config, "method", METHODS)
     method = config.method
     if config.model.get("method", method) != method:
         raise _error("model.method", config.model.method, f"config.method ({method!r})")
-    unread = unread_keys(method)
-    if not unread:
-        return
+    unread = {key: f" with method {method!r}: {why}" for key, why in unread_keys(method).items()}
+    for key, why in unread_by_setting(config).items():
+        unread.setdefault(key, f": {why}")
     defaults = default_config()
     for key, why in unread.items():
         value, default = _get(config, key), _get(defaults, key)
         if value != default:
-            raise _error(key, value, f"{default!r} (its configs/default.py value) with method "
-                         f"{method!r}: {why}")
+            raise _error(key, value, f"{default!r} (its configs/default.py value){why}")
 
 
 def validate(config) -> None:
@@ -251,7 +273,7 @@ def validate(config) -> None:
     from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
 
     _validate_data(config)
-    _validate_method(config)
+    _validate_unread(config)
     # model
     try:
         segmentor.model_config_from(config.model)
@@ -324,7 +346,11 @@ def _validate_learning(config) -> None:
     _in_range(config, "learning.pretrain_num_classes", 2, 255, integer=True)
     _in_range(config, "learning.pretrain_num_images", 2, integer=True)
     _in_range(config, "learning.pretrain_seed", 0, integer=True)
+    _in_range(config, "learning.pretrain_lr", 0.0, lo_open=True, optional=True)
     if int(config.learning.pretrain_steps) == 0:
+        if config.learning.pretrain_lr is not None:
+            raise _error("learning.pretrain_lr", config.learning.pretrain_lr,
+                         "None with learning.pretrain_steps 0 (no source task to train)")
         return
     if config.data.name != "synthetic":
         raise _error("learning.pretrain_steps", config.learning.pretrain_steps,

@@ -17,6 +17,7 @@ from PIL import Image
 
 from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
+from allspark_jax import runtime
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
@@ -94,6 +95,8 @@ def run_predict(config, workdir: str | None, spec, inputs, output_dir: str, *,
     `quiet`: print nothing (the default prints one line per image and a summary).
     """
     files = list_images(inputs)
+    if workdir:  # without one (a weight file's predictions) there is no <workdir>/jax_cache
+        runtime.setup_compilation_cache(config, workdir)
     variables, info = checkpoints.load_inference_variables(config, workdir, spec)
     predictor = evaluator.make_predictor(config, info["model"])
     # A custom dataset's palette file lives under its root: resolve the data options for it.

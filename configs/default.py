@@ -19,6 +19,9 @@ argument (`configs/pascal.py:1_16,supervised`) and then also set the release's h
 that trainer; `--config.method=semi` switches the method and keeps every other key. A key that
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
 'supervised': `allspark_jax.config.unread_keys`) must keep its value here, else validation names it.
+So must a key that another key's value leaves unread (`allspark_jax.config.unread_by_setting`:
+OHEM's keys under loss_x 'ce', eval.crop_size under eval.mode 'original', profile_* without
+profile, data.tfds_data_dir without source 'tfds', data.synthetic.* for another dataset).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -177,6 +180,9 @@ def get_config():
         pretrain_num_classes=9,  # Source task's classes incl. background (other shape/colour pairs).
         pretrain_num_images=640,  # Source task's training images (all labeled).
         pretrain_seed=1000,  # Source task's rendering and training seed (not data.synthetic.seed).
+        # Source task's learning rate for every module (lr_multi 1: a supervised run from random
+        # weights); None: optim.lr and optim.lr_multi, as the compared runs.
+        pretrain_lr=placeholder(float),
     ))
 
     # ----------------------------------------------------------------------------- distribution

@@ -69,3 +69,28 @@ def test_end_to_end_one_seed(tmp_path):
     assert "patch_embed1.proj.weight" in keys
     assert not any(k.startswith(("backbone.", "decoder.", "head.")) for k in keys)
     assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout
+
+
+def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
+    """learning.pretrain_lr sets the source task's rate (every module alike), and only there: with
+    no source task to train the key is refused."""
+    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    base.data.synthetic.size = 16
+    base.learning.update(pretrain_steps=2, pretrain_num_images=8, pretrain_lr=0.02)
+    base.optim.update(lr=0.001, lr_multi=10.0)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(config, run_dir):
+        seen.append(config)
+        raise Stop
+
+    monkeypatch.setattr(learning, "_train_run", fake_run)
+    with pytest.raises(Stop):
+        learning.pretrain_encoder(base, str(tmp_path), print_fn=lambda *a: None)
+    assert (seen[0].optim.lr, seen[0].optim.lr_multi, seen[0].method) == (0.02, 1.0, "supervised")
+    base.learning.pretrain_steps = 0
+    with pytest.raises(config_lib.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
+        config_lib.validate(base)

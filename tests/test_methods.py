@@ -63,13 +63,17 @@ def test_trains_checkpoints_and_evaluates_without_allspark(run):
         checkpoints.load_inference_variables(other, workdir, "latest")
 
 
-def test_predicts_from_the_checkpoint(run, tmp_path):
+def test_predicts_from_the_checkpoint(run, tmp_path, monkeypatch):
     _, config, workdir, _ = run
     images = os.path.join(workdir, "synthetic_data", "JPEGImages")
     first = sorted(os.listdir(images))[0]
+    caches = []  # predict sets up the run's compilation cache as train and eval do
+    monkeypatch.setattr(predict.runtime, "setup_compilation_cache",
+                        lambda c, w: caches.append((c.compilation_cache, w)))
     records = predict.run_predict(config, workdir, "latest", [os.path.join(images, first)],
                                   str(tmp_path), quiet=True)
     assert len(records) == 1 and os.path.isfile(records[0]["mask"])
+    assert caches == [(config.compilation_cache, workdir)]
 
 
 def test_supervised_epochs_walk_the_labeled_list():

@@ -201,6 +201,28 @@ def test_channel_attention_and_its_vjp_match_autodiff_of_the_chain(groups, dropo
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_softmax_attention_and_its_vjp_match_autodiff(dtype, tol):
+    """MiT's attention core (softmax's backward sum taken over the head's channels) against
+    autodiff of einsum, float32 softmax, einsum."""
+    r = np.random.RandomState(0)
+    q = jnp.asarray(r.randn(2, 30, 2, 8), dtype)
+    k, v = (jnp.asarray(r.randn(2, 6, 2, 8), dtype) for _ in range(2))
+
+    def chain(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 8 ** -0.5
+        a = jax.nn.softmax(s.astype(jnp.float32), -1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", a, v)
+
+    ours, vjp_ours = jax.vjp(mit.softmax_attention, q, k, v)
+    theirs, vjp_theirs = jax.vjp(chain, q, k, v)
+    np.testing.assert_allclose(np.float32(ours), np.float32(theirs), rtol=tol, atol=tol)
+    cot = jnp.asarray(r.randn(*ours.shape), dtype)
+    for name, a, c in zip(("q", "k", "v"), vjp_ours(cot), vjp_theirs(cot)):
+        assert a.dtype == dtype, name
+        np.testing.assert_allclose(np.float32(a), np.float32(c), rtol=tol, atol=tol, err_msg=name)
+
+
 def test_dropout2d_folded_into_the_classifier():
     """The head's training-mode Dropout2d, applied as a per-image scale of the classifier's kernel,
     gives the logits of nn.Dropout on the map (same module path, so the same PRNG draws) followed

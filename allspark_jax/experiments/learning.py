@@ -207,6 +207,8 @@ def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
     config.data.num_classes = int(src.pretrain_num_classes)
     config.train.num_train_steps = steps
     config.train.epochs = max(1, math.ceil(steps / (num_images // int(config.data.batch_size))))
+    if src.pretrain_lr is not None:
+        config.optim.lr, config.optim.lr_multi = float(src.pretrain_lr), 1.0
     config_lib.validate(config)
     out, seconds, cpu = _train_run(config, os.path.join(folder, "run"))
     path = os.path.join(folder, "encoder.npz")
@@ -246,6 +248,7 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
         # every run starts from the source encoder, as from ImageNet weights; none pretrains itself
         base.model.pretrained = pretrain["path"]
         base.learning.pretrain_steps = 0
+        base.learning.pretrain_lr = None
     semi_opts = config_lib.data_options(config_lib.with_method(base, "allspark"))
     plan = input_pipeline.train_plan(semi_opts)
     total_steps = int(base.train.epochs) * plan.steps_per_epoch

@@ -229,6 +229,42 @@ class DepthwiseConv(nn.Module):
         return depthwise_conv(x, kernel, bias)
 
 
+@jax.custom_vjp
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v per head; the softmax in float32.
+
+    q (B, Q, H, d), k and v (B, K, H, d) -> (B, Q, H, d).
+    Custom VJP: the softmax's backward needs, per query, sum_k p dp (p the weights, dp their
+    gradient), which autodiff reduces over the (Q, K) weight matrix. It equals sum_d g out (g the
+    output's gradient), a sum over the head's d channels of (Q, d) maps, so no reduction reads the
+    matrix (the form of flash attention's backward).
+    """
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    scale = q.shape[-1] ** -0.5
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    p = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, (q, k, v, p, out)
+
+
+def _attention_bwd(res, g):
+    q, k, v, p, out = res
+    scale = q.shape[-1] ** -0.5
+    dv = jnp.einsum("bhqk,bqhd->bkhd", p, g)
+    dp = jnp.einsum("bqhd,bkhd->bhqk", g, v).astype(jnp.float32)
+    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), -1)  # (B, Q, H) = sum_k p dp
+    ds = (p.astype(jnp.float32) * (dp - jnp.swapaxes(row, 1, 2)[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", ds, q)
+    return dq, dk, dv
+
+
+softmax_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 class EfficientAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced map.
 
@@ -257,15 +293,15 @@ class EfficientAttention(nn.Module):
             x = layer_norm(1e-5, "norm")(x)
         kv = dense(2 * c, "kv", self.qkv_bias)(x).reshape(b, -1, 2, self.num_heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
         if key_mask is None:
-            attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
+            out = softmax_attention(q, k, v).reshape(b, h, w, c)
         else:
+            attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
             keep = key_mask.reshape(b, 1, 1, -1)
             attn = jnp.where(keep, attn.astype(jnp.float32), jnp.finfo(jnp.float32).min)
             # exp(min - max) is exactly 0 when one key is true; with none, every weight is zeroed.
             attn = jnp.where(keep, jax.nn.softmax(attn, axis=-1), 0.0).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
+            out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
         return dense(c, "proj")(out)
 
 
