@@ -173,6 +173,10 @@ def _validate_data(config) -> None:
     _validate_custom(config)
 
 
+BOOL_KEYS = ("data.labeled_strong", "model.remat", "train.loss_u_ignore_padding",
+             "train.progress_bar", "train.stop_on_nan", "eval.progress_bar", "profile",
+             "compilation_cache", "shard_params", "distributed.auto")
+
 # Keys that only some methods read. Under a method that does not read a key, the key must keep its
 # value of configs/default.py: a changed value would be accepted and ignored.
 ALLSPARK_ONLY_KEYS = ("model.allspark_heads", "model.attn_drop", "model.proj_drop",
@@ -307,15 +311,12 @@ def validate(config) -> None:
         raise _error("train.loss_groups", config.train.loss_groups,
                      f"a divisor of data.batch_size ({batch})")
     _one_of(config, "train.teacher", TEACHERS)
-    _one_of(config, "train.progress_bar", (True, False))
     _in_range(config, "train.ema_decay", 0.0, 1.0)
     _in_range(config, "train.conf_thresh", 0.0, 1.0)
     _in_range(config, "train.key_group_size", 1, integer=True, optional=True)
     if config.train.key_group_size is not None and batch % int(config.train.key_group_size):
         raise _error("train.key_group_size", config.train.key_group_size,
                      f"None or a divisor of data.batch_size ({batch})")
-    if not isinstance(config.train.stop_on_nan, bool):
-        raise _error("train.stop_on_nan", config.train.stop_on_nan, "True or False")
     # evaluation
     _one_of(config, "eval.mode", EVAL_MODES)
     _in_range(config, "eval.crop_size", 1, integer=True, optional=True)
@@ -337,6 +338,9 @@ def validate(config) -> None:
     _in_range(config, "profile_num_steps", 1, integer=True)
     for key in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
         _in_range(config, f"distributed.{key}", 1, integer=True)
+    for key in BOOL_KEYS:
+        if not isinstance(_get(config, key), bool):
+            raise _error(key, _get(config, key), "True or False")
     _validate_learning(config)
 
 

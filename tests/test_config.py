@@ -45,6 +45,8 @@ def test_shipped_configs_load_by_path_and_validate(spec):
     ("method", "fixmatch", r"config.method='fixmatch': expected one of 'allspark', 'semi', "
                            r"'supervised'"),
     ("train.stop_on_nan", None, r"config.train.stop_on_nan=None: expected True or False"),
+    ("model.remat", None, r"config.model.remat=None: expected True or False"),
+    ("data.labeled_strong", None, r"config.data.labeled_strong=None: expected True or False"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     config = make_config()
