@@ -228,24 +228,23 @@ def with_method(config, method: str) -> ml_collections.ConfigDict:
 
 
 def unread_by_setting(config) -> dict[str, str]:
-    """The keys that another key's value leaves unread -> why (whatever the method)."""
+    """The keys that another key's value leaves unread -> why (whatever the method).
+
+    Not here, because a dataset config's own value would then refuse a plain override of the other
+    key: eval.crop_size (the demo's) under eval.mode 'original', data.synthetic.* (the demo's) for
+    another dataset, train.ema_decay (configs/learning.py's) under the online teacher.
+    """
     out = {}
     if config.train.loss_x != "ohem":
         out.update(dict.fromkeys(("train.ohem_thresh", "train.ohem_min_kept"),
                                  f"only train.loss_x 'ohem' reads it (train.loss_x="
                                  f"{config.train.loss_x!r})"))
-    if config.eval.mode == "original":
-        out["eval.crop_size"] = ("only eval.mode 'center_crop' and 'sliding_window' read it "
-                                 "(eval.mode='original')")
     if not config.profile:
         out.update(dict.fromkeys(("profile_first_step", "profile_num_steps"),
                                  "only profile=True reads it (profile=False)"))
     if config.data.source != "tfds":
         out["data.tfds_data_dir"] = (f"only data.source 'tfds' reads it (data.source="
                                      f"{config.data.source!r})")
-    if config.data.name != "synthetic":
-        out.update({f"data.synthetic.{key}": f"only data.name 'synthetic' reads it (data.name="
-                    f"{config.data.name!r})" for key in config.data.synthetic})
     return out
 
 

@@ -20,8 +20,8 @@ that trainer; `--config.method=semi` switches the method and keeps every other k
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
 'supervised': `allspark_jax.config.unread_keys`) must keep its value here, else validation names it.
 So must a key that another key's value leaves unread (`allspark_jax.config.unread_by_setting`:
-OHEM's keys under loss_x 'ce', eval.crop_size under eval.mode 'original', profile_* without
-profile, data.tfds_data_dir without source 'tfds', data.synthetic.* for another dataset).
+OHEM's keys under loss_x 'ce', profile_* without profile, data.tfds_data_dir without source
+'tfds').
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
