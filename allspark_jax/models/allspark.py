@@ -81,10 +81,7 @@ def _channel_attention_fwd(q, k, v, keep, keep_prob):
     s32 = s.astype(jnp.float32)
     mu = jnp.mean(s32, (-2, -1), keepdims=True)
     r = jax.lax.rsqrt(jnp.mean(jnp.square(s32 - mu), (-2, -1), keepdims=True) + INSTANCE_NORM_EPS)
-    z = (s32 - mu) * r
-    row_max = jnp.max(z, -1, keepdims=True)
-    row_sum = jnp.sum(jnp.exp(z - row_max), -1, keepdims=True)
-    p = jnp.exp(z - row_max) / row_sum
+    p = jax.nn.softmax((s32 - mu) * r, axis=-1)
     d = p if keep is None else jnp.where(keep, p / keep_prob, 0.0)
     d = d.astype(v.dtype)
     out_t = jnp.einsum("gbjk,gnk->gbjn", d, v)
