@@ -8,6 +8,8 @@
   3. student pass ("train" mode) on concat(labeled, unlabeled student view): BN batch statistics
      over the whole global batch, dropout, stochastic depth; with AllSpark the memory update, and the
      memory is read by the labeled-to-unlabeled attention once `use_memory` (epoch >= warmup_epoch);
+     before that its keys, as the teacher's, are the unlabeled images of the labeled image's group
+     of `key_group_size` (None: the whole global batch);
   4. loss = (loss_x + loss_u) / 2; the optimiser update (`allspark_jax.optimizer`); the EMA teacher.
 'supervised' (train_baseline_sup.py): the student pass on the labeled images alone, loss = loss_x.
 Batches are dicts of NHWC arrays (`input_pipeline.create_train_iterator`): image_l (B, S, S, 3),
@@ -97,7 +99,8 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
     def loss_fn(params):
         logits, updates = model.apply(
             {**student, "params": params}, x, mode="train", teacher_logits=teacher_logits,
-            use_memory=use_memory, rngs={"dropout": dropout_rng}, mutable=mutable)
+            use_memory=use_memory, key_group_size=train_config.key_group_size,
+            rngs={"dropout": dropout_rng}, mutable=mutable)
         loss_x = supervised_loss(logits[:n_l], batch["mask_l"], train_config)
         if method == "supervised":
             return loss_x, ({"loss_x": loss_x}, updates)

@@ -83,6 +83,33 @@ def test_eval_result_independent_of_batch(tiny_ref):
     assert np.abs(apply(x, "teacher")[:1] - alone).max() > 1e-3
 
 
+def test_key_groups_mix_only_their_own_images():
+    """train.key_group_size g: the teacher's and the pre-warm-up student's labeled-to-unlabeled keys
+    come from the g unlabeled images of the labeled image's group, nothing else."""
+    module = allspark_lib.AllSpark(num_heads=2, num_classes=3, attn_drop=0.0, proj_drop=0.0)
+    r = np.random.default_rng(0)
+    e4 = jnp.asarray(r.normal(size=(8, 2, 3, 8)), jnp.float32)  # 4 labeled + 4 unlabeled
+    t = jnp.asarray(r.normal(size=(4, 8, 12, 3)), jnp.float32)
+    variables = module.init(jax.random.key(0), e4, mode="train", teacher_logits=t)
+
+    def student(e4, g):
+        return module.apply(variables, e4, mode="train", teacher_logits=t, key_group_size=g,
+                            mutable=["memory"])[0][:4]
+
+    def teacher(e4, g):
+        return module.apply(variables, e4, mode="teacher", key_group_size=g)
+
+    moved = e4.at[7].add(1.0)  # unlabeled image 3: the second group of 2
+    for g, same in ((2, slice(0, 2)), (1, slice(0, 3))):
+        np.testing.assert_array_equal(student(moved, g)[same], student(e4, g)[same])
+        assert np.abs(student(moved, g)[3] - student(e4, g)[3]).max() > 1e-3
+    assert np.abs(student(moved, None)[0] - student(e4, None)[0]).max() > 1e-3
+    # The teacher: a group alone gives its images what they get in the whole batch.
+    np.testing.assert_allclose(teacher(e4[4:], 2)[:2], teacher(e4[4:6], None), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(teacher(e4[4:], 1), module.apply(variables, e4[4:], mode="eval"),
+                               rtol=0, atol=1e-6)
+
+
 def release_memory_update(memory, ptr, cls, feats):
     """The release's memory update, literally: samples in order, classes present, channels in
     increasing order."""

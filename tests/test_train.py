@@ -1,6 +1,7 @@
 """The optimiser, the schedule, the EMA teacher and the losses against the release's numbers;
 CutMix against numpy."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -209,3 +210,35 @@ def test_semi_step_with_cutmix_learns_the_partners_pseudo_labels():
     _, out = step(state, batch)
     np.testing.assert_array_equal(out["pseudo_label"], want_pseudo)
     np.testing.assert_allclose(out["loss_u"], want_loss_u, rtol=1e-5)
+
+
+def test_allspark_step_groups_the_teacher_and_student_keys():
+    """train.key_group_size reaches both passes: the step's losses equal the model's own teacher and
+    pre-warm-up student passes with that grouping (a whole-batch student would differ)."""
+    cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
+                      num_classes=3, decoder_dim=16, head_dropout=0.0, attn_drop=0.0,
+                      proj_drop=0.0)
+    model = AllSparkSegmentor(cfg)
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
+    state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=False)
+    rng = np.random.default_rng(5)
+    batch = {"image_l": rng.normal(size=(4, 33, 33, 3)).astype(np.float32),
+             "mask_l": rng.integers(0, 3, (4, 33, 33)).astype(np.int32),
+             "image_u_w": rng.normal(size=(4, 33, 33, 3)).astype(np.float32),
+             "pad_u": np.zeros((4, 33, 33), bool)}
+    batch["image_u_s"] = batch["image_u_w"]
+    x = np.concatenate([batch["image_l"], batch["image_u_w"]])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def loss_u(student_groups):
+        teacher = model.apply(state.variables(), batch["image_u_w"], mode="teacher",
+                              key_group_size=2)
+        logits, _ = model.apply(state.variables(), x, mode="train", teacher_logits=teacher,
+                                key_group_size=student_groups, mutable=["batch_stats", "memory"])
+        return losses.cross_entropy(logits[4:], jnp.argmax(teacher, -1))
+
+    grouped, whole = float(loss_u(2)), float(loss_u(None))
+    assert abs(whole - grouped) > 1e-4
+    step = train_step.make_train_step(model, tx, train_config(key_group_size=2), use_memory=False)
+    _, out = step(state, batch)  # donates the state
+    np.testing.assert_allclose(out["loss_u"], grouped, rtol=1e-5)
