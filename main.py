@@ -170,11 +170,8 @@ def main(argv):
     if len(argv) > 1:
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
-    from allspark_jax import checkpoints
-    from allspark_jax import convert
     from allspark_jax import runtime
     from allspark_jax.config import ConfigError
-    from allspark_jax.data.datasets import DataError
 
     config = FLAGS.config
     runtime.validate_or_exit(config)
@@ -206,8 +203,7 @@ def main(argv):
         else:
             out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_lib.PREDICTIONS_DIR)
             predict_lib.run_predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.inputs, out)
-    except (checkpoints.CheckpointError, ConfigError, convert.WeightImportError, DataError,
-            FileNotFoundError) as e:
+    except runtime.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except nonfinite.NonFiniteError as e:

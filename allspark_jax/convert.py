@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Any, Mapping
 
 import flax
@@ -166,9 +167,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return hf.to_release_state_dict(state, source=source)
     path = os.fspath(path)
     if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    obj = pth.load_pth(path)
+        if os.path.exists(path) and not zipfile.is_zipfile(path):
+            raise WeightImportError(f"{path}: not an .npz (zip) archive; expected a state dict "
+                                    "written by numpy.savez (name -> array)")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise WeightImportError(f"{path}: not a readable .npz state dict of numeric arrays "
+                                    f"({e})") from e
+    try:
+        obj = pth.load_pth(path)
+    except pth.PthFormatError as e:
+        raise WeightImportError(str(e)) from e
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # official latest.pth / best.pth
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

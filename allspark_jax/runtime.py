@@ -100,6 +100,16 @@ def validate_or_exit(config) -> None:
         sys.exit(2)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a command line reports as one line `error: ...` with exit status 2: a bad config,
+    data, checkpoint or weight file, or a missing file. Anything else keeps its traceback."""
+    # Imported when an error is being matched: checkpoints pulls in orbax.
+    from allspark_jax import checkpoints, convert  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+    return (checkpoints.CheckpointError, ConfigError, convert.WeightImportError, DataError,
+            FileNotFoundError)
+
+
 def hide_accelerators_from_tensorflow() -> None:
     """tf.data runs on the host: TensorFlow must not take GPU memory from JAX, so it sees no GPU."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top

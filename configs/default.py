@@ -134,7 +134,9 @@ def get_config():
     train.ema_decay = 0.999  # EMA teacher decay (teacher == 'ema').
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
-    train.key_group_size = placeholder(int)  # Teacher keys mix groups of this many images; None = all.
+    # AllSpark's labeled-to-unlabeled keys in the teacher pass and (before warmup_epoch) the
+    # student's come from groups of this many images (release: one GPU's 2); None = the whole batch.
+    train.key_group_size = placeholder(int)
     train.progress_bar = True  # Console progress bar (main process): step, epoch, losses, img/s, ETA.
     train.stop_on_nan = True  # Stop at a non-finite loss or state; no such state is checkpointed.
 

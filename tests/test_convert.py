@@ -128,3 +128,18 @@ def test_method_hint_when_the_file_is_the_other_model(ref, baseline):
         convert.from_state_dict(ref.state0, template(baseline), source="allspark.pth")
     with pytest.raises(convert.WeightImportError, match=r"use config.method='semi' or 'supervised'"):
         convert.from_state_dict(baseline.state0, template(ref), source="baseline.pth")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("garbage.npz", b"not a zip", r"garbage.npz: not an .npz \(zip\) archive"),
+    ("objects.npz", None, r"objects.npz: not a readable .npz state dict of numeric arrays"),
+    ("garbage.pth", b"not a zip", r"garbage.pth: not a zip archive"),
+])
+def test_unreadable_weight_files_are_named(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        np.savez(path, a=np.array([{"x": 1}], dtype=object))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(convert.WeightImportError, match=message):
+        convert.read_state_dict(path)

@@ -71,6 +71,23 @@ def test_end_to_end_one_seed(tmp_path):
     assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout
 
 
+def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):
+    bad = tmp_path / "encoder.npz"
+    bad.write_bytes(b"not a zip")
+    flags = run_config.cli_flags(train__epochs=1, learning__pretrain_steps=0,
+                                 model__pretrained=str(bad))
+    cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
+           "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
+           "--methods", "supervised", "--noceiling", "--workdir", str(tmp_path / "work"), *flags]
+    proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {bad}: not an .npz (zip) archive; expected a state dict written by numpy.savez "
+        "(name -> array)"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
     """learning.pretrain_lr sets the source task's rate (every module alike), and only there: with
     no source task to train the key is refused."""

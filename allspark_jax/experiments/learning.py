@@ -287,7 +287,6 @@ def main(argv):
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/learning.py")
     from allspark_jax import runtime  # pylint: disable=g-import-not-at-top
-    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
 
     try:
         seeds = [int(s) for s in FLAGS.seeds]
@@ -303,7 +302,7 @@ def main(argv):
     t0, c0 = time.time(), time.process_time()
     try:
         ran = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir)
-    except DataError as e:
+    except runtime.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
