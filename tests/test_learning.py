@@ -37,6 +37,18 @@ def test_unknown_method_is_a_usage_error():
         learning.rows_for(["mean_teacher"])
 
 
+def test_branches_need_the_training_token_grid():
+    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    learning.check_branches(base)  # 64 px crops, 60 px centre crops: both 2 x 2 tokens
+    base.eval.crop_size = 32
+    with pytest.raises(learning.app.UsageError, match=r"config.eval.crop_size=32 gives a stage-4 "
+                       r"grid of 1 x 1 tokens, config.data.crop_size=64 2 x 2"):
+        learning.check_branches(base)
+    base.eval.mode = "original"
+    with pytest.raises(learning.app.UsageError, match="config.eval.mode='original' feeds whole"):
+        learning.check_branches(base)
+
+
 def test_end_to_end_one_seed(tmp_path):
     """One seed, 4 steps a run, every run's encoder from a 2-step source-task model."""
     out, workdir = tmp_path / "out.json", tmp_path / "work"
@@ -45,7 +57,7 @@ def test_end_to_end_one_seed(tmp_path):
                                  learning__pretrain_num_classes=5, learning__pretrain_num_images=8)
     cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
            "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
-           "--methods", "supervised,allspark", "--noextensions", "--json", str(out),
+           "--methods", "supervised,allspark", "--noextensions", "--branches", "--json", str(out),
            "--workdir", str(workdir), *flags]
     proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
                           capture_output=True, text=True, timeout=900)
@@ -57,6 +69,12 @@ def test_end_to_end_one_seed(tmp_path):
         assert r["mean"] == r["miou"][0] and r["steps"] == 4  # 16 unlabeled // 4, one epoch
         assert len(r["cpu_seconds"]) == 1 and r["cpu_seconds"][0] > 0
     assert set(data["summary"]) == {"allspark_minus_supervised", "ceiling_minus_supervised"}
+    # --branches: the AllSpark run also scored through its memory and unlabeled branches
+    branches = data["results"]["allspark"]["branches"]
+    assert set(branches) == {"memory", "unlabeled"} and "branches" not in data["results"]["supervised"]
+    for b in branches.values():
+        assert len(b["miou"]) == 1 and 0.0 <= b["mean"] <= 100.0 and b["mean"] == b["miou"][0]
+    assert "  branch memory" in proc.stdout and "  branch unlabeled" in proc.stdout
     assert data["config"]["data"]["synthetic"]["num_train"] == 22 and data["seeds"] == [0]
     assert data["config"]["learning"]["pretrain_steps"] == 2 and data["cpu_seconds"] > 0
     assert "supervised_all_labels" in proc.stdout and "mean" in proc.stdout

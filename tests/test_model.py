@@ -110,6 +110,33 @@ def test_key_groups_mix_only_their_own_images():
                                rtol=0, atol=1e-6)
 
 
+def test_inspection_branches_equal_the_training_students():
+    """branch='unlabeled' is the training student's unlabeled half, branch='memory' its labeled
+    half after the warm-up (with the memory that step read), each image alone."""
+    module = allspark_lib.AllSpark(num_heads=2, num_classes=3, attn_drop=0.0, proj_drop=0.0)
+    r = np.random.default_rng(1)
+    e4 = jnp.asarray(r.normal(size=(6, 2, 3, 8)), jnp.float32)  # 3 labeled + 3 unlabeled
+    t = jnp.asarray(r.normal(size=(3, 8, 12, 3)), jnp.float32)
+    variables = module.init(jax.random.key(0), e4, mode="train", teacher_logits=t)
+    out, updates = module.apply(variables, e4, mode="train", teacher_logits=t, use_memory=True,
+                                mutable=["memory"])
+    after = {"params": variables["params"], **updates}
+    apply = lambda x, branch, v=after: module.apply(v, x, mode="eval", branch=branch)  # noqa: E731
+    np.testing.assert_allclose(apply(e4[3:], "unlabeled"), out[3:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(apply(e4[:3], "memory"), out[:3], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(apply(e4[:1], "memory"), out[:1], rtol=0, atol=1e-5)
+    assert np.abs(apply(e4[:3], "labeled") - out[:3]).max() > 1e-3  # the release's inference
+    with pytest.raises(ValueError, match="needs the Semantic Memory"):
+        apply(e4[:3], "memory", {"params": variables["params"]})
+    with pytest.raises(ValueError, match=r"memory holds 6 tokens per channel, the input gives 4"):
+        apply(e4[:3, :, :2], "memory")
+    with pytest.raises(ValueError, match="branch must be one of"):
+        apply(e4[:3], "teacher")
+    with pytest.raises(ValueError, match=r"branch='unlabeled' is an \"eval\" mode choice"):
+        module.apply(after, e4, mode="train", teacher_logits=t, branch="unlabeled",
+                     mutable=["memory"])
+
+
 def release_memory_update(memory, ptr, cls, feats):
     """The release's memory update, literally: samples in order, classes present, channels in
     increasing order."""
@@ -353,3 +380,5 @@ def test_segformer_without_allspark():
     out, updates = model.apply(variables, x, mode="train", mutable=["batch_stats"],
                                rngs={"dropout": jax.random.key(2)})
     assert out.shape == (2, 40, 40, 3) and set(updates) == {"batch_stats"}
+    with pytest.raises(ValueError, match="branch='unlabeled': this model has no AllSpark module"):
+        model.clone(branch="unlabeled").apply(variables, x, mode="eval")

@@ -30,8 +30,13 @@ import numpy as np
 Bucket = tuple[int, int]
 
 # The collections "eval" mode reads; dropping the Semantic Memory keeps it off the device and out
-# of the program's signature.
+# of the program's signature (only the inspection branch "memory" reads it: `inference_collections`).
 INFERENCE_COLLECTIONS = ("params", "batch_stats")
+
+
+def inference_collections(model) -> tuple[str, ...]:
+    """The variable collections `model`'s "eval" mode reads."""
+    return INFERENCE_COLLECTIONS + (("memory",) if model.branch == "memory" else ())
 
 
 # --------------------------------------------------------------------------------------- buckets
@@ -129,7 +134,7 @@ def compiled_programs() -> int:
     return _logits_jit._cache_size() + _predict_jit._cache_size()
 
 
-def _checked(variables, images, sizes):
+def _checked(model, variables, images, sizes):
     """Validates a batch on the host; returns the arguments of the jitted programs."""
     if not isinstance(images, jax.Array):
         images = np.asarray(images, np.float32)
@@ -144,7 +149,7 @@ def _checked(variables, images, sizes):
     if bad.size:
         raise ValueError(f"sizes {sizes[bad].tolist()} (images {bad.tolist()}) do not fit the "
                          f"{h}x{w} batch")
-    variables = {k: variables[k] for k in INFERENCE_COLLECTIONS if k in variables}
+    variables = {k: variables[k] for k in inference_collections(model) if k in variables}
     return variables, images, sizes.astype(np.int32)
 
 
@@ -154,7 +159,8 @@ def make_logits_fn(model) -> Callable[[Any, Any, Any], jax.Array]:
     images (B, H, W, C) float32 padded batch (`pad_batch`), sizes (B, 2) int true sizes (host
     array: checked against the batch). Jitted; one compilation per (H, W, B).
     """
-    return lambda variables, images, sizes: _logits_jit(model, *_checked(variables, images, sizes))
+    return lambda variables, images, sizes: _logits_jit(
+        model, *_checked(model, variables, images, sizes))
 
 
 def make_predict_fn(model) -> Callable[[Any, Any, Any], jax.Array]:
@@ -162,8 +168,8 @@ def make_predict_fn(model) -> Callable[[Any, Any, Any], jax.Array]:
 
     As `make_logits_fn`; only the top-left true part of each prediction is meaningful (`unpad`).
     """
-    return lambda variables, images, sizes: _predict_jit(model,
-                                                         *_checked(variables, images, sizes))
+    return lambda variables, images, sizes: _predict_jit(
+        model, *_checked(model, variables, images, sizes))
 
 
 # ----------------------------------------------------------------------------- center crop

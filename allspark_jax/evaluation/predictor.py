@@ -88,8 +88,10 @@ class Predictor:
         return bucket
 
     def device_variables(self, variables):
-        """`variables` (params, batch_stats) replicated on this predictor's devices."""
-        inference = {k: variables[k] for k in bucketing.INFERENCE_COLLECTIONS if k in variables}
+        """`variables` (params, batch_stats; the memory for the branch "memory") replicated on
+        this predictor's devices."""
+        inference = {k: variables[k] for k in bucketing.inference_collections(self.model)
+                     if k in variables}
         return jax.device_put(inference, self._replicated)
 
     # --------------------------------------------------------------------------------- device

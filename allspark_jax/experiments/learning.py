@@ -20,9 +20,18 @@ seed, every image labeled; none of its images is a training or validation image 
 That is the role of the ImageNet-pretrained MiT encoder with which the paper starts every run; the
 decoder (and AllSpark) start from random initialisation per seed. 0: every run from scratch.
 
+`--branches` also scores every AllSpark run's final student through the module's other
+branches (`allspark_jax.models.allspark.BRANCHES`): "memory" (the labeled-to-unlabeled attention
+with the Semantic Memory as keys, as the student trains after the warm-up) and "unlabeled" (the
+unlabeled images' branch, the one the pseudo-label loss trains). The row's own mIoU is the
+release's inference, branch "labeled". Inspection only: the memory needs validation crops with the
+training crop's token grid (`eval.mode` 'center_crop' or 'sliding_window').
+
 Prints a table (mIoU of every seed, mean, sample standard deviation, wall and CPU minutes) and
 writes JSON:
   {"results": {row: {"miou": [per seed], "mean": m, "std": s, "miou_ema": [...] (EMA rows),
+                     "branches": {"memory": {"miou": [...], "mean", "std"}, "unlabeled": ...}
+                     (AllSpark rows with --branches),
                      "seconds": [...], "cpu_seconds": [...], "steps": n, "method": ...,
                      "overrides": {...}}},
    "summary": {"allspark_minus_supervised": ..., "ceiling_minus_supervised": ..., ...},
@@ -67,6 +76,8 @@ flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to com
 flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
                   "allspark_strong_cutmix.")
 flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
+flags.DEFINE_bool("branches", False, "AllSpark rows: also score each run's final student through "
+                  "the module's 'memory' and 'unlabeled' branches (inspection).")
 flags.DEFINE_string("json", None, "Write the results here.")
 flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a temporary folder, "
                     "removed at the end).")
@@ -134,6 +145,44 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
     return config
 
 
+INSPECTED_BRANCHES = ("memory", "unlabeled")
+
+
+def check_branches(base) -> None:
+    """--branches: the memory branch needs validation inputs on the training crop's token grid."""
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models.mit import token_grid  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
+    if base.eval.mode == "original":
+        raise app.UsageError("--branches: the memory branch needs validation crops on the "
+                             "training crop's token grid; config.eval.mode='original' feeds whole "
+                             "images (use 'center_crop' or 'sliding_window')")
+    backbone = model_config_from(base.model).backbone
+    train_side = token_grid(int(base.data.crop_size), backbone)[-1]
+    eval_crop = int(config_lib.eval_crop_size(base))
+    eval_side = token_grid(eval_crop, backbone)[-1]
+    if eval_side != train_side:
+        raise app.UsageError(f"--branches: config.eval.crop_size={eval_crop} gives a stage-4 grid "
+                             f"of {eval_side} x {eval_side} tokens, config.data.crop_size="
+                             f"{base.data.crop_size} {train_side} x {train_side}: the memory "
+                             "branch needs the training crop's grid")
+
+
+def branch_results(config, state) -> dict:
+    """{branch: validation mIoU} of a trained AllSpark state's student through INSPECTED_BRANCHES."""
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models.segmentor import build_model  # pylint: disable=g-import-not-at-top
+    opts = config_lib.data_options(config)
+    variables = state.variables()
+    out = {}
+    for branch in INSPECTED_BRANCHES:
+        predictor = evaluator.make_predictor(config, build_model(config.model).clone(branch=branch))
+        out[branch] = float(evaluator.evaluate_variables(config, opts, predictor, variables,
+                                                         desc=f"eval ({branch})")["miou"])
+    return out
+
+
 def summarize(miou: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one seed)."""
     n = len(miou)
@@ -152,6 +201,9 @@ def format_table(results: dict, seeds) -> str:
         lines.append(f"{name:<24}" + "".join(f"{x:9.2f}" for x in r["miou"])
                      + f"{r['mean']:9.2f}{r['std']:7.2f}{r['steps']:7d}"
                      + f"{sum(r['seconds']) / 60:9.1f}{sum(r['cpu_seconds']) / 60:9.1f}")
+        for branch, b in r.get("branches", {}).items():
+            lines.append(f"{'  branch ' + branch:<24}" + "".join(f"{x:9.2f}" for x in b["miou"])
+                         + f"{b['mean']:9.2f}{b['std']:7.2f}")
     return "\n".join(lines)
 
 
@@ -223,9 +275,11 @@ def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
             "num_images": num_images, "seed": int(src.pretrain_seed)}
 
 
-def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
+def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print,
+                  branches: bool = False) -> dict:
     """Trains every (row, seed) in `workdir` (after the source task, with learning.pretrain_steps
-    > 0); returns {'results': the rows' results, 'pretrain': pretrain_encoder's dict or None}."""
+    > 0); returns {'results': the rows' results, 'pretrain': pretrain_encoder's dict or None}.
+    `branches`: AllSpark runs are also scored through INSPECTED_BRANCHES (`branch_results`)."""
     import jax  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -274,10 +328,16 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print) -> dict:
                 r.setdefault("miou_ema", []).append(float(last["ema"]["miou"]))
             r["seconds"].append(seconds)
             r["cpu_seconds"].append(cpu)
+            if branches and config.method == "allspark":
+                for branch, miou in branch_results(config, out["state"]).items():
+                    r.setdefault("branches", {}).setdefault(branch, {"miou": []})["miou"].append(
+                        miou)
             print_fn(f"{row} seed {seed}: mIoU {r['miou'][-1]:.2f} after {out['step']} steps "
                      f"({seconds / 60:.1f} min, CPU {cpu / 60:.1f} min)")
             shutil.rmtree(run_dir, ignore_errors=True)
         r["mean"], r["std"] = summarize(r["miou"])
+        for b in r.get("branches", {}).values():
+            b["mean"], b["std"] = summarize(b["miou"])
     return {"results": results, "pretrain": pretrain}
 
 
@@ -296,12 +356,15 @@ def main(argv):
         raise app.UsageError("--seeds: expected at least one seed")
     rows = rows_for(FLAGS.methods, FLAGS.extensions, FLAGS.ceiling)
     base = FLAGS.config
+    if FLAGS.branches:
+        check_branches(base)
     runtime.validated_start(base)
     logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
     t0, c0 = time.time(), time.process_time()
     try:
-        ran = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir)
+        ran = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir,
+                            branches=FLAGS.branches)
     except runtime.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

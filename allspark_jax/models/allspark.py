@@ -12,6 +12,15 @@ Modes (`mode=`):
   * ``"eval"``    each image attends only to itself: its result does not depend on the batch, as
     the release's one-image-per-call evaluation.
 The memory lives in the ``"memory"`` collection (``kv_queue`` (K, C, n), ``queue_ptr`` (K,)).
+
+Branches (`branch=`, "eval" mode only; for inspection, the release evaluates ``"labeled"``):
+  * ``"labeled"``   the release's inference: the labeled-to-unlabeled attention with the image's own
+    channels as keys.
+  * ``"memory"``    the same attention with the Semantic Memory's channels as keys, as the training
+    student reads it after the warm-up (the memory collection is needed, and the training crop's
+    token grid; a token mask leaves the padded tokens out of the query-key sums).
+  * ``"unlabeled"`` the unlabeled images' branch of the training student (channel self-attention
+    with its own projections), the branch the pseudo-label loss trains.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ from allspark_jax.models.resize import resize_bilinear
 
 Dtype = Any
 MODES = ("train", "teacher", "eval")
+BRANCHES = ("labeled", "memory", "unlabeled")
 
 allspark_dense_init = nn.initializers.xavier_uniform()
 
@@ -188,20 +198,50 @@ class CrossAttnMem(nn.Module):
         return nn.Dense(features, use_bias=False, kernel_init=allspark_dense_init,
                         dtype=self.dtype, name=name)
 
+    def _unlabeled_self_attention(self, emb_u, attn_dropout, proj_dropout):
+        """(B, n, C) -> (B, n, C): channel self-attention; features split head-major into (H, C)."""
+        c, heads, hc = self.dim, self.num_heads, self.dim * self.num_heads
+        b, n = emb_u.shape[:2]
+        q, k, v = (self._dense(hc, f"{p}_u")(emb_u).reshape(b, n, heads, c) for p in "qkv")
+        a = jnp.einsum("bnhc,bnhd->bhcd", q, k)  # no 1/sqrt(d) scale in the release
+        a = jax.nn.softmax(instance_norm(a), axis=-1)
+        self.sow("intermediates", "attn_u", a)
+        a = attn_dropout(a).astype(v.dtype)
+        # (B, n, C, H) flattened channel-major: index c * H + h.
+        out_u = jnp.einsum("bhcd,bnhd->bnch", a, v).reshape(b, n, c * heads)
+        return proj_dropout(self._dense(c, "out_u")(out_u))
+
     @nn.compact
     def __call__(self, emb, *, mode: str, grid: tuple[int, int], teacher_logits=None,
-                 use_memory: bool = False, key_group_size: int | None = None, token_mask=None):
+                 use_memory: bool = False, key_group_size: int | None = None, token_mask=None,
+                 branch: str = "labeled"):
         if mode not in MODES:
             raise ValueError(f"AllSpark mode must be one of {MODES}, got {mode!r}")
+        if branch not in BRANCHES:
+            raise ValueError(f"AllSpark branch must be one of {BRANCHES}, got {branch!r}")
+        if branch != "labeled" and mode != "eval":
+            raise ValueError(f"AllSpark: branch={branch!r} is an \"eval\" mode choice, got "
+                             f"mode={mode!r}")
         if token_mask is not None:
             if mode != "eval":
                 raise ValueError(f"AllSpark: a token mask (true image sizes) is an \"eval\" mode "
                                  f"input, got mode={mode!r}")
             emb = jnp.where(token_mask[..., None], emb, 0)
         train = mode == "train"
-        c, heads, hc = self.dim, self.num_heads, self.dim * self.num_heads
+        c, hc = self.dim, self.dim * self.num_heads
         attn_dropout = nn.Dropout(self.attn_drop, deterministic=not train)
         proj_dropout = nn.Dropout(self.proj_drop, deterministic=not train)
+        if branch == "unlabeled":
+            return self._unlabeled_self_attention(emb, attn_dropout, proj_dropout)
+        if branch == "memory":
+            if not self.has_variable("memory", "kv_queue"):
+                raise ValueError("AllSpark: branch='memory' needs the Semantic Memory: pass the "
+                                 "'memory' collection (a training state's variables)")
+            train_n = self.get_variable("memory", "kv_queue").shape[-1]
+            if train_n != emb.shape[1]:
+                raise ValueError(f"AllSpark: branch='memory' needs the training crop's token grid: "
+                                 f"the memory holds {train_n} tokens per channel, the input gives "
+                                 f"{emb.shape[1]} ({grid[0]} x {grid[1]})")
 
         if train:
             if teacher_logits is None:
@@ -228,23 +268,15 @@ class CrossAttnMem(nn.Module):
                 memory.value, ptr.value = update_memory(memory.value, ptr.value, cls,
                                                         jax.lax.stop_gradient(emb_u))
 
-            # Unlabeled self-attention over channels; features split head-major into (H, C).
-            b, n = emb_u.shape[:2]
-            q, k, v = (self._dense(hc, f"{p}_u")(emb_u).reshape(b, n, heads, c) for p in "qkv")
-            a = jnp.einsum("bnhc,bnhd->bhcd", q, k)  # no 1/sqrt(d) scale in the release
-            a = jax.nn.softmax(instance_norm(a), axis=-1)
-            self.sow("intermediates", "attn_u", a)
-            a = attn_dropout(a).astype(v.dtype)
-            # (B, n, C, H) flattened channel-major: index c * H + h.
-            out_u = jnp.einsum("bhcd,bnhd->bnch", a, v).reshape(b, n, c * heads)
-            out_u = proj_dropout(self._dense(c, "out_u")(out_u))
+            out_u = self._unlabeled_self_attention(emb_u, attn_dropout, proj_dropout)
 
         # Labeled-to-unlabeled cross-attention: one "head" over all H*C query channels.
         q = self._dense(hc, "q_l2u")(emb_l)  # (B, n, HC)
         k_proj, v_proj = self._dense(hc, "k_l2u"), self._dense(hc, "v_l2u")
         b = q.shape[0]
-        if train and use_memory:
-            source = jnp.swapaxes(memory.value, 1, 2)[None]  # (1, K, n, C): class-major keys
+        if (train and use_memory) or branch == "memory":
+            kv_queue = memory.value if train else self.get_variable("memory", "kv_queue")
+            source = jnp.swapaxes(kv_queue, 1, 2)[None]  # (1, K, n, C): class-major keys
             queries = q[None]
         else:
             g = {"eval": 1}.get(mode, key_group_size or emb_u.shape[0])
@@ -287,7 +319,7 @@ class AllSpark(nn.Module):
 
     @nn.compact
     def __call__(self, e4, *, mode: str, teacher_logits=None, use_memory: bool = False,
-                 key_group_size: int | None = None, valid=None):
+                 key_group_size: int | None = None, valid=None, branch: str = "labeled"):
         b, h, w, c = e4.shape
         conv = lambda name: Conv1x1(c, dtype=self.dtype, name=name)  # noqa: E731
         en = nn.gelu(conv("map_in")(e4), approximate=False).reshape(b, h * w, c)
@@ -296,6 +328,6 @@ class AllSpark(nn.Module):
                            self.dtype, name="attn")(
             emb, mode=mode, grid=(h, w), teacher_logits=teacher_logits, use_memory=use_memory,
             key_group_size=key_group_size,
-            token_mask=None if valid is None else valid.reshape(b, h * w))
+            token_mask=None if valid is None else valid.reshape(b, h * w), branch=branch)
         emb = nn.LayerNorm(1e-6, name="encoder_norm")(emb + en)
         return nn.gelu(conv("map_out")(emb.reshape(b, h, w, c)), approximate=False)

@@ -46,6 +46,10 @@ class AllSparkSegmentor(nn.Module):
     dropout and stochastic depth need a ``"dropout"`` PRNG stream, and ``batch_stats`` and
     ``memory`` must be mutable.
 
+    `branch` (`allspark_jax.models.allspark.BRANCHES`): which AllSpark branch produces the stage-4
+    map in "eval" mode. The release's inference is "labeled"; the others are for inspection
+    ("memory" needs the ``memory`` collection: `inference_collections`).
+
     `valid_size` ("eval" mode only) (B, 2) int, or None: x is a padded batch and image b is
     x[b, :valid_size[b, 0], :valid_size[b, 1]] (top-left). Its logits, the same region of the
     output, then equal those of the image alone at its own size, as the release evaluates; the
@@ -58,6 +62,7 @@ class AllSparkSegmentor(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32
     remat: bool = False
+    branch: str = "labeled"
 
     @nn.compact
     def __call__(self, x, *, mode: str = "eval", teacher_logits=None, use_memory: bool = False,
@@ -85,7 +90,11 @@ class AllSparkSegmentor(nn.Module):
                           self.dtype, name="allspark")(
                 c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
                 key_group_size=key_group_size,
-                valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
+                valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]),
+                branch=self.branch if mode == "eval" else "labeled")
+        elif self.branch != "labeled":
+            raise ValueError(f"branch={self.branch!r}: this model has no AllSpark module (method "
+                             f"'semi' / 'supervised')")
         logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
                                name="head")([c1, c2, c3, c4], train, grids)
         if grids is None:
