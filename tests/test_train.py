@@ -186,20 +186,32 @@ def test_cutmix_matches_numpy():
     assert np.sum(np.asarray(got[2])[2] == 255) == np.sum(box[2] & (pseudo[1] == 255))
 
 
+def _deterministic_setup(allspark: bool):
+    """The tiny model without dropout or stochastic depth, its optimiser and a fresh state (33 px)."""
+    cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
+                      num_classes=3, decoder_dim=16, head_dropout=0.0, attn_drop=0.0,
+                      proj_drop=0.0, allspark=allspark)
+    model = AllSparkSegmentor(cfg)
+    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
+    return model, tx, state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=False)
+
+
+def _random_batch(rng, b: int) -> dict:
+    """A (b, 33, 33) batch of random images and masks; the student sees the weak view."""
+    image_u = rng.normal(size=(b, 33, 33, 3)).astype(np.float32)
+    return {"image_l": rng.normal(size=(b, 33, 33, 3)).astype(np.float32),
+            "mask_l": rng.integers(0, 3, (b, 33, 33)).astype(np.int32),
+            "image_u_w": image_u, "image_u_s": image_u, "pad_u": np.zeros((b, 33, 33), bool)}
+
+
 def test_semi_step_with_cutmix_learns_the_partners_pseudo_labels():
     """The step's targets and loss_u equal a direct construction: the teacher's argmax on each
     weak view, mixed in numpy, against the student's logits on the numpy-mixed student view."""
-    cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
-                      num_classes=3, decoder_dim=16, head_dropout=0.0, allspark=False)
-    model = AllSparkSegmentor(cfg)
-    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
-    state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=False)
+    model, tx, state = _deterministic_setup(allspark=False)
     rng = np.random.default_rng(4)
-    batch = {"image_l": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
-             "mask_l": rng.integers(0, 3, (3, 33, 33)).astype(np.int32),
-             "image_u_w": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
-             "image_u_s": rng.normal(size=(3, 33, 33, 3)).astype(np.float32),
-             "pad_u": np.zeros((3, 33, 33), bool), "cutmix_u": _boxes(3, 33, rng)}
+    batch = _random_batch(rng, 3)
+    batch["image_u_s"] = rng.normal(size=(3, 33, 33, 3)).astype(np.float32)
+    batch["cutmix_u"] = _boxes(3, 33, rng)
     teacher = model.apply(state.variables(), batch["image_u_w"], mode="teacher")
     want_pseudo = _numpy_cutmix(batch["cutmix_u"], np.argmax(np.asarray(teacher), -1))
     x = np.concatenate([batch["image_l"], _numpy_cutmix(batch["cutmix_u"], batch["image_u_s"])])
@@ -215,18 +227,8 @@ def test_semi_step_with_cutmix_learns_the_partners_pseudo_labels():
 def test_allspark_step_groups_the_teacher_and_student_keys():
     """train.key_group_size reaches both passes: the step's losses equal the model's own teacher and
     pre-warm-up student passes with that grouping (a whole-batch student would differ)."""
-    cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
-                      num_classes=3, decoder_dim=16, head_dropout=0.0, attn_drop=0.0,
-                      proj_drop=0.0)
-    model = AllSparkSegmentor(cfg)
-    tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
-    state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=False)
-    rng = np.random.default_rng(5)
-    batch = {"image_l": rng.normal(size=(4, 33, 33, 3)).astype(np.float32),
-             "mask_l": rng.integers(0, 3, (4, 33, 33)).astype(np.int32),
-             "image_u_w": rng.normal(size=(4, 33, 33, 3)).astype(np.float32),
-             "pad_u": np.zeros((4, 33, 33), bool)}
-    batch["image_u_s"] = batch["image_u_w"]
+    model, tx, state = _deterministic_setup(allspark=True)
+    batch = _random_batch(np.random.default_rng(5), 4)
     x = np.concatenate([batch["image_l"], batch["image_u_w"]])
 
     @functools.partial(jax.jit, static_argnums=0)
