@@ -62,10 +62,10 @@ def check_flags():
             raise UsageError(f"--workdir is required for --mode={FLAGS.mode} (checkpoints and "
                              "results live there)")
     if FLAGS.mode in ("eval", "predict"):
-        from allspark_jax import checkpoints
+        from allspark_jax import checkpoints, errors
         try:
             checkpoints.parse_spec(FLAGS.checkpoint)
-        except checkpoints.CheckpointError as e:
+        except errors.CheckpointError as e:
             raise UsageError(str(e)) from None
     if FLAGS.mode == "predict" and not FLAGS.inputs:
         raise UsageError("--mode=predict needs --inputs (image files or folders)")
@@ -171,7 +171,7 @@ def main(argv):
         raise UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_flags()
     from allspark_jax import runtime
-    from allspark_jax.config import ConfigError
+    from allspark_jax import errors
 
     config = FLAGS.config
     runtime.validate_or_exit(config)
@@ -180,7 +180,6 @@ def main(argv):
         runtime.hide_accelerators_from_tensorflow()
     import jax
 
-    from allspark_jax import nonfinite
     from allspark_jax import predict as predict_lib
     from allspark_jax import train
     from allspark_jax import workdir as workdir_lib
@@ -188,7 +187,7 @@ def main(argv):
 
     try:
         runtime.start(config)
-    except ConfigError as e:
+    except errors.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     with native_stderr_to_log(FLAGS.verbose):
@@ -206,7 +205,7 @@ def main(argv):
     except runtime.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except nonfinite.NonFiniteError as e:
+    except errors.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except Exception as e:  # pylint: disable=broad-except

@@ -32,6 +32,7 @@ from absl import logging
 from etils import epath
 
 from allspark_jax import convert
+from allspark_jax.errors import CheckpointError, CheckpointMismatchError, CheckpointReadError
 from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
@@ -40,18 +41,6 @@ from allspark_jax.workdir import BEST_DIR, LATEST_DIR
 from allspark_jax.models.segmentor import build_model, init_variables
 
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint spec that names nothing restorable; the message says what exists."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint holds another train state than the template (the message: what differs)."""
-
-
-class CheckpointReadError(CheckpointError):
-    """Orbax failed to read a checkpoint that fits the template (damaged or missing files)."""
 
 
 # Config keys that decide the train state's arrays (for mismatch messages).

@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 
 from allspark_jax.data import datasets
-from allspark_jax.data.datasets import DataError
+from allspark_jax.errors import ConfigError, DataError
 from allspark_jax.workdir import SYNTHETIC_DIR
 
 METHODS = ("allspark", "semi", "supervised")  # the release's three trainers (configs/default.py)
@@ -34,10 +34,6 @@ STUDENT_VIEWS = ("weak", "strong")
 SOURCES = ("files", "tfds")
 CHECK_FILES = ("none", "exist", "decode")
 BEST_OF = ("student", "ema")
-
-
-class ConfigError(ValueError):
-    """A config key whose value is not allowed; the message names the key and what is allowed."""
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -30,6 +30,7 @@ import flax
 import numpy as np
 
 from allspark_jax import pth
+from allspark_jax.errors import WeightImportError
 
 # Flax top-level module -> prefix of the release's state dict.
 _TOP = {"backbone": "backbone", "allspark": "decoder.allspark", "head": "decoder.decoder"}
@@ -39,10 +40,6 @@ _LEAF_RENAMES = {"kernel": "weight", "scale": "weight", "mean": "running_mean",
                  "var": "running_var"}
 _INT64_LEAVES = ("num_batches_tracked", "queue_ptr")
 ENCODER_IGNORED = re.compile(r"^head\.")
-
-
-class WeightImportError(ValueError):
-    """The file's keys or shapes do not fit the model."""
 
 
 def key_mismatch_lines(missing, unexpected, wrong) -> list[str]:
@@ -178,10 +175,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise WeightImportError(f"{path}: not a readable .npz state dict of numeric arrays "
                                     f"({e})") from e
-    try:
-        obj = pth.load_pth(path)
-    except pth.PthFormatError as e:
-        raise WeightImportError(str(e)) from e
+    obj = pth.load_pth(path)  # a PthFormatError is a WeightImportError naming the file
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # official latest.pth / best.pth
     elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -82,7 +82,7 @@ import numpy as np
 import safetensors.numpy
 
 from allspark_jax import convert, pth
-from allspark_jax.convert import WeightImportError
+from allspark_jax.errors import WeightImportError
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 

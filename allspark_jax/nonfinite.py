@@ -15,11 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allspark_jax.errors import NonFiniteError
 from allspark_jax.train_step import LOSS_KEYS
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or state; the message names the step and the values."""
 
 
 def _format(losses: dict) -> str:

@@ -20,6 +20,7 @@ from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
+from allspark_jax.errors import DataError
 from allspark_jax.evaluation import evaluator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -54,16 +55,16 @@ def load_image(path: str, max_pixels: int | None = None) -> tuple[np.ndarray, np
         with Image.open(path) as image:
             width, height = image.size
             if max_pixels and width * height > max_pixels:
-                raise datasets.DataError(
+                raise DataError(
                     f"image {path!r} too large: its header declares {height} x {width} pixels; "
                     f"expected at most {max_pixels} (data.max_image_pixels)")
             rgb = np.asarray(image.convert("RGB"))
-    except datasets.DataError:
+    except DataError:
         raise
     except Exception as e:  # pylint: disable=broad-except
         # PIL's format plugins report corrupt data with many types (OSError, SyntaxError,
         # ValueError, struct.error, EOFError, DecompressionBombError, ...).
-        raise datasets.DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); expected "
+        raise DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); expected "
                                  f"an intact image file ({', '.join(IMAGE_EXTENSIONS)})") from None
     return rgb, normalize(rgb)
 

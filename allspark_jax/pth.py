@@ -56,6 +56,8 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
+from allspark_jax.errors import PthFormatError
+
 __all__ = ["MAX_EXPANSION", "MAX_NESTING", "PthFormatError", "load_pth", "save_pth"]
 
 # Legacy typed-storage class names (what torch.save puts in persistent ids) and
@@ -90,10 +92,6 @@ _MAX_DIMS = 64  # numpy's limit on dimensions
 _INT64 = 2**63  # torch sizes, strides, offsets and element counts are int64
 _MAX_GLOBAL_LINE = 256  # longest 'module\n' or 'name\n' line GLOBAL may carry
 _MAX_PROTOCOL = 5  # pickle.HIGHEST_PROTOCOL of Python 3.8+
-
-
-class PthFormatError(ValueError):
-    """The file is not a PyTorch zip checkpoint this module can (safely) read."""
 
 
 # --------------------------------------------------------------------------- load

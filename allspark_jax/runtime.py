@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from allspark_jax.config import ConfigError
+from allspark_jax.errors import ConfigError, UserError
 from allspark_jax.workdir import COMPILATION_CACHE_DIR
 
 # Environment variables naming the coordinator, the process count and this process's id.
@@ -92,10 +92,9 @@ def validate_or_exit(config) -> None:
     import sys  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
     try:
         config_lib.validate(config)
-    except (config_lib.ConfigError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -103,11 +102,7 @@ def validate_or_exit(config) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """What a command line reports as one line `error: ...` with exit status 2: a bad config,
     data, checkpoint or weight file, or a missing file. Anything else keeps its traceback."""
-    # Imported when an error is being matched: checkpoints pulls in orbax.
-    from allspark_jax import checkpoints, convert  # pylint: disable=g-import-not-at-top
-    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
-    return (checkpoints.CheckpointError, ConfigError, convert.WeightImportError, DataError,
-            FileNotFoundError)
+    return (UserError, FileNotFoundError)
 
 
 def hide_accelerators_from_tensorflow() -> None:

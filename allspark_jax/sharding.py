@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from allspark_jax.config import ConfigError
+from allspark_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 

@@ -28,6 +28,7 @@ from allspark_jax import workdir as workdir_lib
 from allspark_jax import state as state_lib
 from allspark_jax import train_step as train_step_lib
 from allspark_jax.data import input_pipeline
+from allspark_jax.errors import NonFiniteError
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables
 
@@ -232,12 +233,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             watch.check()
             parts = nonfinite.nonfinite_parts(state) if with_state else []
             if parts:
-                raise nonfinite.NonFiniteError(
+                raise NonFiniteError(
                     f"non-finite values in {', '.join(parts)} of the train state after step {step}")
-        except nonfinite.NonFiniteError as e:
+        except NonFiniteError as e:
             checkpointer.wait()  # the saves already started hold finite states: let them finish
             newest = checkpointer.latest_step()
-            raise nonfinite.NonFiniteError(
+            raise NonFiniteError(
                 f"{e}. Training stopped (train.stop_on_nan) without checkpointing this state; "
                 f"the newest checkpoint is {'none' if newest is None else f'step {newest}'}"
                 f" in {workdir}. Lower optim.lr, or set train.stop_on_nan=False to "

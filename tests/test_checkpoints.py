@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import run_config
+from allspark_jax import errors
 from allspark_jax import checkpoints
 from allspark_jax import train
 
@@ -83,12 +84,12 @@ def test_restore_specs_and_state_contents(uninterrupted):
     ("7", "no such step"), ("bestest", "expected a step number"), ("/nonexistent/w.pth", "no such file")])
 def test_bad_specs(uninterrupted, spec, message):
     workdir, _ = uninterrupted
-    with pytest.raises(checkpoints.CheckpointError, match=message):
+    with pytest.raises(errors.CheckpointError, match=message):
         checkpoints.Checkpointer(workdir, read_only=True).resolve(spec)
 
 
 def test_best_in_an_empty_workdir_is_a_clear_error(tmp_path):
-    with pytest.raises(checkpoints.CheckpointError, match="no best checkpoint"):
+    with pytest.raises(errors.CheckpointError, match="no best checkpoint"):
         checkpoints.Checkpointer(str(tmp_path), read_only=True).resolve("best")
 
 
@@ -130,7 +131,7 @@ def test_when_no_checkpoint_restores_none_is_set_aside(uninterrupted, tmp_path):
     paths = _damage_all(workdir)
     template = jax.eval_shape(lambda: uninterrupted[1]["state"])
     for _ in range(2):
-        with pytest.raises(checkpoints.CheckpointError, match="can be restored"):
+        with pytest.raises(errors.CheckpointError, match="can be restored"):
             checkpoints.Checkpointer(workdir).restore_newest_readable(template, set_aside=True)
         assert all(os.path.isdir(p) and not os.path.exists(p + ".unreadable") for p in paths)
 

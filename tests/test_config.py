@@ -4,10 +4,11 @@ import types
 
 import pytest
 
+from allspark_jax import errors
 from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax import sharding
-from allspark_jax.data.datasets import DataError
+from allspark_jax.errors import DataError
 from conftest import ROOT, make_config
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -55,24 +56,24 @@ def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
     for p in parents:
         node = node[p]
     node[leaf] = value
-    with pytest.raises((config_lib.ConfigError, DataError), match=message) as e:
+    with pytest.raises((errors.ConfigError, DataError), match=message) as e:
         config_lib.validate(config)
     assert "\n" not in str(e.value)  # one line
     assert isinstance(e.value, DataError) == key.startswith("data.")
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    with pytest.raises(errors.ConfigError, match="does not exist"):
         config_lib.load_config(str(tmp_path / "nope.py"))
 
 
 def test_command_line_override_keys_and_values():
     config = make_config()
     config_lib.check_override_keys(config, ["optim.lr", "model.backbone", "data.synthetic.size"])
-    with pytest.raises(config_lib.ConfigError, match=r"^config.optim.learning_rate is not a key; "
+    with pytest.raises(errors.ConfigError, match=r"^config.optim.learning_rate is not a key; "
                                                      r"config.optim has: lr, lr_multi, momentum,"):
         config_lib.check_override_keys(config, ["optim.lr", "optim.learning_rate"])
-    with pytest.raises(config_lib.ConfigError, match=r"config.seed.x is not a key: config.seed is 0"):
+    with pytest.raises(errors.ConfigError, match=r"config.seed.x is not a key: config.seed is 0"):
         config_lib.check_override_keys(config, ["seed.x"])
     error = config_lib.override_value_error(config, "data.crop_size", "big", "invalid literal")
     assert str(error) == "config.data.crop_size='big': expected an integer (now 513)"
@@ -122,7 +123,7 @@ def test_keys_the_method_does_not_read_must_keep_their_defaults(method, key, val
     *parents, leaf = key.split(".")
     config[parents[0]][leaf] = value
     default = config_lib.default_config()[parents[0]][leaf]
-    with pytest.raises((config_lib.ConfigError, DataError),
+    with pytest.raises((errors.ConfigError, DataError),
                        match=rf"^config\.{key}={value!r}: expected {default!r} \(its "
                              rf"configs/default.py value\) with method '{method}': ") as e:
         config_lib.validate(config)
@@ -149,7 +150,7 @@ def test_keys_another_setting_leaves_unread_must_keep_their_defaults(key, value,
     *parents, leaf = key.split(".")
     _node(config, parents)[leaf] = value
     default = _node(config_lib.default_config(), parents)[leaf]
-    with pytest.raises((config_lib.ConfigError, DataError),
+    with pytest.raises((errors.ConfigError, DataError),
                        match=rf"^config\.{key}={value!r}: expected {default!r} \(its "
                              rf"configs/default.py value\): only .* it \("):
         config_lib.validate(config)
@@ -187,7 +188,7 @@ def test_config_arguments_set_allspark_keys_for_allspark_only(spec):
 def test_switching_a_config_to_a_method_that_ignores_its_keys_is_named():
     config = config_lib.load_config(os.path.join(CONFIGS, "cityscapes.py:1_16"))
     config.method = "supervised"
-    with pytest.raises(config_lib.ConfigError, match=r"config.train.warmup_epoch=15: expected 5"):
+    with pytest.raises(errors.ConfigError, match=r"config.train.warmup_epoch=15: expected 5"):
         config_lib.validate(config)
 
 
@@ -209,7 +210,7 @@ def test_learning_pretraining_keys(key, value, message):
         config.data.root = "/data/voc"
         config.data.split = "1_16"
         config.data.num_classes = 21
-    with pytest.raises((config_lib.ConfigError, DataError), match=message):
+    with pytest.raises((errors.ConfigError, DataError), match=message):
         config_lib.validate(config)
 
 
@@ -226,13 +227,13 @@ def test_bad_distributed_settings_are_config_errors(monkeypatch, env, message):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(config_lib.ConfigError, match=message):
+    with pytest.raises(errors.ConfigError, match=message):
         runtime.initialize_distributed(make_config())
 
 
 def test_a_batch_not_divisible_by_the_devices_is_a_config_error():
     mesh = types.SimpleNamespace(shape={sharding.DATA_AXIS: 4})  # all the check reads of a mesh
     sharding.check_batch_divisible(12, mesh)
-    with pytest.raises(config_lib.ConfigError, match=r"config.data.batch_size=10 \(global\) must "
+    with pytest.raises(errors.ConfigError, match=r"config.data.batch_size=10 \(global\) must "
                        "be divisible by the 4 devices"):
         sharding.check_batch_divisible(10, mesh)

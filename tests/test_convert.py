@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+from allspark_jax import errors
 from allspark_jax import convert, pth
 from reference_model import BASELINES_NPZ, MIT_PTH, OFFICIAL_PTH, assert_trees_equal, reference
 
@@ -69,7 +70,7 @@ def test_mismatches_list_every_key(ref):
     del state["backbone.norm1.weight"]
     state["decoder.extra.weight"] = np.zeros(3, np.float32)
     state["backbone.norm2.bias"] = np.zeros(7, np.float32)
-    with pytest.raises(convert.WeightImportError) as err:
+    with pytest.raises(errors.WeightImportError) as err:
         convert.from_state_dict(state, template(ref), source="my.pth")
     msg = str(err.value)
     assert "my.pth" in msg
@@ -94,7 +95,7 @@ def test_published_checkpoint_layout_is_named(ref, tmp_path):
     state.update({k: np.zeros((4,), np.float32) for k in published})
     path = tmp_path / "best.pth"
     pth.save_pth({"model": {f"module.{k}": v for k, v in state.items()}}, path)
-    with pytest.raises(convert.WeightImportError) as err:
+    with pytest.raises(errors.WeightImportError) as err:
         convert.load_variables(path, template(ref))
     msg = str(err.value)
     assert str(path) in msg
@@ -124,9 +125,9 @@ def test_baseline_state_dict_round_trip_and_checkpoint(baseline, tmp_path):
 
 
 def test_method_hint_when_the_file_is_the_other_model(ref, baseline):
-    with pytest.raises(convert.WeightImportError, match=r"use config.method='allspark'"):
+    with pytest.raises(errors.WeightImportError, match=r"use config.method='allspark'"):
         convert.from_state_dict(ref.state0, template(baseline), source="allspark.pth")
-    with pytest.raises(convert.WeightImportError, match=r"use config.method='semi' or 'supervised'"):
+    with pytest.raises(errors.WeightImportError, match=r"use config.method='semi' or 'supervised'"):
         convert.from_state_dict(baseline.state0, template(ref), source="baseline.pth")
 
 
@@ -141,5 +142,5 @@ def test_unreadable_weight_files_are_named(tmp_path, name, content, message):
         np.savez(path, a=np.array([{"x": 1}], dtype=object))
     else:
         path.write_bytes(content)
-    with pytest.raises(convert.WeightImportError, match=message):
+    with pytest.raises(errors.WeightImportError, match=message):
         convert.read_state_dict(path)

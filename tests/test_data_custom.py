@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from allspark_jax import config as config_lib
-from allspark_jax.data import datasets, input_pipeline, synthetic
+from allspark_jax.data import input_pipeline, synthetic
+from allspark_jax.errors import DataError
 from conftest import ROOT
 
-DataError = datasets.DataError
 IGNORE = 200  # the mask value of ignored pixels in the written files
 
 

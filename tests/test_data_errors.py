@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from allspark_jax import errors
 from allspark_jax import predict
-from allspark_jax.data import datasets
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import prepare
 from conftest import make_options
 
-DataError = datasets.DataError
+DataError = errors.DataError
 
 
 @pytest.fixture()

@@ -16,7 +16,8 @@ from PIL import Image
 from allspark_jax import predict
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import synthetic
-from allspark_jax.data.datasets import IGNORE_INDEX, DataError
+from allspark_jax.data.datasets import IGNORE_INDEX
+from allspark_jax.errors import DataError
 from conftest import make_options
 
 SEED = 14

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from allspark_jax import errors
 from allspark_jax.data import datasets
 from allspark_jax.data import splits
 from allspark_jax.data import synthetic
@@ -35,13 +36,13 @@ def test_available_and_val_splits():
 
 
 def test_unknown_split_names_options():
-    with pytest.raises(datasets.DataError, match=r"data.split='1_3'.*1_16"):
+    with pytest.raises(errors.DataError, match=r"data.split='1_3'.*1_16"):
         splits.resolve_train_split("pascal", "1_3")
-    with pytest.raises(datasets.DataError, match="data.val_split='test'"):
+    with pytest.raises(errors.DataError, match="data.val_split='test'"):
         splits.resolve_val_split("pascal", "test")
-    with pytest.raises(datasets.DataError, match="data.name='voc'"):
+    with pytest.raises(errors.DataError, match="data.name='voc'"):
         splits.resolve_train_split("voc", "1_16")
-    with pytest.raises(datasets.DataError, match="list file does not exist"):
+    with pytest.raises(errors.DataError, match="list file does not exist"):
         splits.resolve_train_split("pascal", "/nonexistent/labeled.txt")
 
 
@@ -55,14 +56,14 @@ def test_user_list_files(tmp_path):
     assert splits.resolve_train_split("pascal", str(tmp_path / "l.txt")).unlabeled == [
         ("d.jpg", "d.png")]
     (tmp_path / "bad.txt").write_text("a.jpg a.png extra\n")
-    with pytest.raises(datasets.DataError, match=r"bad.txt:1: expected 'image_path mask_path'"):
+    with pytest.raises(errors.DataError, match=r"bad.txt:1: expected 'image_path mask_path'"):
         splits.read_list(str(tmp_path / "bad.txt"))
 
 
 def test_labeled_only_reads_no_unlabeled_list(tmp_path):
     """config.method 'supervised': no unlabeled list is looked for, read or listed."""
     (tmp_path / "l.txt").write_text("a.jpg a.png\n")
-    with pytest.raises(datasets.DataError, match=r"no unlabeled list for data.split="):
+    with pytest.raises(errors.DataError, match=r"no unlabeled list for data.split="):
         splits.resolve_train_split("pascal", str(tmp_path / "l.txt"))
     s = splits.resolve_train_split("pascal", str(tmp_path / "l.txt"), labeled_only=True)
     assert (s.labeled, s.unlabeled, s.unlabeled_source) == ([("a.jpg", "a.png")], [], "")
@@ -83,7 +84,7 @@ def test_coco_unlabeled_is_train2017_minus_labeled(tmp_path):
     lab.write_text("train2017/000000000001.jpg masks/000000000001.png\n")
     s = splits.resolve_train_split("coco", str(lab), root=str(tmp_path))
     assert len(s.unlabeled) == 4 and "train2017/000000000001.jpg" not in dict(s.unlabeled)
-    with pytest.raises(datasets.DataError, match="train2017"):
+    with pytest.raises(errors.DataError, match="train2017"):
         splits.resolve_train_split("coco", "1_512", root=str(tmp_path / "train2017"))
 
 
@@ -92,7 +93,7 @@ def test_class_names(tmp_path):
     assert len(datasets.class_names_for("cityscapes")) == 19
     names = datasets.class_names_for("coco")
     assert len(names) == 81 and names[0] == "background" and len(set(names)) == 81
-    with pytest.raises(datasets.DataError, match="data.num_classes=20"):
+    with pytest.raises(errors.DataError, match="data.num_classes=20"):
         make_options(name="pascal", root=str(tmp_path), num_classes=20)
 
 

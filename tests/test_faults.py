@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import run_config
+from allspark_jax import errors
 from allspark_jax import checkpoints
 from allspark_jax import nonfinite
 
@@ -247,7 +248,7 @@ def test_loss_watch_names_the_first_non_finite_step():
     for step, loss in [(1, 1.0), (2, np.inf), (3, np.nan)]:
         watch.add(step, {"loss": jax.numpy.float32(loss), "loss_x": jax.numpy.float32(0.5),
                          "loss_u": jax.numpy.float32(loss)})
-    with pytest.raises(nonfinite.NonFiniteError,
+    with pytest.raises(errors.NonFiniteError,
                        match=r"non-finite loss at step 2: loss=inf, loss_x=0.5, loss_u=inf"):
         watch.check()
     watch.check()  # the checked steps are gone

@@ -19,6 +19,7 @@ import pytest
 import safetensors
 import safetensors.numpy
 
+from allspark_jax import errors
 from allspark_jax import convert, huggingface, pth
 from allspark_jax.models.mit import MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
@@ -200,10 +201,10 @@ def test_encoder_export_round_trip(mit, tmp_path):
 def test_export_refuses_what_transformers_cannot_compute(seg, tmp_path):
     release_eps = dataclasses.replace(seg.model.config, backbone=dataclasses.replace(
         seg.model.config.backbone, norm_eps=1e-6))
-    with pytest.raises(convert.WeightImportError, match=r"LayerNorm eps .*1e-05 in the file, 1e-06"):
+    with pytest.raises(errors.WeightImportError, match=r"LayerNorm eps .*1e-05 in the file, 1e-06"):
         huggingface.save_checkpoint(seg.variables, release_eps, tmp_path)
     with_allspark = {"params": {**seg.variables["params"], "allspark": {}}}
-    with pytest.raises(convert.WeightImportError, match="no AllSpark module"):
+    with pytest.raises(errors.WeightImportError, match="no AllSpark module"):
         huggingface.save_checkpoint(with_allspark, seg.model.config, tmp_path)
 
 
@@ -215,7 +216,7 @@ def test_every_bad_key_is_listed(seg, tmp_path):
     state["decode_head.extra.weight"] = np.zeros(3, np.float32)
     state["decode_head.linear_c.2.proj.weight"] = np.zeros((32, 41), np.float32)
     path = copy_checkpoint(tmp_path, SEG_DIR, state)
-    with pytest.raises(convert.WeightImportError) as err:
+    with pytest.raises(errors.WeightImportError) as err:
         convert.load_variables(path, shapes(seg.variables))
     msg = str(err.value)
     assert str(path / "config.json") in msg
@@ -229,7 +230,7 @@ def test_architecture_mismatches_are_named(seg):
     # From the variables alone: what their shapes show.
     other = AllSparkSegmentor(dataclasses.replace(seg.model.config, num_classes=6, decoder_dim=24))
     template = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    with pytest.raises(convert.WeightImportError) as err:
+    with pytest.raises(errors.WeightImportError) as err:
         convert.load_variables(SEG_DIR, template)
     msg = str(err.value)
     assert source in msg
@@ -238,7 +239,7 @@ def test_architecture_mismatches_are_named(seg):
     # Heads and strides leave no trace in the variables: compared with a ModelConfig.
     mcfg = dataclasses.replace(seg.model.config, backbone=dataclasses.replace(
         seg.model.config.backbone, num_heads=(1, 2, 8, 8), patch_strides=(4, 2, 2, 1)))
-    with pytest.raises(convert.WeightImportError) as err:
+    with pytest.raises(errors.WeightImportError) as err:
         convert.load_variables(SEG_DIR, shapes(seg.variables), model_config=mcfg)
     msg = str(err.value)
     assert "num_attention_heads: (1, 2, 5, 8) in the file, (1, 2, 8, 8) in the model" in msg
@@ -250,11 +251,11 @@ def test_allspark_model_and_release_eps_are_rejected(seg):
     template = jax.eval_shape(lambda: allspark.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 64, 64, 3)),
         mode="train", teacher_logits=jnp.zeros((1, 64, 64, 5))))
-    with pytest.raises(convert.WeightImportError, match="AllSpark module: False in the file, True"):
+    with pytest.raises(errors.WeightImportError, match="AllSpark module: False in the file, True"):
         convert.load_variables(SEG_DIR, template)
     release_eps = dataclasses.replace(seg.model.config, backbone=dataclasses.replace(
         seg.model.config.backbone, norm_eps=1e-6))
-    with pytest.raises(convert.WeightImportError, match="LayerNorm eps"):
+    with pytest.raises(errors.WeightImportError, match="LayerNorm eps"):
         convert.load_variables(SEG_DIR, shapes(seg.variables), model_config=release_eps)
 
 
@@ -266,12 +267,12 @@ def test_allspark_model_and_release_eps_are_rejected(seg):
 ])
 def test_unsupported_config_is_rejected(seg, tmp_path, field, value, expected):
     path = copy_checkpoint(tmp_path, SEG_DIR, config={**file_config(SEG_DIR), field: value})
-    with pytest.raises(convert.WeightImportError, match=re.escape(expected)):
+    with pytest.raises(errors.WeightImportError, match=re.escape(expected)):
         convert.load_variables(path, shapes(seg.variables))
 
 
 def test_encoder_checkpoint_is_not_a_segmentation_model(seg):
-    with pytest.raises(convert.WeightImportError, match="no decode_head.*load_pretrained_encoder"):
+    with pytest.raises(errors.WeightImportError, match="no decode_head.*load_pretrained_encoder"):
         convert.load_variables(MIT_DIR, shapes(seg.variables))
 
 
@@ -341,11 +342,11 @@ def test_hub_id_offline_or_without_huggingface_hub(monkeypatch, seg):
 
     monkeypatch.setitem(sys.modules, "huggingface_hub",
                         types.SimpleNamespace(snapshot_download=offline))
-    with pytest.raises(convert.WeightImportError,
+    with pytest.raises(errors.WeightImportError,
                        match=r"nvidia/mit-b0: .*downloading it .* failed \(OSError: We couldn't"):
         convert.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
-    with pytest.raises(convert.WeightImportError, match="nvidia/mit-b0: .*needs huggingface_hub"):
+    with pytest.raises(errors.WeightImportError, match="nvidia/mit-b0: .*needs huggingface_hub"):
         convert.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
 
 

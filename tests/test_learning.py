@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import run_config
+from allspark_jax import errors
 from allspark_jax import config as config_lib
 from allspark_jax.experiments import learning
 
@@ -127,5 +128,5 @@ def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
         learning.pretrain_encoder(base, str(tmp_path), print_fn=lambda *a: None)
     assert (seen[0].optim.lr, seen[0].optim.lr_multi, seen[0].method) == (0.02, 1.0, "supervised")
     base.learning.pretrain_steps = 0
-    with pytest.raises(config_lib.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
+    with pytest.raises(errors.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
         config_lib.validate(base)

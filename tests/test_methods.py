@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import run_config
+from allspark_jax import errors
 from allspark_jax import checkpoints, predict, train
 from allspark_jax import config as config_lib
 from allspark_jax.data import input_pipeline
-from allspark_jax.data.datasets import DataError
+from allspark_jax.errors import DataError
 from allspark_jax.evaluation import evaluator
 from conftest import make_config
 
@@ -58,7 +59,7 @@ def test_trains_checkpoints_and_evaluates_without_allspark(run):
                                rtol=1e-6)
     # an AllSpark config cannot restore it, and says what to check
     other = run_config.tiny_config(**{**RUNS[method], "method": "allspark"})
-    with pytest.raises(checkpoints.CheckpointError,
+    with pytest.raises(errors.CheckpointError,
                        match="method: the checkpoint is plain SegFormer .* this config builds AllSpark"):
         checkpoints.load_inference_variables(other, workdir, "latest")
 

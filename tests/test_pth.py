@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from allspark_jax import pth
-from allspark_jax.pth import PthFormatError, load_pth, save_pth
+from allspark_jax.errors import PthFormatError
+from allspark_jax.pth import load_pth, save_pth
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "allspark_tiny_official_checkpoint.pth"

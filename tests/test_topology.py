@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import run_config
+from allspark_jax import errors
 from allspark_jax import checkpoints
 from allspark_jax import train
 from allspark_jax.evaluation import evaluator
@@ -169,7 +170,7 @@ def test_resume_on_eight_devices_with_sharded_params(two_process_run, two_proces
       "this config"]),
 ], ids=["teacher", "decoder_dim", "crop_size"])
 def test_a_checkpoint_of_another_state_names_what_differs(two_process_run, overrides, expected):
-    with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+    with pytest.raises(errors.CheckpointMismatchError) as info:
         checkpoints.load_inference_variables(topology_config(**overrides), two_process_run,
                                              "latest")
     message = str(info.value)
@@ -204,7 +205,7 @@ def test_an_orbax_failure_is_not_reported_as_a_config_mistake(two_process_run, t
     assert data
     for d in data:  # the array data goes; the metadata (paths, shapes) stays
         shutil.rmtree(d)
-    with pytest.raises(checkpoints.CheckpointReadError) as info:
+    with pytest.raises(errors.CheckpointReadError) as info:
         checkpoints.load_inference_variables(topology_config(), workdir, RESUME)
     message = str(info.value)
     assert message.startswith(f"orbax could not read checkpoint step {RESUME} in ")

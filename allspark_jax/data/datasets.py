@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
+from allspark_jax.errors import DataError
+
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -51,10 +53,6 @@ IGNORE_INDEX = 255  # the label of pixels that no loss or metric counts (VOC's o
 # ImageNet statistics every image is normalised with (pixels in [0, 1], per RGB channel).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """A bad data root, list, file or option; the message names the culprit and what was expected."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,9 +35,9 @@ import tensorflow as tf
 
 from allspark_jax.data import augment
 from allspark_jax.data import datasets
+from allspark_jax.errors import DataError
 from allspark_jax.data import splits as splits_lib
 
-DataError = datasets.DataError
 
 _SEED_SALT = 0x5EED  # second word of the base seed
 

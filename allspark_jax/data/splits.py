@@ -13,11 +13,11 @@ import os
 from etils import epath
 
 from allspark_jax.data import datasets
+from allspark_jax.errors import DataError
 
 PACKAGE_SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
 
 Pairs = list[tuple[str, str]]
-DataError = datasets.DataError
 
 
 def splits_dir(name: str, root: str | None = None) -> str:

@@ -35,9 +35,9 @@ from etils import epath
 from PIL import Image
 
 from allspark_jax.data import datasets
+from allspark_jax.errors import DataError
 from allspark_jax.data import splits as splits_lib
 
-DataError = datasets.DataError
 
 _INSTRUCTIONS = """Pass the data root in the official layout (README, "Preparing the datasets") as the manual dir:
 `tfds build ... --manual_dir ROOT` or `python -m allspark_jax.data.prepare --root ROOT`."""

@@ -106,7 +106,7 @@ def write_all_labeled(split, folder: str, needed_by: str = "the row supervised_a
                       "(run with --noceiling)") -> str:
     """Writes `folder`/labeled.txt: every training image of `split` (a TrainSplit: labeled and
     unlabeled) with its mask; returns its path. A supervised run reads no unlabeled list."""
-    from allspark_jax.data.datasets import DataError  # pylint: disable=g-import-not-at-top
+    from allspark_jax.errors import DataError  # pylint: disable=g-import-not-at-top
     pairs = list(split.labeled) + list(split.unlabeled)
     missing = [image for image, mask in pairs if not mask]
     if missing:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from allspark_jax.errors import ReferenceFileError
 from allspark_jax import convert, losses, optimizer, state as state_lib, train_step
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.head import TorchBatchNorm
@@ -124,10 +125,6 @@ def compare(name: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]], rtol: fl
     if problems:
         note = "; ".join(filter(None, ["NON-FINITE " + ", ".join(problems), note]))
     return Result(name, max_rel, max_abs, ok, rtol, note)
-
-
-class ReferenceFileError(ValueError):
-    """The file lacks what every reference file holds (meta_json, state0/*, inputs/*)."""
 
 
 class Reference:
