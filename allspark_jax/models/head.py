@@ -22,7 +22,7 @@ class Conv1x1(nn.Module):
     Same parameters, initialisation and result as `nn.Conv(features, (1, 1))` (kernel
     (1, 1, C_in, features), bias (features,)), so state dicts map unchanged. Why not `nn.Conv`:
     XLA:CPU hands 1x1 convolutions to a library kernel whose weight gradient runs far below the
-    matmul peak (BENCHMARKS.md, "1x1 convolutions as matmuls").
+    matmul peak.
     """
 
     features: int
@@ -59,8 +59,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: f
     The statistics come from one pass over x: the sums of d = x - s and d^2 with s a per-channel
     shift (the mean of the first row-block of up to 64 rows, so that the difference of the two sums
     does not cancel when |mean| >> std). The backward is BatchNorm's closed form, its two sums again
-    in one pass; autodiff of the two-pass form reads the map in more passes (BENCHMARKS.md,
-    "one-pass BatchNorm").
+    in one pass; autodiff of the two-pass form reads the map in more passes.
     """
     return _batch_norm_fwd(x, scale, bias, epsilon)[0]
 
@@ -166,8 +165,7 @@ class LinearFuse(nn.Module):
     that equals relu(bn(sum_i up(x_i (W_i F_i)) + sum_i b_i F_i)) with F_i the i-th block of F
     rows. The folded form multiplies each map at its own resolution by a (C_i, E) matrix and never
     forms the (B, H/4, W/4, n E) concatenation: the (n E x E) matmul at stage-1 resolution, most of
-    the head's FLOPs, is gone (BENCHMARKS.md, "Folded decode head"). Same parameters, same
-    function; float32 round-off differs.
+    the head's FLOPs, is gone. Same parameters, same function; float32 round-off differs.
 
     `valid_sizes` (one (B, 2) int per input) and `valid_out` ((B, 2) int), or None: the true
     (height, width) of each map of a padded batch and of the output; the upsampling then works

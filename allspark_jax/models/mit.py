@@ -134,8 +134,7 @@ class PatchConv(nn.Module):
     (B, h, w, C) -> (B, h // r, w // r, features); rows / columns past the last whole patch are
     dropped, as by the VALID convolution. Same parameters (kernel (r, r, C, features), bias) and
     result. Why: the weight gradient of a strided convolution is a window-dilated convolution that
-    XLA:CPU ran far below the matmul peak; as a matmul it is a plain dot (BENCHMARKS.md,
-    "Spatial reduction as a patch matmul").
+    XLA:CPU runs far below the matmul peak; as a matmul it is a plain dot.
     """
 
     features: int
@@ -183,7 +182,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
     x (B, h, w, C), kernel (k, k, 1, C), bias (C,) -> (B, h, w, C).
     Custom VJP: the backward keeps only `x` and the kernel and computes both gradients as shifted
     products too, reading shifted windows of one padded cotangent where autodiff would pad each of
-    the k * k slices' cotangents to the full map and add them (BENCHMARKS.md, change 6).
+    the k * k slices' cotangents to the full map and add them.
     """
     k = kernel.shape[0]
     return _shifted_sum(_pad_same(x, k), kernel[:, :, 0], flip=False) + bias
@@ -211,10 +210,9 @@ class DepthwiseConv(nn.Module):
     """`nn.Conv(C, (k, k), padding=k // 2, feature_group_count=C)` as shifted multiply-adds.
 
     (B, h, w, C) -> (B, h, w, C). Same parameters (kernel (k, k, 1, C), bias (C,)) and result.
-    Why: XLA:CPU computes a depthwise convolution's weight gradient as a library convolution that
-    took over half of a MiT-B5 train step; written as shifted products (`depthwise_conv`), the
-    forward and both gradients are elementwise fusions and reductions (BENCHMARKS.md, "Depthwise
-    convolution as shifted products").
+    Why: XLA:CPU computes a depthwise convolution's weight gradient as a slow library
+    convolution; written as shifted products (`depthwise_conv`), the forward and both gradients
+    are elementwise fusions and reductions.
     """
 
     kernel_size: int = 3

@@ -16,8 +16,7 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     Computed from each axis's at most two taps per output (`_resize_taps`), not as products with
     the dense (out, in) matrices: a gather and two multiply-adds per output that XLA fuses with
     their consumers (the head's sum of upsampled maps), where the dense products cost in_len
-    multiply-adds per output and write every upsampled map (BENCHMARKS.md, "Bilinear resizing
-    by taps").
+    multiply-adds per output and write every upsampled map.
     """
     if tuple(size) == tuple(x.shape[1:3]):
         return x
@@ -33,7 +32,7 @@ def _axis_taps(in_len: int, out_len: int):
     outputs one input feeds; padded with weight 0), all numpy.
     """
     # numpy, not jnp: every new (in_len, out_len) pair would otherwise compile a dozen tiny XLA
-    # programs while the model is traced (about 2 s per new image size on a CPU).
+    # programs while the model is traced.
     m = interpolation_matrix(np.array([in_len]), np.array([out_len]), in_len, out_len, xp=np)[0]
 
     def taps(mat):
