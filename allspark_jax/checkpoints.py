@@ -62,7 +62,7 @@ def parse_spec(spec) -> str | int | loader.WeightSource:
         raise CheckpointError(f"--checkpoint={spec!r}: no such file") from None
     except WeightImportError:
         raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', "
-                              f"or {loader.SOURCES}") from None
+                              f"or a weight source: {loader.SOURCES}") from None
 
 
 def _restore_target(template):

@@ -11,7 +11,8 @@ import pytest
 
 from allspark_jax import checkpoints, errors
 from allspark_jax.weights import huggingface, loader, release, release_files
-from reference_model import BASELINES_NPZ, DATA, MIT_PTH, OFFICIAL_PTH, assert_trees_equal, reference
+from reference_model import (BASELINES_NPZ, DATA, MIT_PTH, OFFICIAL_PTH, assert_trees_equal,
+                             reference)
 
 SEG_DIR = os.path.join(DATA, "hf_segformer_tiny")
 MIT_DIR = os.path.join(DATA, "hf_mit_tiny")
@@ -105,9 +106,10 @@ def test_an_unknown_spec_is_a_clear_error_naming_it(tmp_path, spec, why):
             load()
         assert str(err.value) == expected
     # A checkpoint spec falls back on the loader for anything but its own specs.
-    with pytest.raises(errors.CheckpointError, match=r"expected a step number, 'latest', 'best', "
-                                                     r"or an official weight file"):
+    with pytest.raises(errors.CheckpointError) as err:
         checkpoints.parse_spec(spec)
+    assert str(err.value) == (f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', "
+                              f"or a weight source: {loader.SOURCES}")
 
 
 def test_release_kinds_go_to_the_release_readers(release_files_of_every_kind):

@@ -49,18 +49,16 @@ HUGGINGFACE, NPZ, PTH, HUB = "huggingface", "npz", "pth", "hub"
 # Every kind of weight source, and what a spec of that kind is (for messages). The DINOv2 and
 # UniMatch V2 layouts join this table when they are implemented (see the module docstring).
 KINDS = {
-    HUGGINGFACE: "a Hugging Face SegFormer checkpoint (a directory holding config.json and "
-                 "model.safetensors, or a .safetensors file beside its config.json)",
-    NPZ: "an .npz state dict in the release's names (numpy.savez)",
     PTH: "a .pth / .pt file (torch.save: the release's latest.pth / best.pth, a state dict, a "
          "SegFormer mit_bX.pth encoder)",
+    NPZ: "an .npz state dict in the release's names (numpy.savez)",
+    HUGGINGFACE: "a Hugging Face SegFormer checkpoint (a directory holding config.json and "
+                 "model.safetensors, or a .safetensors file beside its config.json)",
     HUB: "a Hugging Face hub id 'org/name'",
 }
 SUFFIXES = {".safetensors": HUGGINGFACE, ".npz": NPZ, ".pth": PTH, ".pt": PTH}
-# What every weight source is, in one phrase (for the messages of callers that take other specs).
-SOURCES = ("an official weight file (.pth, .pt: torch.save; .npz: numpy.savez), or a Hugging Face "
-           "SegFormer checkpoint (a directory holding config.json and model.safetensors, a "
-           ".safetensors file beside its config.json, or a hub id 'org/name')")
+# Every weight source in one phrase, for messages (also of callers that take other specs too).
+SOURCES = "; ".join(list(KINDS.values())[:-1]) + "; or " + list(KINDS.values())[-1]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Names ending so are files, never hub ids.
 _FILE_SUFFIXES = (".pth", ".pt", ".npz", ".bin", ".safetensors", ".ckpt", ".pkl", ".json", ".h5")
