@@ -22,7 +22,7 @@ setuptools.setup(
         "tensorboard",  # clu's SummaryWriter writes through tf.summary; the board itself reads them
         "absl-py",
         "pillow",
-        "safetensors",  # Hugging Face checkpoints (allspark_jax.huggingface)
+        "safetensors",  # Hugging Face checkpoints (allspark_jax.weights.huggingface)
         "tqdm",  # console progress bars
     ],
     extras_require={

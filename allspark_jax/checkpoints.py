@@ -8,10 +8,10 @@ pointers, PRNG key, step) and `meta` (JSON: step, epoch, mIoU results, ...). Orb
 temporary directory and renames it when complete, so an interrupted save never leaves a checkpoint
 that looks valid. Resuming restores the state; the data position follows from the step.
 
-Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', the path of an
-official `.pth` / `.npz` state dict (imported with `allspark_jax.convert.load_variables`), or a
-Hugging Face `SegformerForSemanticSegmentation` checkpoint (a directory with config.json, a
-`.safetensors` file beside its config.json, or a hub id), whose config.json fixes the model.
+Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or a weight source
+(an official `.pth` / `.pt` / `.npz`, or a Hugging Face `SegformerForSemanticSegmentation`
+checkpoint, whose config.json fixes the model), which `allspark_jax.weights.loader` decides and
+loads.
 
 Topology: a restore reads every array straight into the placement the restoring run asks for
 (its template's shardings: replicated, or split with `shard_params`, over this process's devices),
@@ -31,16 +31,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from allspark_jax import convert
-from allspark_jax.errors import CheckpointError, CheckpointMismatchError, CheckpointReadError
+from allspark_jax.errors import (CheckpointError, CheckpointMismatchError, CheckpointReadError,
+                                 WeightImportError)
 from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import workdir as workdir_lib
 from allspark_jax.workdir import BEST_DIR, LATEST_DIR
-from allspark_jax.models.segmentor import build_model, init_variables
-
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".npz")
+from allspark_jax.models.segmentor import build_model
+from allspark_jax.weights import loader
 
 
 # Config keys that decide the train state's arrays (for mismatch messages).
@@ -49,34 +48,21 @@ STATE_KEYS = ("model.* (backbone, decoder_dim, allspark_heads, num_classes), dat
 MAX_LISTED_DIFFERENCES = 12
 
 
-def is_weight_file(spec: str) -> bool:
-    return str(spec).endswith(WEIGHT_FILE_SUFFIXES)
-
-
-def is_huggingface(spec: str) -> bool:
-    """A transformers SegFormer checkpoint: directory, `.safetensors` file or hub id."""
-    from allspark_jax import huggingface  # pylint: disable=g-import-not-at-top
-    return huggingface.is_checkpoint(str(spec))
-
-
-def parse_spec(spec) -> str | int:
-    """'latest' | 'best' | int step | a .pth/.npz path | a Hugging Face checkpoint; anything else
-    is a CheckpointError."""
+def parse_spec(spec) -> str | int | loader.WeightSource:
+    """'latest' | 'best' | int step | a weight source (`loader.source_of`); anything else is a
+    CheckpointError."""
     spec = str(spec).strip()
     if spec in ("latest", "best"):
         return spec
     if spec.isdigit():
         return int(spec)
-    if is_weight_file(spec):
-        if not os.path.isfile(spec):
-            raise CheckpointError(f"--checkpoint={spec!r}: no such file")
-        return spec
-    if is_huggingface(spec):
-        return spec
-    raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', "
-                          f"the path of an official weight file ({', '.join(WEIGHT_FILE_SUFFIXES)}), "
-                          "or a Hugging Face SegFormer checkpoint (a directory holding config.json "
-                          "and model.safetensors, or a hub id)")
+    try:
+        return loader.source_of(spec)
+    except FileNotFoundError:
+        raise CheckpointError(f"--checkpoint={spec!r}: no such file") from None
+    except WeightImportError:
+        raise CheckpointError(f"--checkpoint={spec!r}: expected a step number, 'latest', 'best', "
+                              f"or a weight source: {loader.SOURCES}") from None
 
 
 def _restore_target(template):
@@ -225,7 +211,8 @@ class Checkpointer:
             if spec in best:
                 return self.best, spec
             raise CheckpointError(f"--checkpoint={spec}: no such step; {where}")
-        raise CheckpointError(f"--checkpoint={spec!r} is a weight file, not a workdir checkpoint")
+        raise CheckpointError(f"--checkpoint={str(spec)!r} is a weight file, not a workdir "
+                              "checkpoint")
 
     def restore(self, spec, template) -> tuple[Any, dict, int]:
         """(state, meta, step). `template`: a TrainState of arrays or ShapeDtypeStructs giving the
@@ -372,31 +359,26 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     """Variables to evaluate / predict with: {'student': vars[, 'ema': vars]} and an info dict
     (checkpoint, step, and `model`: the Flax module the variables belong to).
 
-    `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), an official `.pth` /
-    `.npz` state dict (imported into a model built from `config.model`, training crop
-    `config.data.crop_size` for the memory's shape), or a Hugging Face
-    `SegformerForSemanticSegmentation` checkpoint: its config.json builds the model (SegFormer
-    without AllSpark, as transformers computes it; `config.model` is not used), and its class count
-    must be `config.data.num_classes`. Workdir checkpoints are read onto this process's devices as
-    `restore_template` places them, whatever topology wrote them.
+    `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or a weight source
+    (`loader.load_network`): an official `.pth` / `.pt` / `.npz` state dict (imported into a model
+    built from `config.model`, training crop `config.data.crop_size` for the memory's shape), or a
+    Hugging Face `SegformerForSemanticSegmentation` checkpoint: its config.json builds the model
+    (SegFormer without AllSpark, as transformers computes it; `config.model` is not used). The
+    model's class count must be `config.data.num_classes`. Workdir checkpoints are read onto this
+    process's devices as `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
-    if isinstance(parsed, str) and not is_weight_file(parsed) and parsed not in ("latest", "best"):
-        from allspark_jax import huggingface  # pylint: disable=g-import-not-at-top
-        model, variables, hf_config = huggingface.load_segformer(parsed)
-        if model.config.num_classes != int(config.data.num_classes):
-            raise CheckpointError(
-                f"--checkpoint={spec}: the checkpoint predicts {model.config.num_classes} classes "
-                f"(config.json id2label: {', '.join(map(str, hf_config.get('id2label', {}).values()))})"
-                f", but config.data.num_classes={config.data.num_classes}")
-        return {"student": variables}, {"checkpoint": str(spec), "step": None, "model": model}
     model = build_model(config.model)
-    if isinstance(parsed, str) and is_weight_file(parsed):
-        template = jax.eval_shape(lambda: init_variables(model, jax.random.key(0),
-                                                         int(config.data.crop_size)))
-        variables = convert.load_variables(parsed, template)
-        return {"student": variables}, {"checkpoint": os.path.abspath(parsed), "step": None,
-                                         "model": model}
+    if isinstance(parsed, loader.WeightSource):
+        network = loader.load_network(parsed, model, int(config.data.crop_size))
+        if network.model.config.num_classes != int(config.data.num_classes):
+            labels = ("" if network.labels is None
+                      else f" (config.json id2label: {', '.join(network.labels)})")
+            raise CheckpointError(
+                f"--checkpoint={spec}: the checkpoint predicts {network.model.config.num_classes} "
+                f"classes{labels}, but config.data.num_classes={config.data.num_classes}")
+        return {"student": network.variables}, {"checkpoint": parsed.name, "step": None,
+                                                 "model": network.model}
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)

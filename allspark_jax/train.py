@@ -19,7 +19,6 @@ from jax.experimental import multihost_utils
 
 from allspark_jax import checkpoints as ckpt_lib
 from allspark_jax import config as config_lib
-from allspark_jax import convert
 from allspark_jax import nonfinite
 from allspark_jax import optimizer
 from allspark_jax import runtime
@@ -31,6 +30,7 @@ from allspark_jax.data import input_pipeline
 from allspark_jax.errors import NonFiniteError
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables
+from allspark_jax.weights import loader as weights_loader
 
 
 def _every(value: int, steps_per_epoch: int) -> int:
@@ -44,7 +44,7 @@ def initial_state(config, model, tx, mesh) -> tuple[state_lib.TrainState, state_
     variables = None
     if config.model.pretrained:
         variables = init_variables(model, init_rng, crop)
-        variables = convert.load_pretrained_encoder(config.model.pretrained, variables)
+        variables = weights_loader.load_pretrained_encoder(config.model.pretrained, variables)
         logging.info("Encoder initialised from %s", config.model.pretrained)
     ema = config.train.teacher == "ema"
     # Jitted: Flax init run op by op dispatches every small op alone, which is slow.

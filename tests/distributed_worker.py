@@ -31,7 +31,8 @@ if args.processes > 1:
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from allspark_jax import convert, optimizer, sharding, state as state_lib, train_step  # noqa: E402
+from allspark_jax import optimizer, sharding, state as state_lib, train_step  # noqa: E402
+from allspark_jax.weights import release  # noqa: E402
 from reference_model import reference  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -76,9 +77,9 @@ def main():
         state, metrics = steps[t > 0](state, batch)  # memory read from step 1 on
         losses.append(float(metrics["loss"]))
     host = sharding.to_host(state)
-    out = convert.to_state_dict(host.variables())
+    out = release.to_state_dict(host.variables())
     if host.ema_params is not None:
-        out.update({f"ema/{k}": v for k, v in convert.to_state_dict({"params": host.ema_params}).items()})
+        out.update({f"ema/{k}": v for k, v in release.to_state_dict({"params": host.ema_params}).items()})
     if args.process_id == 0:
         np.savez(args.out, losses=np.array(losses), **out)
     print("done", losses)

@@ -94,7 +94,7 @@ def test_best_in_an_empty_workdir_is_a_clear_error(tmp_path):
 
 
 def test_load_inference_variables_from_a_checkpoint_and_an_official_file(uninterrupted, tmp_path):
-    from allspark_jax import convert
+    from allspark_jax.weights import release_files
     workdir, out = uninterrupted
     config = run_config.tiny_config()
     variables, info = checkpoints.load_inference_variables(config, workdir, "latest")
@@ -103,7 +103,7 @@ def test_load_inference_variables_from_a_checkpoint_and_an_official_file(uninter
         np.asarray(variables["student"]["params"]["head"]["linear_pred"]["kernel"]),
         np.asarray(out["state"].params["head"]["linear_pred"]["kernel"]))
     path = str(tmp_path / "official.pth")
-    convert.save_official_checkpoint(jax.tree.map(np.asarray, out["state"].variables()), path)
+    release_files.save_official_checkpoint(jax.tree.map(np.asarray, out["state"].variables()), path)
     imported, info = checkpoints.load_inference_variables(config, None, path)
     np.testing.assert_array_equal(
         np.asarray(imported["student"]["params"]["head"]["linear_pred"]["kernel"]),

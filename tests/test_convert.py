@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from allspark_jax import errors
-from allspark_jax import convert, pth
+from allspark_jax.weights import loader, release, release_files
+from allspark_jax.weights.pth_reader import load_pth
+from allspark_jax.weights.pth_writer import save_pth
 from reference_model import BASELINES_NPZ, MIT_PTH, OFFICIAL_PTH, assert_trees_equal, reference
 
 
@@ -18,33 +20,33 @@ def template(ref):
 
 
 def test_official_checkpoint_equals_reference_state(ref):
-    assert_trees_equal(convert.load_variables(OFFICIAL_PTH, template(ref)), ref.variables)
+    assert_trees_equal(loader.load_variables(OFFICIAL_PTH, template(ref)), ref.variables)
 
 
 def test_segformer_encoder_import(ref):
     blank = jax.tree.map(np.zeros_like, ref.variables)
-    loaded = convert.load_pretrained_encoder(MIT_PTH, blank)
+    loaded = loader.load_pretrained_encoder(MIT_PTH, blank)
     assert_trees_equal(loaded["params"]["backbone"], ref.variables["params"]["backbone"])
     # Only the encoder is replaced.
     assert_trees_equal(loaded["params"]["head"], blank["params"]["head"])
-    assert "head.weight" in pth.load_pth(MIT_PTH)  # present in the file, ignored by the import
+    assert "head.weight" in load_pth(MIT_PTH)  # present in the file, ignored by the import
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".pth"])
 def test_pretrained_encoder_export_round_trip(ref, tmp_path, suffix):
     """save_pretrained_encoder writes the encoder alone, with mit_bX.pth's names."""
     path = tmp_path / f"encoder{suffix}"
-    convert.save_pretrained_encoder(ref.variables, path)
-    written = set(convert.read_state_dict(path))
-    assert written == {k for k in pth.load_pth(MIT_PTH) if not k.startswith("head.")}
+    release_files.save_pretrained_encoder(ref.variables, path)
+    written = set(loader.read_state_dict(path))
+    assert written == {k for k in load_pth(MIT_PTH) if not k.startswith("head.")}
     blank = jax.tree.map(np.zeros_like, ref.variables)
-    loaded = convert.load_pretrained_encoder(path, blank)
+    loaded = loader.load_pretrained_encoder(path, blank)
     assert_trees_equal(loaded["params"]["backbone"], ref.variables["params"]["backbone"])
     assert_trees_equal(loaded["params"]["head"], blank["params"]["head"])
 
 
 def test_state_dict_round_trip_is_exact(ref):
-    state = convert.to_state_dict(ref.variables)
+    state = release.to_state_dict(ref.variables)
     assert set(state) == set(ref.state0)
     for k, v in ref.state0.items():
         assert state[k].dtype == v.dtype, k
@@ -53,16 +55,16 @@ def test_state_dict_round_trip_is_exact(ref):
 
 def test_official_checkpoint_export_round_trip(ref, tmp_path):
     path = tmp_path / "latest.pth"
-    convert.save_official_checkpoint(ref.variables, path, epoch=3)
-    raw = pth.load_pth(path)
+    release_files.save_official_checkpoint(ref.variables, path, epoch=3)
+    raw = load_pth(path)
     assert raw["epoch"] == 3 and all(k.startswith("module.") for k in raw["model"])
-    assert_trees_equal(convert.load_variables(path, template(ref)), ref.variables)
+    assert_trees_equal(loader.load_variables(path, template(ref)), ref.variables)
 
 
 def test_npz_state_dict(ref, tmp_path):
     path = tmp_path / "weights.npz"
     np.savez(path, **ref.state0)
-    assert_trees_equal(convert.load_variables(path, template(ref)), ref.variables)
+    assert_trees_equal(loader.load_variables(path, template(ref)), ref.variables)
 
 
 def test_mismatches_list_every_key(ref):
@@ -71,7 +73,7 @@ def test_mismatches_list_every_key(ref):
     state["decoder.extra.weight"] = np.zeros(3, np.float32)
     state["backbone.norm2.bias"] = np.zeros(7, np.float32)
     with pytest.raises(errors.WeightImportError) as err:
-        convert.from_state_dict(state, template(ref), source="my.pth")
+        release.from_state_dict(state, template(ref), source="my.pth")
     msg = str(err.value)
     assert "my.pth" in msg
     assert "missing keys (1): backbone.norm1.weight" in msg
@@ -94,9 +96,9 @@ def test_published_checkpoint_layout_is_named(ref, tmp_path):
                  "decoder.allspark.encoder.encoder_norm.weight"]
     state.update({k: np.zeros((4,), np.float32) for k in published})
     path = tmp_path / "best.pth"
-    pth.save_pth({"model": {f"module.{k}": v for k, v in state.items()}}, path)
+    save_pth({"model": {f"module.{k}": v for k, v in state.items()}}, path)
     with pytest.raises(errors.WeightImportError) as err:
-        convert.load_variables(path, template(ref))
+        loader.load_variables(path, template(ref))
     msg = str(err.value)
     assert str(path) in msg
     assert f"missing keys ({len(ours)}): " in msg and f"unexpected keys ({len(published)}): " in msg
@@ -115,20 +117,20 @@ def test_baseline_state_dict_round_trip_and_checkpoint(baseline, tmp_path):
     """A model without AllSpark (config.method 'semi' / 'supervised') writes and reads the release's
     semidec_base.SemiDecoder names exactly: no decoder.allspark.*, no memory."""
     assert not baseline.allspark and set(baseline.variables) == {"params", "batch_stats"}
-    state = convert.to_state_dict(baseline.variables)
+    state = release.to_state_dict(baseline.variables)
     assert set(state) == set(baseline.state0)
     for k, v in baseline.state0.items():
         np.testing.assert_array_equal(state[k], v, err_msg=k)
     path = tmp_path / "latest.pth"
-    convert.save_official_checkpoint(baseline.variables, path)
-    assert_trees_equal(convert.load_variables(path, template(baseline)), baseline.variables)
+    release_files.save_official_checkpoint(baseline.variables, path)
+    assert_trees_equal(loader.load_variables(path, template(baseline)), baseline.variables)
 
 
 def test_method_hint_when_the_file_is_the_other_model(ref, baseline):
     with pytest.raises(errors.WeightImportError, match=r"use config.method='allspark'"):
-        convert.from_state_dict(ref.state0, template(baseline), source="allspark.pth")
+        release.from_state_dict(ref.state0, template(baseline), source="allspark.pth")
     with pytest.raises(errors.WeightImportError, match=r"use config.method='semi' or 'supervised'"):
-        convert.from_state_dict(baseline.state0, template(ref), source="baseline.pth")
+        release.from_state_dict(baseline.state0, template(ref), source="baseline.pth")
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -143,4 +145,4 @@ def test_unreadable_weight_files_are_named(tmp_path, name, content, message):
     else:
         path.write_bytes(content)
     with pytest.raises(errors.WeightImportError, match=message):
-        convert.read_state_dict(path)
+        loader.read_state_dict(path)

@@ -20,10 +20,11 @@ import safetensors
 import safetensors.numpy
 
 from allspark_jax import errors
-from allspark_jax import convert, huggingface, pth
+from allspark_jax.weights import huggingface, huggingface_config, loader
+from allspark_jax.weights.pth_writer import save_pth
 from allspark_jax.models.mit import MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
-from reference_model import DATA, MIT_PTH, assert_trees_equal
+from reference_model import DATA, assert_trees_equal
 
 SEG_DIR = os.path.join(DATA, "hf_segformer_tiny")
 MIT_DIR = os.path.join(DATA, "hf_mit_tiny")
@@ -69,7 +70,7 @@ def file_config(directory):
 def seg():
     """The SegFormer of hf_segformer_tiny, its variables, and a jitted forward returning the
     full-size logits, the head's stage-1 logits and the encoder's four maps."""
-    model, variables, config = huggingface.load_segformer(SEG_DIR)
+    model, variables, config = loader.load_segformer(SEG_DIR)
 
     @jax.jit
     def forward(v, x):
@@ -86,7 +87,7 @@ def seg():
 def mit():
     """hf_mit_tiny's encoder as the MiT that transformers computes, and its recorded outputs."""
     _, config, _ = huggingface.read_checkpoint(MIT_DIR)
-    return types.SimpleNamespace(backbone=huggingface.model_config_for(config).backbone,
+    return types.SimpleNamespace(backbone=huggingface_config.model_config_for(config).backbone,
                                  ref=np.load(os.path.join(MIT_DIR, "outputs.npz")))
 
 
@@ -115,7 +116,7 @@ def test_encoder_matches_transformers(seg, mit, case):
     # hf_mit_tiny has hf_segformer_tiny's architecture: its encoder goes into that SegFormer, whose
     # compiled forward (encoder maps captured) is reused.
     assert mit.backbone == seg.model.config.backbone
-    variables = convert.load_pretrained_encoder(MIT_DIR, seg.variables)
+    variables = loader.load_pretrained_encoder(MIT_DIR, seg.variables)
     _, _, stages = seg.forward(variables, nhwc(mit.ref[f"x_{case}"]))
     errs = [rel_err(o, nhwc(mit.ref[f"{case}_stage{s + 1}"])) for s, o in enumerate(stages)]
     assert max(errs) <= RTOL, errs
@@ -129,7 +130,7 @@ def test_encoder_import_into_allspark_model(mit):
     blank = jax.eval_shape(lambda: model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 64, 64, 3)),
         mode="train", teacher_logits=jnp.zeros((1, 64, 64, 3))))
-    loaded = convert.load_pretrained_encoder(MIT_DIR, blank, model_config=model.config)
+    loaded = loader.load_pretrained_encoder(MIT_DIR, blank, model_config=model.config)
     for part in ("head", "allspark"):  # the very same leaves
         assert all(a is b for a, b in zip(jax.tree.leaves(loaded["params"][part]),
                                           jax.tree.leaves(blank["params"][part])))
@@ -155,7 +156,7 @@ def test_wrong_mappings_break_parity(seg, tmp_path):
     reordered[fuse] = np.concatenate(np.split(state[fuse], 4, axis=1)[::-1], axis=1)
     template = shapes(seg.variables)
     for name, bad in (("kv", swapped), ("fuse", reordered)):
-        variables = convert.load_variables(copy_checkpoint(tmp_path, SEG_DIR, bad, name=name),
+        variables = loader.load_variables(copy_checkpoint(tmp_path, SEG_DIR, bad, name=name),
                                            template)
         errs = segformer_errors(seg, variables, "square")
         assert errs["logits"] > 1e-2, (name, errs)
@@ -183,14 +184,14 @@ def test_segformer_export_round_trip(seg, tmp_path):
     assert_config_round_trip(file_config(tmp_path), file_config(SEG_DIR))
     with safetensors.safe_open(str(tmp_path / huggingface.WEIGHTS_NAME), "np") as f:
         assert f.metadata() == {"format": "pt"}  # transformers refuses files without it
-    assert_trees_equal(convert.load_variables(tmp_path, shapes(seg.variables),
+    assert_trees_equal(loader.load_variables(tmp_path, shapes(seg.variables),
                                               model_config=seg.model.config), seg.variables)
 
 
 def test_encoder_export_round_trip(mit, tmp_path):
     template = {"params": {"backbone": shapes(jax.eval_shape(lambda: MixVisionTransformer(
         mit.backbone).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))["params"])}}
-    variables = convert.load_pretrained_encoder(MIT_DIR, template)
+    variables = loader.load_pretrained_encoder(MIT_DIR, template)
     huggingface.save_checkpoint(variables, mit.backbone, tmp_path, encoder_only=True)
     assert_states_equal(file_state(tmp_path), file_state(MIT_DIR))
     assert_config_round_trip(file_config(tmp_path), file_config(MIT_DIR),
@@ -217,7 +218,7 @@ def test_every_bad_key_is_listed(seg, tmp_path):
     state["decode_head.linear_c.2.proj.weight"] = np.zeros((32, 41), np.float32)
     path = copy_checkpoint(tmp_path, SEG_DIR, state)
     with pytest.raises(errors.WeightImportError) as err:
-        convert.load_variables(path, shapes(seg.variables))
+        loader.load_variables(path, shapes(seg.variables))
     msg = str(err.value)
     assert str(path / "config.json") in msg
     assert "missing keys (1): segformer.encoder.block.1.1.attention.self.value.bias" in msg
@@ -231,7 +232,7 @@ def test_architecture_mismatches_are_named(seg):
     other = AllSparkSegmentor(dataclasses.replace(seg.model.config, num_classes=6, decoder_dim=24))
     template = jax.eval_shape(lambda: other.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
     with pytest.raises(errors.WeightImportError) as err:
-        convert.load_variables(SEG_DIR, template)
+        loader.load_variables(SEG_DIR, template)
     msg = str(err.value)
     assert source in msg
     assert "decoder_hidden_size: 32 in the file, 24 in the model" in msg
@@ -240,7 +241,7 @@ def test_architecture_mismatches_are_named(seg):
     mcfg = dataclasses.replace(seg.model.config, backbone=dataclasses.replace(
         seg.model.config.backbone, num_heads=(1, 2, 8, 8), patch_strides=(4, 2, 2, 1)))
     with pytest.raises(errors.WeightImportError) as err:
-        convert.load_variables(SEG_DIR, shapes(seg.variables), model_config=mcfg)
+        loader.load_variables(SEG_DIR, shapes(seg.variables), model_config=mcfg)
     msg = str(err.value)
     assert "num_attention_heads: (1, 2, 5, 8) in the file, (1, 2, 8, 8) in the model" in msg
     assert "strides: (4, 2, 2, 2) in the file, (4, 2, 2, 1) in the model" in msg
@@ -252,11 +253,11 @@ def test_allspark_model_and_release_eps_are_rejected(seg):
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 64, 64, 3)),
         mode="train", teacher_logits=jnp.zeros((1, 64, 64, 5))))
     with pytest.raises(errors.WeightImportError, match="AllSpark module: False in the file, True"):
-        convert.load_variables(SEG_DIR, template)
+        loader.load_variables(SEG_DIR, template)
     release_eps = dataclasses.replace(seg.model.config, backbone=dataclasses.replace(
         seg.model.config.backbone, norm_eps=1e-6))
     with pytest.raises(errors.WeightImportError, match="LayerNorm eps"):
-        convert.load_variables(SEG_DIR, shapes(seg.variables), model_config=release_eps)
+        loader.load_variables(SEG_DIR, shapes(seg.variables), model_config=release_eps)
 
 
 @pytest.mark.parametrize("field,value,expected", [
@@ -268,12 +269,12 @@ def test_allspark_model_and_release_eps_are_rejected(seg):
 def test_unsupported_config_is_rejected(seg, tmp_path, field, value, expected):
     path = copy_checkpoint(tmp_path, SEG_DIR, config={**file_config(SEG_DIR), field: value})
     with pytest.raises(errors.WeightImportError, match=re.escape(expected)):
-        convert.load_variables(path, shapes(seg.variables))
+        loader.load_variables(path, shapes(seg.variables))
 
 
 def test_encoder_checkpoint_is_not_a_segmentation_model(seg):
     with pytest.raises(errors.WeightImportError, match="no decode_head.*load_pretrained_encoder"):
-        convert.load_variables(MIT_DIR, shapes(seg.variables))
+        loader.load_variables(MIT_DIR, shapes(seg.variables))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -283,18 +284,18 @@ def test_image_classification_checkpoint_and_file_paths(mit, tmp_path):
     as a .safetensors file; the same weights as pytorch_model.bin, and as two indexed shards."""
     template = {"params": {"backbone": shapes(jax.eval_shape(lambda: MixVisionTransformer(
         mit.backbone).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))["params"])}}
-    expected = convert.load_pretrained_encoder(MIT_DIR, template)
+    expected = loader.load_pretrained_encoder(MIT_DIR, template)
     state = {f"segformer.{k}": v for k, v in file_state(MIT_DIR).items()}
     state["classifier.weight"] = np.ones((1000, 64), np.float32)
     state["classifier.bias"] = np.ones((1000,), np.float32)
     path = copy_checkpoint(tmp_path, MIT_DIR, state, name="cls")
-    assert_trees_equal(convert.load_pretrained_encoder(path / huggingface.WEIGHTS_NAME, template),
+    assert_trees_equal(loader.load_pretrained_encoder(path / huggingface.WEIGHTS_NAME, template),
                        expected)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shutil.copy(path / "config.json", bin_dir)
-    pth.save_pth(state, bin_dir / huggingface.PT_WEIGHTS_NAME)
-    assert_trees_equal(convert.load_pretrained_encoder(bin_dir, template), expected)
+    save_pth(state, bin_dir / huggingface.PT_WEIGHTS_NAME)
+    assert_trees_equal(loader.load_pretrained_encoder(bin_dir, template), expected)
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     shutil.copy(path / "config.json", sharded)
@@ -305,17 +306,13 @@ def test_image_classification_checkpoint_and_file_paths(mit, tmp_path):
         safetensors.numpy.save_file({k: state[k] for k in keys}, str(sharded / shard))
     (sharded / huggingface.WEIGHTS_INDEX_NAME).write_text(json.dumps(
         {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
-    assert_trees_equal(convert.load_pretrained_encoder(sharded, template), expected)
+    assert_trees_equal(loader.load_pretrained_encoder(sharded, template), expected)
 
 
-def test_is_checkpoint_and_read_state_dict(tmp_path):
-    assert huggingface.is_checkpoint(SEG_DIR)
-    assert huggingface.is_checkpoint(os.path.join(MIT_DIR, huggingface.WEIGHTS_NAME))
-    assert huggingface.is_checkpoint("nvidia/mit-b0")
-    assert not huggingface.is_checkpoint(MIT_PTH)
-    assert not huggingface.is_checkpoint("pretrained/mit_b5.pth")
-    assert not huggingface.is_checkpoint(str(tmp_path))  # a directory without config.json
-    state = convert.read_state_dict(SEG_DIR)
+def test_read_state_dict_gives_the_release_names():
+    """A Hugging Face checkpoint read as a state dict (the dispatch: tests/test_weights_loader.py)
+    comes back in the release's names, key/value fused, the BatchNorm counter int64."""
+    state = loader.read_state_dict(SEG_DIR)
     assert state["backbone.block2.1.attn.kv.weight"].shape == (64, 32)
     assert state["decoder.decoder.linear_fuse.bn.num_batches_tracked"].dtype == np.int64
 
@@ -329,7 +326,7 @@ def test_hub_id_download(monkeypatch, seg):
 
     monkeypatch.setitem(sys.modules, "huggingface_hub",
                         types.SimpleNamespace(snapshot_download=snapshot_download))
-    loaded = convert.load_variables("nvidia/segformer-b0-finetuned-ade-512-512",
+    loaded = loader.load_variables("nvidia/segformer-b0-finetuned-ade-512-512",
                                     shapes(seg.variables))
     assert_trees_equal(loaded, seg.variables)
     assert calls[0][0] == "nvidia/segformer-b0-finetuned-ade-512-512"
@@ -344,15 +341,15 @@ def test_hub_id_offline_or_without_huggingface_hub(monkeypatch, seg):
                         types.SimpleNamespace(snapshot_download=offline))
     with pytest.raises(errors.WeightImportError,
                        match=r"nvidia/mit-b0: .*downloading it .* failed \(OSError: We couldn't"):
-        convert.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
+        loader.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(errors.WeightImportError, match="nvidia/mit-b0: .*needs huggingface_hub"):
-        convert.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
+        loader.load_pretrained_encoder("nvidia/mit-b0", seg.variables)
 
 
 def test_model_pretrained_takes_a_hub_layout_encoder(mit):
     """`model.pretrained` (the run's encoder initialisation) takes a transformers checkpoint, as it
-    takes mit_bX.pth (a .safetensors file or a hub id goes the same way: convert's dispatch)."""
+    takes mit_bX.pth (a .safetensors file or a hub id goes the same way: the loader's dispatch)."""
     import run_config
     from allspark_jax import optimizer, sharding, train
     from allspark_jax.models.segmentor import build_model
@@ -363,6 +360,6 @@ def test_model_pretrained_takes_a_hub_layout_encoder(mit):
     model = build_model(config.model)
     tx, _ = optimizer.create_optimizer(config.optim, 10)
     state, _ = train.initial_state(config, model, tx, sharding.create_mesh())
-    expected = convert.load_pretrained_encoder(MIT_DIR, {"params": {"backbone": shapes(
+    expected = loader.load_pretrained_encoder(MIT_DIR, {"params": {"backbone": shapes(
         state.params["backbone"])}})
     assert_trees_equal(jax.device_get(state.params["backbone"]), expected["params"]["backbone"])

@@ -172,7 +172,8 @@ def test_huggingface_segformer_eval_and_predict(custom_root, tmp_path):
     """`--checkpoint DIR` of a transformers SegformerForSemanticSegmentation: the model comes from
     its config.json; predictions are that model's argmax."""
     import jax
-    from allspark_jax import huggingface, predict
+    from allspark_jax import predict
+    from allspark_jax.weights import loader
     workdir = str(tmp_path / "run")
     rc, out = run_main("--config", DEMO, "--workdir", workdir, "--mode", "eval",
                        "--checkpoint", HF_SEGFORMER, *custom_flags(custom_root))
@@ -191,7 +192,7 @@ def test_huggingface_segformer_eval_and_predict(custom_root, tmp_path):
                        "--inputs", one, "--output_dir", out_dir,
                        *custom_flags(custom_root, **{"eval.mode": "original"}))
     assert rc == 0, out[-5000:]
-    model, variables, _ = huggingface.load_segformer(HF_SEGFORMER)
+    model, variables, _ = loader.load_segformer(HF_SEGFORMER)
     logits = jax.jit(lambda v, x: model.apply(v, x, mode="eval"))(
         variables, predict.load_image(one)[1][None])
     expected = np.asarray(logits[0]).argmax(-1)

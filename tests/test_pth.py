@@ -1,4 +1,4 @@
-"""Tests for allspark_jax.pth (torch-free .pth reading/writing)."""
+"""Tests for allspark_jax.weights.pth_reader / pth_writer (torch-free .pth reading/writing)."""
 
 import struct
 import zipfile
@@ -8,9 +8,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from allspark_jax import pth
 from allspark_jax.errors import PthFormatError
-from allspark_jax.pth import load_pth, save_pth
+from allspark_jax.weights import pth_reader
+from allspark_jax.weights.pth_reader import load_pth
+from allspark_jax.weights.pth_writer import save_pth
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "allspark_tiny_official_checkpoint.pth"
@@ -314,7 +315,7 @@ def test_flipped_byte_names_the_damaged_record(tmp_path, clean_file):
 def test_nesting_is_bounded(tmp_path):
     path = tmp_path / "deep.pth"
     ok = []
-    for _ in range(pth.MAX_NESTING - 1):
+    for _ in range(pth_reader.MAX_NESTING - 1):
         ok = [ok]
     save_pth(ok, path)
     assert load_pth(path) == ok  # MAX_NESTING levels load
@@ -322,11 +323,11 @@ def test_nesting_is_bounded(tmp_path):
         "lists": _pickle(b"]" * 100_000 + b"a" * 99_999),
         "tuples": _pickle(b"N" + b"\x85" * 100_000),
         "dicts": _pickle(b"}K\x00" * 150 + b"}" + b"s" * 150),
-        "one too many": _pickle(b"]" * (pth.MAX_NESTING + 1) + b"a" * pth.MAX_NESTING),
+        "one too many": _pickle(b"]" * (pth_reader.MAX_NESTING + 1) + b"a" * pth_reader.MAX_NESTING),
     }
     for name, payload in deep.items():
         _write_archive(path, payload)
-        with pytest.raises(PthFormatError, match=rf"nest deeper than {pth.MAX_NESTING}"):
+        with pytest.raises(PthFormatError, match=rf"nest deeper than {pth_reader.MAX_NESTING}"):
             load_pth(path)
     _write_archive(path, _pickle(b"(" * 10_000))
     with pytest.raises(PthFormatError, match="MARKs open"):
@@ -354,10 +355,10 @@ def test_zero_strides_cannot_blow_up_a_small_file(tmp_path):
     # what torch.save writes for torch.arange(3.).expand(4, 3): within MAX_EXPANSION, loads
     _write_archive(path, _pickle(_tensor("0", 3, 0, (4, 3), (0, 1))),
                    [("0", np.float32([0, 1, 2]).tobytes())])
-    assert pth.MAX_EXPANSION * 3 >= 4 * 3
+    assert pth_reader.MAX_EXPANSION * 3 >= 4 * 3
     assert_same_array(load_pth(path), np.tile(np.float32([0, 1, 2]), (4, 1)), "expanded")
     # overlapping views of one storage count against the same budget
-    body = b"](" + _tensor("0", 3, 0, (3,), (1,)) * (pth.MAX_EXPANSION + 1) + b"e"
+    body = b"](" + _tensor("0", 3, 0, (3,), (1,)) * (pth_reader.MAX_EXPANSION + 1) + b"e"
     _write_archive(path, _pickle(body), [("0", np.float32([0, 1, 2]).tobytes())])
     with pytest.raises(PthFormatError, match="refusing to expand"):
         load_pth(path)

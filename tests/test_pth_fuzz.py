@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allspark_jax import pth
 from allspark_jax.errors import PthFormatError
-from allspark_jax.pth import load_pth, save_pth
+from allspark_jax.weights import pth_reader
+from allspark_jax.weights.pth_reader import load_pth
+from allspark_jax.weights.pth_writer import save_pth
 
 DATA = Path(__file__).parent / "data"
 SEED = 1234
@@ -32,7 +33,7 @@ SECONDS_PER_LOAD = 10
 # A valid load holds the file's storages, their copies and zipfile's buffers; a
 # hostile one may add MAX_EXPANSION x its storage bytes.  Anything beyond this
 # bound means a header or pickle size was trusted.
-ALLOC_FACTOR = pth.MAX_EXPANSION + 4
+ALLOC_FACTOR = pth_reader.MAX_EXPANSION + 4
 ALLOC_SLACK = 8 << 20
 
 OTHER_GLOBALS = [b"torch\nLongStorage\n", b"torch\nIntStorage\n", b"torch\nHalfStorage\n",

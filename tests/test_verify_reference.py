@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from allspark_jax import convert, state as state_lib
+from allspark_jax import state as state_lib
+from allspark_jax.weights import release
 from allspark_jax.tools import verify_reference
 from allspark_jax.tools.verify_reference import FORWARD_RTOL, MAX_KINK_FLIPS, TRAINED_RTOL
 from reference_model import BASELINES_NPZ, REFERENCE_NPZ, reference
@@ -165,7 +166,7 @@ def test_gradient_fallback_is_bounded():
     state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), ref.x_l.shape[1],
                                          ema=False, variables=ref.variables)
     batch = verify_reference.reference_batches(ref, 1)[0]
-    recorded_grads = convert.from_state_dict(ref.prefixed("train_step/grads0/"),
+    recorded_grads = release.from_state_dict(ref.prefixed("train_step/grads0/"),
                                              {"params": ref.variables["params"]})["params"]
     perturbed = jax.tree.map(lambda g: g * 1.01, recorded_grads)
     result = verify_reference.grads_case(ref, perturbed, state, batch, tx, tcfg,

@@ -20,13 +20,13 @@ import jax
 import numpy as np
 from PIL import Image
 
-from allspark_jax import convert
 from allspark_jax import predict as predict_lib
 from allspark_jax.benchmark.timing import CompileCounter, compile_stats, host_peak_rss_bytes
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables
+from allspark_jax.weights import release
 
 
 def image_sizes(num_sizes: int, min_side: int, max_side: int, seed: int = 0) -> list[tuple]:
@@ -144,7 +144,7 @@ def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side:
                                                          int(config.data.crop_size)))
         full = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template),
                 **jax.tree.map(np.asarray, variables)}
-        np.savez(weights, **convert.to_state_dict(full))
+        np.savez(weights, **release.to_state_dict(full))
         for way in ways:
             jax.clear_caches()
             dest = os.path.join(tmp, way)

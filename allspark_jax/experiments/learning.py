@@ -231,7 +231,7 @@ def _train_run(config, run_dir: str) -> tuple[dict, float, float]:
 def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
     """The source task of `learning.pretrain_*`: writes its synthetic dataset (other classes, other
     images, every one labeled), trains `supervised` on it for `learning.pretrain_steps` steps and
-    writes the encoder as a `mit_bX.pth`-style state dict (`convert.save_pretrained_encoder`).
+    writes the encoder as a `mit_bX.pth`-style state dict (`weights.release_files.save_pretrained_encoder`).
 
     Returns {'path': the encoder file, 'miou': source validation mIoU, 'steps', 'seconds',
     'cpu_seconds', 'num_classes', 'num_images', 'seed'}.
@@ -239,9 +239,9 @@ def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from allspark_jax import convert  # pylint: disable=g-import-not-at-top
     from allspark_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    from allspark_jax.weights import release_files  # pylint: disable=g-import-not-at-top
     src = base.learning
     steps, num_images = int(src.pretrain_steps), int(src.pretrain_num_images)
     folder = os.path.join(workdir, "pretrain")
@@ -264,7 +264,7 @@ def pretrain_encoder(base, workdir: str, print_fn=print) -> dict:
     config_lib.validate(config)
     out, seconds, cpu = _train_run(config, os.path.join(folder, "run"))
     path = os.path.join(folder, "encoder.npz")
-    convert.save_pretrained_encoder({"params": jax.device_get(out["state"].params)}, path)
+    release_files.save_pretrained_encoder({"params": jax.device_get(out["state"].params)}, path)
     miou = float(out["eval"][out["step"]]["student"]["miou"])
     print_fn(f"source task ({src.pretrain_num_classes} classes, {num_images} labeled images): "
              f"mIoU {miou:.2f} after {out['step']} steps ({seconds / 60:.1f} min); every run's "

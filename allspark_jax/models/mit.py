@@ -1,7 +1,7 @@
 """Mix Transformer (MiT) encoder of SegFormer, NHWC.
 
 Module and parameter names mirror the PyTorch release (`patch_embed1`, `block1_0`, `attn.q`, ...) so
-that `allspark_jax.convert` maps state dicts by name alone (`block1.0` <-> `block1_0`).
+that `allspark_jax.weights.release` maps state dicts by name alone (`block1.0` <-> `block1_0`).
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ class MiTConfig:
     patch_kernels: tuple[int, ...] = (7, 3, 3, 3)
     patch_strides: tuple[int, ...] = (4, 2, 2, 2)
     # Epsilon of the blocks' (norm1, norm2) and stages' (norm1..4) LayerNorms: 1e-6 in the release;
-    # transformers' SegFormer uses torch's default 1e-5 there (allspark_jax.huggingface). The
-    # patch-embedding and spatial-reduction norms use 1e-5 in both.
+    # transformers' SegFormer uses torch's default 1e-5 there (allspark_jax.weights
+    # .huggingface_config). The patch-embedding and spatial-reduction norms use 1e-5 in both.
     norm_eps: float = 1e-6
 
     @classmethod

@@ -36,11 +36,12 @@ import ml_collections
 import numpy as np
 
 from allspark_jax.errors import ReferenceFileError
-from allspark_jax import convert, losses, optimizer, state as state_lib, train_step
+from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.head import TorchBatchNorm
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
+from allspark_jax.weights import release
 
 # ---------------------------------------------------------------------------------- Tolerances
 # Per tensor, ||ours - reference|| / ||reference||; integer tensors (mIoU counts, write pointers,
@@ -158,7 +159,7 @@ class Reference:
         template = jax.eval_shape(lambda: init_variables(
             self.model, jax.random.key(0), tuple(x_l.shape[2:]), x_l.shape[0]))
         self.state0 = self.prefixed("state0/")
-        self.variables = jax.tree.map(jnp.asarray, convert.from_state_dict(
+        self.variables = jax.tree.map(jnp.asarray, release.from_state_dict(
             self.state0, template, source=f"{path}: state0"))
         self.x_l, self.x_u = nhwc(x_l), nhwc(self.data["inputs/x_u"])
         self.mask_l = self.data["inputs/mask_l"].astype(np.int32)
@@ -219,7 +220,7 @@ def case_train_forward(ref: Reference) -> list[Result]:
         logits, updates = ref.model.apply(
             ref.variables, np.concatenate([ref.x_l, ref.x_u]), mode="train", teacher_logits=teacher,
             use_memory=use_memory, mutable=["batch_stats", "memory"])
-        after = convert.to_state_dict({**updates, "params": {}})
+        after = release.to_state_dict({**updates, "params": {}})
         ref_after = ref.prefixed(f"{name}/after/")
         pairs = {"teacher_logits": (teacher, nhwc(ref.data[f"{name}/teacher_logits"])),
                  "logits": (logits, nhwc(ref.data[f"{name}/logits"]))}
@@ -368,7 +369,7 @@ def step_sequence_case(ref: Reference, prefix: str, method: str,
                                       method=method)
     batches = reference_batches(ref, steps)
     for t, batch in enumerate(batches):
-        before = convert.to_state_dict(state.variables())
+        before = release.to_state_dict(state.variables())
         ref_before = ref.state0 if t == 0 else ref.prefixed(f"{prefix}/state{t}/")
         if t == 0:
             grad_state = jax.tree.map(jnp.copy, state)
@@ -387,7 +388,7 @@ def step_sequence_case(ref: Reference, prefix: str, method: str,
             results.append(grads_case(ref, out["grads"], grad_state, batch, tx, tcfg,
                                       prefix=prefix, method=method))
         if ref.has(f"{prefix}/state{t + 1}/"):
-            sd = convert.to_state_dict(state.variables())
+            sd = release.to_state_dict(state.variables())
             refs = ref.prefixed(f"{prefix}/state{t + 1}/")
             r = compare(f"{prefix} state{t + 1}", {k: (sd[k], v) for k, v in refs.items()},
                         TRAINED_RTOL)
@@ -420,7 +421,7 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
     zeros = sorted(k for k, v in refs.items() if np.linalg.norm(v) < floor)
 
     def check(grads, note):
-        ours = convert.to_state_dict({"params": grads})
+        ours = release.to_state_dict({"params": grads})
         r = compare(f"{prefix} grads0", {k: (ours[k], v) for k, v in refs.items()
                                           if k not in zeros}, TRAINED_RTOL, note)
         zeros_ok = all(max(np.linalg.norm(ours[k]), np.linalg.norm(ours[k] - refs[k])) < floor

@@ -26,9 +26,10 @@ Each folder's `outputs.npz` (PyTorch layouts, NCHW, float32):
   meta_json                                             versions, seeds, config
 with case in (square, rect).
 
-`--check-export DIR` instead loads a checkpoint that allspark_jax.huggingface.save_checkpoint wrote
-(from the JAX side) with `from_pretrained`, fails on any missing / unexpected / mismatched key, runs
-it on the recorded inputs of the matching folder and prints the worst relative error per output.
+`--check-export DIR` instead loads a checkpoint that
+allspark_jax.weights.huggingface.save_checkpoint wrote (from the JAX side) with `from_pretrained`,
+fails on any missing / unexpected / mismatched key, runs it on the recorded inputs of the matching
+folder and prints the worst relative error per output.
 """
 from __future__ import annotations
 

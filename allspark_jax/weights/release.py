@@ -1,4 +1,4 @@
-"""Conversion between Flax variables and the official PyTorch state dicts.
+"""The release's state-dict layout: Flax variables <-> the official PyTorch state dicts.
 
 Flax module names mirror the release's, so a parameter's PyTorch name follows from its Flax path
 by a few renames (`block1_0` -> `block1.0`, `allspark` -> `decoder.allspark`, ...) and its value by a
@@ -6,30 +6,21 @@ layout change (Dense kernels (in, out) <-> Linear weights (out, in); conv kernel
 (out, in, kh, kw)). Import is strict: a missing key, an unexpected key or a wrong shape is an error
 that lists every offending key.
 
-Supported sources (`load_variables`):
-  * official training checkpoints (`latest.pth`/`best.pth`: a dict whose `model` entry is the DDP
-    state dict, keys prefixed `module.`) of each of the release's trainers: AllSpark's, and the
-    baselines' (`semidec_base.SemiDecoder`: the same names without `decoder.allspark.*`, into a model
-    of config.method 'semi' / 'supervised');
-  * plain state dicts (`.pth` or `.npz`, keys as in the release, optionally `module.`-prefixed);
-  * SegFormer ImageNet-pretrained encoders (`mit_b0.pth` ... `mit_b5.pth`) via `load_pretrained_encoder`
-    (encoder keys without prefix; the classifier `head.*` is ignored);
-  * Hugging Face `transformers` checkpoints (a directory with config.json + model.safetensors, a
-    `.safetensors` file, or a hub id): MiT encoders via `load_pretrained_encoder`, whole
-    `SegformerForSemanticSegmentation` networks (into a model without AllSpark) via
-    `load_variables`; see `allspark_jax.huggingface`.
+One layout serves each of the release's trainers: AllSpark's (`decoder.allspark.*` and the Semantic
+Memory), and the baselines' (`semidec_base.SemiDecoder`: the same names without
+`decoder.allspark.*`, for a model of config.method 'semi' / 'supervised'); SegFormer's ImageNet
+encoders (`mit_b0.pth` ... `mit_b5.pth`) hold the encoder's names without the `backbone.` prefix
+(`import_encoder`; their classifier `head.*` is ignored). The files these come in are read and
+written by `allspark_jax.weights.release_files`; `allspark_jax.weights.loader` decides the source.
 """
 from __future__ import annotations
 
-import os
 import re
-import zipfile
 from typing import Any, Mapping
 
 import flax
 import numpy as np
 
-from allspark_jax import pth
 from allspark_jax.errors import WeightImportError
 
 # Flax top-level module -> prefix of the release's state dict.
@@ -90,7 +81,7 @@ def to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
             for path, v in _flat_leaves(variables).items()}
 
 
-def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     if state and all(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items()}
     return dict(state)
@@ -109,7 +100,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
     Raises:
       WeightImportError listing missing keys, unexpected keys and shape mismatches.
     """
-    state = _strip(state, "module.")
+    state = strip_prefix(state, "module.")
     expected = {}
     for path, like in _flat_leaves(template).items():
         name = torch_name(path[1:])
@@ -146,88 +137,33 @@ def _method_hint(missing: list[str], unexpected: list[str]) -> list[str]:
     return []
 
 
-def _huggingface(path: str | os.PathLike):
-    """The `allspark_jax.huggingface` module if `path` is a transformers checkpoint, else None."""
-    # Imported here: allspark_jax.huggingface builds on this module (from_state_dict, ...).
-    from allspark_jax import huggingface
-    return huggingface if huggingface.is_checkpoint(path) else None
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads a state dict from `.npz` or `.pth`; an official training checkpoint gives its `model`.
-
-    A transformers checkpoint (`allspark_jax.huggingface.is_checkpoint`) comes back in the release's
-    names, unchecked (config.json is not read; `load_variables` checks it).
-    """
-    if hf := _huggingface(path):
-        state, _, source = hf.read_checkpoint(path)
-        return hf.to_release_state_dict(state, source=source)
-    path = os.fspath(path)
-    if path.endswith(".npz"):
-        if os.path.exists(path) and not zipfile.is_zipfile(path):
-            raise WeightImportError(f"{path}: not an .npz (zip) archive; expected a state dict "
-                                    "written by numpy.savez (name -> array)")
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise WeightImportError(f"{path}: not a readable .npz state dict of numeric arrays "
-                                    f"({e})") from e
-    obj = pth.load_pth(path)  # a PthFormatError is a WeightImportError naming the file
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # official latest.pth / best.pth
-    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]  # mmseg-style checkpoints
-    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise WeightImportError(f"{path}: expected a state dict (name -> tensor), an official "
-                                f"checkpoint with a 'model' entry, or a dict with 'state_dict'")
-    return obj
-
-
-def load_variables(path: str | os.PathLike, template: Mapping, *, model_config=None) -> dict:
-    """Full-model weights (official checkpoint, `.pth` or `.npz` state dict, or a transformers
-    `SegformerForSemanticSegmentation` checkpoint) -> Flax variables shaped like `template`.
-
-    `model_config` (a ModelConfig) is used by transformers checkpoints only: their config.json is
-    compared with it field by field (without it, with what the template's shapes show).
-    """
-    if hf := _huggingface(path):
-        return hf.load_variables(path, template, model_config=model_config)
-    return from_state_dict(read_state_dict(path), template, source=os.fspath(path))
-
-
-def load_pretrained_encoder(path: str | os.PathLike, variables: Mapping, *,
-                            model_config=None) -> dict:
-    """Replaces `variables['params']['backbone']` with a SegFormer `mit_bX.pth` encoder or the
-    encoder of a transformers `SegformerModel` / `SegformerForImageClassification` checkpoint
-    (`model_config`, a ModelConfig or MiTConfig, as in `load_variables`)."""
-    if hf := _huggingface(path):
-        return hf.load_encoder(path, variables, model_config=model_config)
+def import_encoder(state: Mapping[str, np.ndarray], variables: Mapping, *,
+                   source: str = "state dict") -> dict:
+    """`variables` with `params/backbone` replaced by a SegFormer `mit_bX.pth` encoder's state dict
+    (encoder keys without prefix; its classifier `head.*` is ignored); strict as `from_state_dict`."""
     template = {"params": {"backbone": variables["params"]["backbone"]}}
-    loaded = from_state_dict(read_state_dict(path), template, source=os.fspath(path),
-                             name_prefix="backbone.", ignore=ENCODER_IGNORED)
+    loaded = from_state_dict(state, template, source=source, name_prefix="backbone.",
+                             ignore=ENCODER_IGNORED)
+    return with_encoder(variables, loaded["params"]["backbone"])
+
+
+def with_encoder(variables: Mapping, backbone: Mapping) -> dict:
+    """`variables` (unfrozen) with `params/backbone` replaced by `backbone`."""
     variables = flax.core.unfreeze(variables)
-    variables["params"] = {**variables["params"], "backbone": loaded["params"]["backbone"]}
+    variables["params"] = {**variables["params"], "backbone": backbone}
     return variables
 
 
-def save_pretrained_encoder(variables: Mapping, path: str | os.PathLike) -> None:
-    """Writes the encoder of `variables` as a SegFormer `mit_bX.pth` state dict (encoder keys
-    without prefix; `.npz` or `.pth` by the suffix), which `load_pretrained_encoder` reads."""
-    state = _strip(to_state_dict({"params": {"backbone": variables["params"]["backbone"]}}),
-                   "backbone.")
-    path = os.fspath(path)
-    if path.endswith(".npz"):
-        np.savez(path, **state)
-    else:
-        pth.save_pth(state, path)
+def encoder_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """The encoder of `variables` in `mit_bX.pth`'s names (no `backbone.` prefix)."""
+    return strip_prefix(to_state_dict({"params": {"backbone": variables["params"]["backbone"]}}),
+                        "backbone.")
 
 
-def save_official_checkpoint(variables: Mapping, path: str | os.PathLike, *, epoch: int = 0,
-                             previous_best: float = 0.0) -> None:
-    """Writes `variables` as the release's `latest.pth` (`model` keys prefixed `module.`)."""
+def official_checkpoint(variables: Mapping, *, epoch: int = 0,
+                        previous_best: float = 0.0) -> dict:
+    """The release's `latest.pth` object: `model` (keys prefixed `module.`, as DDP saves them),
+    an empty `optimizer`, `epoch`, `best_epoch`, `previous_best`."""
     model = {f"module.{k}": v for k, v in to_state_dict(variables).items()}
-    pth.save_pth({"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": epoch,
-                  "best_epoch": epoch, "previous_best": previous_best}, path)
+    return {"model": model, "optimizer": {"state": {}, "param_groups": []}, "epoch": epoch,
+            "best_epoch": epoch, "previous_best": previous_best}

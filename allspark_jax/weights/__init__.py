@@ -1,0 +1,19 @@
+"""Weights from outside the training loop: the release's `.pth` / `.npz` files and Hugging Face
+SegFormer checkpoints, read and written without torch; `loader` decides which a weight spec is.
+
+Modules, each importing only those listed before it (and `allspark_jax.errors`,
+`allspark_jax.models`):
+
+  pth_format          the zip container torch.save writes, and its storage types
+  pth_reader          a safe, torch-free reader of it (`load_pth`)
+  pth_writer          its writer (`save_pth`), which torch.load reads
+  release             the release's state-dict names and array layouts <-> Flax variables
+  release_files       the release's files: `.npz` / `.pth` state dicts, official checkpoints,
+                      `mit_bX.pth` encoders
+  huggingface_keys    transformers' SegFormer key names <-> the release's
+  huggingface_config  transformers' config.json <-> the model's configuration
+  huggingface         transformers' checkpoints: files, hub downloads, import and export
+  loader              the one place deciding a weight spec's source, and loading it
+
+The package imports nothing of the run loop, the config, the checkpoints or the commands.
+"""
