@@ -97,14 +97,18 @@ def test_unimatch_parity(name, case):
     UniMatch V2's DPT; `compdrop` is its complementary-dropout forward with the drawn mask."""
     model, params = unimatch_params(name)
     x = nhwc(REC[f"{name}_{case}_x"])
-    scale = None
-    if case == "compdrop":
-        scale = jnp.asarray(REC[f"{name}_compdrop_mask"])
-    else:
-        tokens = DINOv2(model.encoder).apply({"params": params["backbone"]}, x, model.head.layers)
+    scale = (jnp.asarray(REC[f"{name}_compdrop_mask"]) if case == "compdrop" else None)
+
+    @jax.jit
+    def forward(params, x, scale):
+        tokens = DINOv2(model.encoder).apply({"params": params["backbone"]}, x,
+                                             model.head.layers)
+        return tokens, model.apply({"params": params}, x, scale)
+
+    tokens, logits = forward(params, x, scale)
+    if case != "compdrop":  # the recording has no layers for the dropout forward
         for k, t in enumerate(tokens):
             assert rel_err(t[:, 1:], REC[f"{name}_{case}_layer{k}"]) < RTOL, (k, case)
-    logits = model.apply({"params": params}, x, scale)
     ref = nhwc(REC[f"{name}_{case}_logits"])
     assert logits.shape == ref.shape
     assert rel_err(logits, ref) < RTOL
@@ -179,6 +183,13 @@ def test_transformers_parity(directory):
     params = weights.encoder_from_state_dict(state, encoder_template(config),
                                              layout="transformers", source=directory)
     model = DINOv2(config)
+    layers = tuple(range(config.depth))
+
+    @jax.jit
+    def forward(x, masks):
+        hidden = model.apply({"params": params}, x, layers, norm=False, masks=masks)
+        return hidden, model.apply({"params": params}, x, masks=masks)[0]
+
     for case in HF_CASES:
         x = nhwc(out[f"{case}_x"])
         grid = (x.shape[1] // 14, x.shape[2] // 14)
@@ -186,12 +197,10 @@ def test_transformers_parity(directory):
         if f"{case}_bool_masked_pos" in out:
             masks = out[f"{case}_bool_masked_pos"].reshape(-1, *grid)
             assert masks.any()
-        layers = tuple(range(config.depth))
-        hidden = model.apply({"params": params}, x, layers, norm=False, masks=masks)
+        hidden, last = forward(x, masks)
         ref = out[f"{case}_hidden_states"]
         for i, h in enumerate(hidden):
             assert rel_err(h, ref[i + 1]) < RTOL, (case, i)
-        last = model.apply({"params": params}, x, masks=masks)[0]
         assert rel_err(last, out[f"{case}_last_hidden_state"]) < RTOL, case
 
 
@@ -309,6 +318,16 @@ def test_presets(size):
     if size in logged:
         assert (round(count(params["backbone"]) / 1e6, 1),
                 round(count(params["head"]) / 1e6, 1)) == logged[size]
+
+
+def test_bfloat16_compute():
+    """dtype bfloat16 computes encoder and head in bfloat16 (float32 parameters), near float32."""
+    model, params = unimatch_params("dpt_tiny")
+    x = nhwc(REC["dpt_tiny_square_x"])
+    low = DPTSegmentor(model.encoder, model.head, jnp.bfloat16)
+    logits = jax.jit(low.apply)({"params": params}, x)
+    assert logits.dtype == jnp.bfloat16
+    assert rel_err(np.asarray(logits, np.float32), nhwc(REC["dpt_tiny_square_logits"])) < 0.05
 
 
 def test_config_errors():

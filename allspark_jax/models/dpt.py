@@ -70,10 +70,11 @@ class DPTConfig:
                              f"{self.features} and out_channels {self.out_channels} must be >= 1")
 
 
-def conv3x3(features: int, name: str, use_bias: bool = True, stride: int = 1) -> nn.Conv:
+def conv3x3(features: int, name: str, dtype: Dtype, use_bias: bool = True,
+            stride: int = 1) -> nn.Conv:
     """A PyTorch-initialised 3x3 convolution with padding 1. Kernel (3, 3, in, out)."""
     return nn.Conv(features, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
-                   use_bias=use_bias, kernel_init=torch_default_init, name=name)
+                   use_bias=use_bias, kernel_init=torch_default_init, dtype=dtype, name=name)
 
 
 class PatchExpand(nn.Module):
@@ -88,24 +89,28 @@ class PatchExpand(nn.Module):
 
     features: int
     k: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         b, h, w, c = x.shape
         kernel = self.param("kernel", torch_default_init, (self.k, self.k, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel.astype(x.dtype))
-        return y.reshape(b, h * self.k, w * self.k, self.features) + bias.astype(x.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel)
+        return y.reshape(b, h * self.k, w * self.k, self.features) + bias
 
 
 class ResidualConvUnit(nn.Module):
     """x + conv2(relu(conv1(relu(x)))), 3x3 convolutions with bias. (B, h, w, F) -> same."""
 
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x):
         f = x.shape[-1]
-        y = conv3x3(f, "conv1")(nn.relu(x))
-        return x + conv3x3(f, "conv2")(nn.relu(y))
+        y = conv3x3(f, "conv1", self.dtype)(nn.relu(x))
+        return x + conv3x3(f, "conv2", self.dtype)(nn.relu(y))
 
 
 class FeatureFusionBlock(nn.Module):
@@ -116,17 +121,19 @@ class FeatureFusionBlock(nn.Module):
     UniMatch V2's model and state dict (they round-trip, and receive no gradient).
     """
 
+    dtype: Dtype = jnp.float32
+
     @nn.compact
     def __call__(self, x, skip=None, size: tuple[int, int] | None = None):
-        unit1 = ResidualConvUnit(name="resConfUnit1")
+        unit1 = ResidualConvUnit(self.dtype, name="resConfUnit1")
         if skip is not None:
             x = x + unit1(skip)
         elif self.is_initializing():
             unit1(x)
-        x = ResidualConvUnit(name="resConfUnit2")(x)
+        x = ResidualConvUnit(self.dtype, name="resConfUnit2")(x)
         size = (2 * x.shape[1], 2 * x.shape[2]) if size is None else tuple(size)
         x = resize_bilinear_align_corners(x, size)
-        return Conv1x1(x.shape[-1], name="out_conv")(x)
+        return Conv1x1(x.shape[-1], dtype=self.dtype, name="out_conv")(x)
 
 
 class DPTHead(nn.Module):
@@ -137,29 +144,30 @@ class DPTHead(nn.Module):
     """
 
     config: DPTConfig
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array], channel_scale=None):
-        cfg = self.config
+        cfg, dt = self.config, self.dtype
         if len(features) != 4:
             raise ValueError(f"DPTHead: expected 4 encoder maps, got {len(features)}")
         outs = []
         for i, (x, ch) in enumerate(zip(features, cfg.out_channels)):
-            x = Conv1x1(ch, name=f"projects_{i}")(x, channel_scale)
+            x = Conv1x1(ch, dtype=dt, name=f"projects_{i}")(x, channel_scale)
             if i == 0:
-                x = PatchExpand(ch, 4, name="resize_layers_0")(x)
+                x = PatchExpand(ch, 4, dt, name="resize_layers_0")(x)
             elif i == 1:
-                x = PatchExpand(ch, 2, name="resize_layers_1")(x)
+                x = PatchExpand(ch, 2, dt, name="resize_layers_1")(x)
             elif i == 3:
-                x = conv3x3(ch, "resize_layers_3", stride=2)(x)
-            outs.append(conv3x3(cfg.features, f"layer{i + 1}_rn", use_bias=False)(x))
+                x = conv3x3(ch, "resize_layers_3", dt, stride=2)(x)
+            outs.append(conv3x3(cfg.features, f"layer{i + 1}_rn", dt, use_bias=False)(x))
         l1, l2, l3, l4 = outs
-        path = FeatureFusionBlock(name="refinenet4")(l4, size=l3.shape[1:3])
-        path = FeatureFusionBlock(name="refinenet3")(path, l3, size=l2.shape[1:3])
-        path = FeatureFusionBlock(name="refinenet2")(path, l2, size=l1.shape[1:3])
-        path = FeatureFusionBlock(name="refinenet1")(path, l1)
-        y = nn.relu(conv3x3(cfg.features, "output_conv_0")(path))
-        return Conv1x1(cfg.num_classes, name="output_conv_2")(y)
+        path = FeatureFusionBlock(dt, name="refinenet4")(l4, size=l3.shape[1:3])
+        path = FeatureFusionBlock(dt, name="refinenet3")(path, l3, size=l2.shape[1:3])
+        path = FeatureFusionBlock(dt, name="refinenet2")(path, l2, size=l1.shape[1:3])
+        path = FeatureFusionBlock(dt, name="refinenet1")(path, l1)
+        y = nn.relu(conv3x3(cfg.features, "output_conv_0", dt)(path))
+        return Conv1x1(cfg.num_classes, dtype=dt, name="output_conv_2")(y)
 
 
 def complementary_dropout_scale(key: jax.Array, batch: int, dim: int) -> jax.Array:
@@ -188,6 +196,8 @@ class DPTSegmentor(nn.Module):
 
     `feature_scale` (B, D) or None: the complementary-dropout scale of the encoder maps
     (`complementary_dropout_scale`; UniMatch V2's `comp_drop=True`); None is its eval forward.
+    `dtype`: the computation dtype of encoder and head (parameters stay float32; the attention
+    softmax runs in float32).
     """
 
     encoder: DINOv2Config
@@ -201,7 +211,7 @@ class DPTSegmentor(nn.Module):
                              f"depth {self.encoder.depth}")
         grid = token_grid(x.shape[1:3], self.encoder.patch_size)
         tokens = DINOv2(self.encoder, self.dtype, name="backbone")(x, self.head.layers)
-        logits = DPTHead(self.head, name="head")([patch_map(t, grid) for t in tokens],
+        logits = DPTHead(self.head, self.dtype, name="head")([patch_map(t, grid) for t in tokens],
                                                  feature_scale)
         p = self.encoder.patch_size
         return resize_bilinear_align_corners(logits, (grid[0] * p, grid[1] * p))

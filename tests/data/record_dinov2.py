@@ -51,7 +51,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DPT_MODELS = {
     # name: (encoder kwargs, head kwargs, layers read, seed)
@@ -228,7 +227,12 @@ def check_export_unimatch(unimatch: str, path: str, out: str) -> None:
 @torch.no_grad()
 def check_export_hf(directory: str, out: str) -> None:
     from transformers import Dinov2Model
-    model = Dinov2Model.from_pretrained(directory, attn_implementation="eager").eval()
+    model, info = Dinov2Model.from_pretrained(directory, attn_implementation="eager",
+                                              output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v}
+    if bad:
+        raise SystemExit(f"{directory} does not load strictly: {bad}")
+    model.eval()
     arch = {k: getattr(model.config, k) for k in ("hidden_size", "use_swiglu_ffn")}
     name = "hf_dinov2_tiny_swiglu" if arch["use_swiglu_ffn"] else "hf_dinov2_tiny"
     data = np.load(os.path.join(out, name, "outputs.npz"))
