@@ -1,0 +1,258 @@
+"""DINOv2 and UniMatch V2 DPT state dicts <-> Flax parameters (`models.dinov2`, `models.dpt`), both
+ways, torch-free and strict.
+
+Layouts (dicts of numpy arrays in PyTorch layout, as `pth.load_pth` or `safetensors.numpy` read them):
+  * 'dinov2': facebookresearch's `DinoVisionTransformer` state dict, the keys of
+    `dinov2_vit{s,b,l,g}14_pretrain.pth` (what UniMatch V2's `backbone` loads): `cls_token`,
+    `pos_embed`, `mask_token`, `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,
+    norm2,mlp.fc1,mlp.fc2 | mlp.w12,mlp.w3,ls2.gamma}.*`, `norm.*`;
+  * 'transformers': transformers' `Dinov2Model` checkpoints (`facebook/dinov2-*` model.safetensors,
+    the hub's key names): `embeddings.{cls_token,mask_token,position_embeddings,
+    patch_embeddings.projection.*}`, `encoder.layer.{i}.{norm1,attention.attention.{query,key,value},
+    attention.output.dense,layer_scale1.lambda1,norm2,mlp.fc1,mlp.fc2 | mlp.weights_in,
+    mlp.weights_out,layer_scale2.lambda1}.*`, `layernorm.*`; the separate query / key / value
+    projections are the column blocks [q | k | v] of the Flax `qkv` kernel;
+  * UniMatch V2's `DPT` state dict: `backbone.*` in the 'dinov2' layout and `head.*`
+    (`projects.{i}`, `resize_layers.{0,1,3}`, `scratch.layer{k}_rn`, `scratch.refinenet{k}.
+    {out_conv,resConfUnit{1,2}.conv{1,2}}`, `scratch.output_conv.{0,2}`); a `module.` prefix (its
+    DistributedDataParallel training) is dropped when every key has it.
+
+Layouts: Dense kernels (in, out) <-> Linear weights (out, in); convolution kernels (kh, kw, in, out)
+<-> (out, in, kh, kw); the DPT's transposed-convolution kernels (k, k, in, out) <-> ConvTranspose2d
+weights (in, out, k, k); LayerNorm scale <-> weight; everything else unchanged.
+
+Import is strict: a missing key, an unexpected key or a shape other than the template's is a
+`WeightImportError` that lists every offending key. `config_from_transformers` reads a
+transformers config.json into a `DINOv2Config` ('transformers' position interpolation);
+`transformers_config` writes one.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping
+
+import flax
+import numpy as np
+
+from allspark_jax.errors import WeightImportError
+from allspark_jax.models.dinov2 import DINOv2Config
+
+LAYOUTS = ("dinov2", "transformers")
+Path = tuple[str, ...]
+# A leaf's rule: its file keys, Flax value -> file values, file values -> Flax value.
+Rule = tuple[list[str], Callable[[np.ndarray], list[np.ndarray]],
+             Callable[[list[np.ndarray]], np.ndarray]]
+
+
+def _copy() -> tuple[Callable, Callable]:
+    return (lambda v: [v]), (lambda vs: vs[0])
+
+
+def _leaf_layout(leaf: str, ndim: int, transposed_conv: bool = False) -> tuple[Callable, Callable]:
+    """(to file, to Flax) of one leaf: Dense / conv / transposed-conv kernels change layout."""
+    if leaf == "kernel" and ndim == 2:
+        return (lambda v: [v.T]), (lambda vs: vs[0].T)
+    if leaf == "kernel" and ndim == 4 and transposed_conv:
+        return (lambda v: [v.transpose(2, 3, 0, 1)]), (lambda vs: vs[0].transpose(2, 3, 0, 1))
+    if leaf == "kernel" and ndim == 4:
+        return (lambda v: [v.transpose(3, 2, 0, 1)]), (lambda vs: vs[0].transpose(2, 3, 1, 0))
+    return _copy()
+
+
+def _torch_leaf(leaf: str) -> str:
+    return {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
+
+
+def _bad_path(path: Path, what: str) -> WeightImportError:
+    return WeightImportError(f"{what}: no checkpoint key for the Flax parameter {'/'.join(path)}")
+
+
+def _encoder_rule(path: Path, ndim: int, layout: str) -> Rule:
+    """The rule of one encoder leaf (path relative to the encoder's parameters)."""
+    head, leaf = path[0], path[-1]
+    to_file, to_flax = _leaf_layout(leaf, ndim)
+    if layout == "dinov2":
+        if len(path) == 1:  # cls_token, pos_embed, mask_token
+            return [head], to_file, to_flax
+        parts = list(path[:-1])
+        if head == "patch_embed":
+            parts = ["patch_embed", "proj"]
+        elif head.startswith("blocks_"):
+            parts = ["blocks", head.removeprefix("blocks_"), *path[1:-1]]
+        return [".".join(parts + [_torch_leaf(leaf)])], to_file, to_flax
+    top = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+           "pos_embed": "embeddings.position_embeddings"}
+    if len(path) == 1 and head in top:
+        return [top[head]], to_file, to_flax
+    if head == "patch_embed":
+        return [f"embeddings.patch_embeddings.projection.{_torch_leaf(leaf)}"], to_file, to_flax
+    if head == "norm":
+        return [f"layernorm.{_torch_leaf(leaf)}"], to_file, to_flax
+    m = re.fullmatch(r"blocks_(\d+)", head)
+    if not m:
+        raise _bad_path(path, "transformers layout")
+    prefix, middle, tleaf = f"encoder.layer.{m.group(1)}.", path[1:-1], _torch_leaf(leaf)
+    if middle == ("attn", "qkv"):
+        keys = [f"{prefix}attention.attention.{n}.{tleaf}" for n in ("query", "key", "value")]
+        if leaf == "kernel":  # (D, 3D) = [q.T | k.T | v.T]
+            return (keys, lambda v: [b.T for b in np.split(v, 3, axis=1)],
+                    lambda vs: np.concatenate([b.T for b in vs], axis=1))
+        return keys, lambda v: list(np.split(v, 3)), lambda vs: np.concatenate(vs)
+    names = {("attn", "proj"): "attention.output.dense", ("ls1",): "layer_scale1",
+             ("ls2",): "layer_scale2", ("norm1",): "norm1", ("norm2",): "norm2",
+             ("mlp", "fc1"): "mlp.fc1", ("mlp", "fc2"): "mlp.fc2",
+             ("mlp", "w12"): "mlp.weights_in", ("mlp", "w3"): "mlp.weights_out"}
+    if middle not in names:
+        raise _bad_path(path, "transformers layout")
+    tleaf = "lambda1" if leaf == "gamma" else tleaf
+    return [f"{prefix}{names[middle]}.{tleaf}"], to_file, to_flax
+
+
+def _head_rule(path: Path, ndim: int) -> Rule:
+    """The rule of one DPT head leaf (path relative to the head's parameters)."""
+    module, leaf = path[0], path[-1]
+    to_file, to_flax = _leaf_layout(leaf, ndim, transposed_conv=module in ("resize_layers_0",
+                                                                           "resize_layers_1"))
+    m = re.fullmatch(r"(projects|resize_layers|output_conv)_(\d+)", module)
+    if m and m.group(1) == "output_conv":
+        parts = ["scratch", "output_conv", m.group(2)]
+    elif m:
+        parts = [m.group(1), m.group(2)]
+    elif re.fullmatch(r"layer\d_rn|refinenet\d", module):
+        parts = ["scratch", *path[:-1]]
+    else:
+        raise _bad_path(path, "UniMatch V2 DPT layout")
+    return [".".join(["head", *parts, _torch_leaf(leaf)])], to_file, to_flax
+
+
+def _flat(tree: Mapping) -> dict[Path, Any]:
+    return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _dpt_rule(path: Path, ndim: int) -> Rule:
+    if path[0] == "backbone":
+        keys, to_file, to_flax = _encoder_rule(path[1:], ndim, "dinov2")
+        return [f"backbone.{k}" for k in keys], to_file, to_flax
+    if path[0] == "head":
+        return _head_rule(path[1:], ndim)
+    raise _bad_path(path, "UniMatch V2 DPT layout")
+
+
+def _export(params: Mapping, rule: Callable[[Path, int], Rule]) -> dict[str, np.ndarray]:
+    out = {}
+    for path, value in _flat(params).items():
+        value = np.asarray(value)
+        keys, to_file, _ = rule(path, value.ndim)
+        for key, v in zip(keys, to_file(value)):
+            out[key] = np.ascontiguousarray(v)
+    return out
+
+
+def _import(state: Mapping[str, Any], template: Mapping, rule: Callable[[Path, int], Rule],
+            source: str) -> dict:
+    expected: dict[str, tuple[Path, int, tuple[int, ...]]] = {}
+    rules = {}
+    for path, like in _flat(template).items():
+        shape = tuple(like.shape)
+        keys, to_file, to_flax = rule(path, len(shape))
+        rules[path] = (keys, to_flax, like)
+        for k, v in zip(keys, to_file(np.zeros(shape, np.float32))):
+            expected[k] = v.shape
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(np.shape(state[k]))}, model expects {expected[k]}"
+             for k in sorted(set(expected) & set(state)) if tuple(np.shape(state[k])) != expected[k]]
+    if missing or unexpected or wrong:
+        lines = [f"  {title} ({len(items)}): " + ", ".join(items)
+                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("shape mismatches", wrong)) if items]
+        raise WeightImportError("\n".join([f"{source} does not fit the model:", *lines]))
+    flat = {}
+    for path, (keys, to_flax, like) in rules.items():
+        value = to_flax([np.asarray(state[k]) for k in keys])
+        flat[path] = np.array(value, dtype=like.dtype, order="C")
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown DINOv2 checkpoint layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def encoder_from_state_dict(state: Mapping[str, Any], template: Mapping, *, layout: str,
+                            source: str = "state dict") -> dict:
+    """A DINOv2 state dict in `layout` -> the encoder's Flax parameters shaped like `template`
+    (the `DINOv2` module's params, arrays or ShapeDtypeStructs). Strict (module docstring)."""
+    _check_layout(layout)
+    return _import(state, template, lambda p, n: _encoder_rule(p, n, layout), source)
+
+
+def encoder_to_state_dict(params: Mapping, *, layout: str) -> dict[str, np.ndarray]:
+    """The encoder's Flax parameters -> its state dict in `layout` (numpy, PyTorch layout)."""
+    _check_layout(layout)
+    return _export(params, lambda p, n: _encoder_rule(p, n, layout))
+
+
+def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def dpt_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
+                        source: str = "state dict") -> dict:
+    """UniMatch V2's DPT state dict -> `DPTSegmentor` params (`backbone`, `head`) shaped like
+    `template`. Strict (module docstring)."""
+    return _import(_strip_module(state), template, _dpt_rule, source)
+
+
+def dpt_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
+    """`DPTSegmentor` params -> UniMatch V2's DPT state dict (numpy, PyTorch layout)."""
+    return _export(params, _dpt_rule)
+
+
+# transformers' Dinov2Config fields that fix the architecture, and the DINOv2Config field each is.
+_HF_FIELDS = {"hidden_size": "embed_dim", "num_hidden_layers": "depth",
+              "num_attention_heads": "num_heads", "mlp_ratio": "mlp_ratio",
+              "patch_size": "patch_size", "num_channels": "in_channels", "qkv_bias": "qkv_bias",
+              "layerscale_value": "layer_scale_init", "layer_norm_eps": "norm_eps"}
+
+
+def config_from_transformers(config: Mapping[str, Any], source: str = "config.json",
+                             **overrides) -> DINOv2Config:
+    """A transformers `Dinov2Config` (config.json as a dict) -> `DINOv2Config` with the
+    'transformers' position interpolation. Architectures this encoder does not compute (another
+    model type, activation, registers, non-square sizes) are a WeightImportError naming the field."""
+    if config.get("model_type") != "dinov2":
+        raise WeightImportError(f"{source}: model_type {config.get('model_type')!r}; expected "
+                                "'dinov2' (transformers' Dinov2Model)")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise WeightImportError(f"{source}: hidden_act {config['hidden_act']!r}; the DINOv2 "
+                                "encoder computes 'gelu' (exact)")
+    sizes = {}
+    for field in ("image_size", "patch_size"):
+        value = config.get(field, {"image_size": 224, "patch_size": 14}[field])
+        if isinstance(value, (list, tuple)):
+            if len(set(value)) != 1:
+                raise WeightImportError(f"{source}: {field} {value}; expected a square size")
+            value = value[0]
+        sizes[field] = int(value)
+    fields = {ours: config[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in config}
+    fields["patch_size"] = sizes["patch_size"]
+    fields["pos_grid"] = sizes["image_size"] // sizes["patch_size"]
+    fields["ffn"] = "swiglu" if config.get("use_swiglu_ffn", False) else "mlp"
+    try:
+        return DINOv2Config(**{**fields, "pos_interpolation": "transformers", **overrides})
+    except (TypeError, ValueError) as e:
+        raise WeightImportError(f"{source}: {e}") from e
+
+
+def transformers_config(config: DINOv2Config) -> dict[str, Any]:
+    """`DINOv2Config` -> a transformers `Dinov2Model` config.json dict (the architecture fields;
+    transformers fills the rest with its defaults). transformers interpolates position embeddings
+    its own way ('transformers'), whatever `config.pos_interpolation` is."""
+    out = {theirs: getattr(config, ours) for theirs, ours in _HF_FIELDS.items()}
+    out.update(model_type="dinov2", architectures=["Dinov2Model"], hidden_act="gelu",
+               image_size=config.pos_grid * config.patch_size,
+               use_swiglu_ffn=config.ffn == "swiglu", use_mask_token=True)
+    return out
