@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from allspark_jax import pth
+from allspark_jax.weights import pth_reader as pth
 from allspark_jax.errors import WeightImportError
-from allspark_jax.models import resample
+from allspark_jax.models import resize as resample
 from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, interpolate_pos_embed
 from allspark_jax.models.dpt import (DPTConfig, DPTSegmentor, complementary_dropout_scale,
                                      dpt_preset)

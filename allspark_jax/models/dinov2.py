@@ -15,7 +15,7 @@ the two ways the checkpoints' own code does it (`DINOv2Config.pos_interpolation`
   * 'transformers' (transformers' `Dinov2Model`): to the size (h, w), scale side / h.
 Both keep the stored embeddings unchanged when the grid has `pos_grid`^2 tokens and the input is
 square in pixels, as both codes do. The interpolation matrices are computed once per shape on the
-host (`allspark_jax.models.resample`).
+host (`allspark_jax.models.resize`).
 
 Parameter names follow facebookresearch's state dict (`patch_embed`, `blocks_{i}` for `blocks.{i}`,
 `attn/qkv`, `ls1/gamma`, `mlp/fc1` or `mlp/w12`, `norm`); `allspark_jax.weights.dinov2` maps both
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from allspark_jax.models.mit import PatchConv, dense_init, softmax_attention
-from allspark_jax.models.resample import resize_bicubic
+from allspark_jax.models.resize import resize_bicubic
 
 Dtype = Any
 

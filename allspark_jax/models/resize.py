@@ -1,4 +1,24 @@
-"""Bilinear resizing with PyTorch's `F.interpolate(mode='bilinear', align_corners=False)` semantics."""
+"""Static-shape resizing of NHWC maps as PyTorch's `F.interpolate` computes it on float32.
+
+Three of `F.interpolate`'s modes, none antialiased:
+  * `bilinear`, align_corners=False (`resize_bilinear`; `resize_bilinear_valid` for the true parts
+    of a padded batch): SegFormer's head, AllSpark's grouping, evaluation;
+  * `bicubic`, align_corners=False (`resize_bicubic`): DINOv2's position-embedding interpolation,
+    both facebookresearch's and transformers', given either the output size (scale = in / out) or
+    a scale factor (scale = 1 / factor, which differs from in / out when the output size was
+    floored);
+  * `bilinear`, align_corners=True (`resize_bilinear_align_corners`): the DPT head's fusion blocks
+    and its final resize.
+
+Each axis of a static-shape resize is an (out_len, in_len) weight matrix built on the host in
+numpy, in the float32 arithmetic of PyTorch's CPU kernels (UpSampleKernel.cpp: the scale first,
+then the source index, its floor and fraction; for bicubic Keys' cubic with A = -0.75 on the four
+taps floor - 1 .. floor + 2 clamped to the edges). A map is resized from each row's few non-zero
+taps (a gather and multiply-adds per output that XLA fuses with their consumers), never as a dense
+product, and its gradient from the transposed taps (a gather again, where autodiff's transpose of a
+gather is a scatter-add, a serial loop on XLA:CPU). Taps are computed once per shape (cached) and
+in numpy: jnp would compile a dozen tiny XLA programs per new shape while the model is traced.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,48 +27,121 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Keys' cubic convolution parameter of PyTorch's non-antialiased bicubic interpolation.
+_CUBIC_A = -0.75
+
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """(B, H, W, C) -> (B, h, w, C); half-pixel centres, edge-clamped, NO antialiasing.
+    """`F.interpolate(x, size, mode='bilinear', align_corners=False)` on (B, H, W, C) -> (B, h, w, C).
 
-    PyTorch's bilinear interpolation does not antialias when downsampling (the AllSpark grouping
-    downsamples the teacher's logits); the weights are `interpolation_matrix`'s, PyTorch's formula.
-    Computed from each axis's at most two taps per output (`_resize_taps`), not as products with
-    the dense (out, in) matrices: a gather and two multiply-adds per output that XLA fuses with
-    their consumers (the head's sum of upsampled maps), where the dense products cost in_len
-    multiply-adds per output and write every upsampled map.
+    Half-pixel centres, edge-clamped, no antialiasing when downsampling (the AllSpark grouping
+    downsamples the teacher's logits); the weights are `interpolation_matrix`'s.
     """
-    if tuple(size) == tuple(x.shape[1:3]):
+    h, w = x.shape[1:3]
+    if (h, w) == tuple(size):
         return x
-    return _resize_taps(x, tuple(x.shape[1:3]), tuple(size))
+    return resample(x, ("bilinear", h, int(size[0]), None), ("bilinear", w, int(size[1]), None))
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """(n,) fractions -> (n, 4) float32 weights of taps floor - 1 .. floor + 2, PyTorch's
+    get_cubic_upsample_coefficients (cubic_convolution1 on |x| <= 1, cubic_convolution2 beyond).
+    Evaluated in float64 and rounded once: PyTorch's float32 polynomials are compiled with fused
+    multiply-adds, which this reproduces more closely than float32 steps (within 1e-6)."""
+    a, t = _CUBIC_A, t.astype(np.float64)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=None)
-def _axis_taps(in_len: int, out_len: int):
-    """Static taps of PyTorch's bilinear weights along one axis, both ways.
+def bicubic_matrix(in_len: int, out_len: int, scale_factor: float | None = None) -> np.ndarray:
+    """(out_len, in_len) float32 weights of `F.interpolate(mode='bicubic', align_corners=False)`.
 
-    Returns (fwd_idx, fwd_w) (out_len, 2): the inputs each output reads and their weights, and
-    (bwd_idx, bwd_w) (in_len, T): the outputs each input's gradient reads (the transpose, T the most
-    outputs one input feeds; padded with weight 0), all numpy.
+    `scale_factor` None: called with `size` (scale in_len / out_len); else the factor passed to
+    `F.interpolate(scale_factor=...)`, whose inverse PyTorch uses as the scale. Taps beyond the
+    edges read the edge (their weights add onto it).
     """
-    # numpy, not jnp: every new (in_len, out_len) pair would otherwise compile a dozen tiny XLA
-    # programs while the model is traced.
-    m = interpolation_matrix(np.array([in_len]), np.array([out_len]), in_len, out_len, xp=np)[0]
+    if scale_factor is None:
+        scale = np.float32(in_len) / np.float32(out_len)
+    else:
+        scale = np.float32(1.0 / scale_factor)  # 1 / factor in double, then float, as PyTorch
+    # scale * (o + 0.5) - 0.5 rounded to float32 once: a fused multiply-add in PyTorch's kernel.
+    o = np.arange(out_len, dtype=np.float64)
+    src = (np.float64(scale) * (o + 0.5) - 0.5).astype(np.float32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
+    t = np.clip(src - i0.astype(np.float32), 0.0, 1.0)
+    weights = _cubic_weights(t)
+    m = np.zeros((out_len, in_len), np.float32)
+    for j in range(4):
+        cols = np.clip(i0 - 1 + j, 0, in_len - 1)
+        np.add.at(m, (np.arange(out_len), cols), weights[:, j])
+    return m
 
-    def taps(mat):
-        width = max(int((mat != 0).sum(1).max()), 1)
-        idx = np.zeros((mat.shape[0], width), np.int32)
-        w = np.zeros((mat.shape[0], width), np.float32)
-        for r in range(mat.shape[0]):
-            nz = np.flatnonzero(mat[r])
-            idx[r, :len(nz)], w[r, :len(nz)] = nz, mat[r, nz]
-        return idx, w
 
-    return taps(m) + taps(m.T)
+@functools.lru_cache(maxsize=None)
+def bilinear_align_corners_matrix(in_len: int, out_len: int) -> np.ndarray:
+    """(out_len, in_len) float32 weights of `F.interpolate(mode='bilinear', align_corners=True)`:
+    source index o * (in_len - 1) / (out_len - 1), whether the call gave a size or a scale factor
+    (align_corners ignores the factor)."""
+    if out_len == in_len:
+        return np.eye(out_len, dtype=np.float32)
+    scale = (np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1
+             else np.float32(0.0))
+    src = scale * np.arange(out_len, dtype=np.float32)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
+    l1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    i1 = np.minimum(i0 + 1, in_len - 1)
+    m = np.zeros((out_len, in_len), np.float32)
+    rows = np.arange(out_len)
+    np.add.at(m, (rows, i0), np.float32(1.0) - l1)
+    np.add.at(m, (rows, i1), l1)
+    return m
 
 
-def _apply_taps(x: jax.Array, idx: np.ndarray, w: np.ndarray, axis: int) -> jax.Array:
-    """sum_t w[o, t] * x[..., idx[o, t], ...] along `axis` (static numpy taps)."""
+# An axis's resizing, hashable: (kind, in_len, out_len, scale_factor | None), kind one of
+# "bilinear" (align_corners=False), "bicubic", "bilinear_align_corners" (factor None but bicubic's).
+AxisSpec = tuple[str, int, int, "float | None"]
+
+
+def _matrix(spec: AxisSpec) -> np.ndarray:
+    kind, in_len, out_len, factor = spec
+    if kind == "bilinear":
+        return interpolation_matrix(np.array([in_len]), np.array([out_len]), in_len, out_len,
+                                    xp=np)[0]
+    if kind == "bicubic":
+        return bicubic_matrix(in_len, out_len, factor)
+    if kind == "bilinear_align_corners":
+        return bilinear_align_corners_matrix(in_len, out_len)
+    raise ValueError(f"unknown resizing {kind!r}; expected 'bilinear', 'bicubic' or "
+                     "'bilinear_align_corners'")
+
+
+def _taps_of(mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, T) int32 column indices and float32 weights of each row's non-zeros (zero-padded)."""
+    width = max(int((mat != 0).sum(1).max()), 1)
+    idx = np.zeros((mat.shape[0], width), np.int32)
+    w = np.zeros((mat.shape[0], width), np.float32)
+    for r in range(mat.shape[0]):
+        nz = np.flatnonzero(mat[r])
+        idx[r, :len(nz)], w[r, :len(nz)] = nz, mat[r, nz]
+    return idx, w
+
+
+@functools.lru_cache(maxsize=None)
+def _taps(spec: AxisSpec):
+    """(forward taps, transposed taps) of an axis, numpy (see `_taps_of`)."""
+    m = _matrix(spec)
+    return _taps_of(m), _taps_of(m.T)
+
+
+def _apply(x: jax.Array, taps: tuple[np.ndarray, np.ndarray], axis: int) -> jax.Array:
+    idx, w = taps
     shape = [1] * x.ndim
     shape[axis] = idx.shape[0]
     out = None
@@ -60,25 +153,47 @@ def _apply_taps(x: jax.Array, idx: np.ndarray, w: np.ndarray, axis: int) -> jax.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _resize_taps(x: jax.Array, in_size: tuple[int, int], size: tuple[int, int]) -> jax.Array:
-    (fh, wh, _, _), (fw, ww, _, _) = (_axis_taps(in_size[0], size[0]),
-                                      _axis_taps(in_size[1], size[1]))
-    return _apply_taps(_apply_taps(x, fh, wh, 1), fw, ww, 2)
+def resample(x: jax.Array, spec_h: AxisSpec, spec_w: AxisSpec) -> jax.Array:
+    """(B, in_h, in_w, C) -> (B, out_h, out_w, C), axis 1 by `spec_h`, then axis 2 by `spec_w`."""
+    return _apply(_apply(x, _taps(spec_h)[0], 1), _taps(spec_w)[0], 2)
 
 
-def _resize_taps_fwd(x, in_size, size):
-    return _resize_taps(x, in_size, size), None
+def _resample_fwd(x, spec_h, spec_w):
+    return resample(x, spec_h, spec_w), None
 
 
-def _resize_taps_bwd(in_size, size, _, g):
-    # The transpose reads taps too (each input gathers the outputs it fed): autodiff's transpose
-    # of a gather is a scatter-add, a serial loop on XLA:CPU.
-    (_, _, bh, wh), (_, _, bw, ww) = (_axis_taps(in_size[0], size[0]),
-                                      _axis_taps(in_size[1], size[1]))
-    return (_apply_taps(_apply_taps(g, bw, ww, 2), bh, wh, 1),)
+def _resample_bwd(spec_h, spec_w, _, g):
+    return (_apply(_apply(g, _taps(spec_w)[1], 2), _taps(spec_h)[1], 1),)
 
 
-_resize_taps.defvjp(_resize_taps_fwd, _resize_taps_bwd)
+resample.defvjp(_resample_fwd, _resample_bwd)
+
+
+def resize_bicubic(x: jax.Array, size: tuple[int, int],
+                   scale_factor: tuple[float, float] | None = None) -> jax.Array:
+    """`F.interpolate(x, size, mode='bicubic', align_corners=False)` on (B, H, W, C) -> (B, h, w, C).
+
+    `scale_factor` (f_h, f_w) or None: the factors of a `scale_factor=` call, whose output `size`
+    is floor(in * f) (the caller's; checked) and whose scale is 1 / f.
+    """
+    h, w = x.shape[1:3]
+    if scale_factor is None:
+        fh = fw = None
+    else:
+        fh, fw = (float(f) for f in scale_factor)
+        if (int(np.floor(h * fh)), int(np.floor(w * fw))) != tuple(size):
+            raise ValueError(f"resize_bicubic: size {tuple(size)} is not floor({(h, w)} * "
+                             f"{(fh, fw)})")
+    return resample(x, ("bicubic", h, int(size[0]), fh), ("bicubic", w, int(size[1]), fw))
+
+
+def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` on (B, H, W, C) -> (B, h, w, C)."""
+    h, w = x.shape[1:3]
+    if (h, w) == tuple(size):
+        return x
+    return resample(x, ("bilinear_align_corners", h, int(size[0]), None),
+                    ("bilinear_align_corners", w, int(size[1]), None))
 
 
 def interpolation_matrix(in_size: jax.Array, out_size: jax.Array, in_len: int,

@@ -36,6 +36,7 @@ import numpy as np
 
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models.dinov2 import DINOv2Config
+from allspark_jax.weights.release import key_mismatch_lines, strip_prefix
 
 LAYOUTS = ("dinov2", "transformers")
 Path = tuple[str, ...]
@@ -163,10 +164,8 @@ def _import(state: Mapping[str, Any], template: Mapping, rule: Callable[[Path, i
     wrong = [f"{k}: file {tuple(np.shape(state[k]))}, model expects {expected[k]}"
              for k in sorted(set(expected) & set(state)) if tuple(np.shape(state[k])) != expected[k]]
     if missing or unexpected or wrong:
-        lines = [f"  {title} ({len(items)}): " + ", ".join(items)
-                 for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", wrong)) if items]
-        raise WeightImportError("\n".join([f"{source} does not fit the model:", *lines]))
+        raise WeightImportError("\n".join([f"{source} does not fit the model:",
+                                            *key_mismatch_lines(missing, unexpected, wrong)]))
     flat = {}
     for path, (keys, to_flax, like) in rules.items():
         value = to_flax([np.asarray(state[k]) for k in keys])
@@ -193,17 +192,11 @@ def encoder_to_state_dict(params: Mapping, *, layout: str) -> dict[str, np.ndarr
     return _export(params, lambda p, n: _encoder_rule(p, n, layout))
 
 
-def _strip_module(state: Mapping[str, Any]) -> dict[str, Any]:
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def dpt_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
                         source: str = "state dict") -> dict:
     """UniMatch V2's DPT state dict -> `DPTSegmentor` params (`backbone`, `head`) shaped like
     `template`. Strict (module docstring)."""
-    return _import(_strip_module(state), template, _dpt_rule, source)
+    return _import(strip_prefix(state, "module."), template, _dpt_rule, source)
 
 
 def dpt_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
