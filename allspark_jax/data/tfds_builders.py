@@ -29,13 +29,13 @@ import io
 import os
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
 from allspark_jax.data import datasets
 from allspark_jax.data import splits as splits_lib
+from allspark_jax.data.host_tensorflow import tf
 
 DataError = datasets.DataError
 
