@@ -111,7 +111,7 @@ def get_config():
     # set at start-up by runtime.apply_precision for training, evaluation, predict and the
     # benchmark): 'default' | 'high' | 'highest'. 'default' is the backend's fast path: full float32
     # on CPU, TensorFloat-32 (10-bit mantissa inputs, about 1e-3 relative error) on NVIDIA GPUs since
-    # Ampere, one bfloat16 pass on TPUs. 'high': bfloat16_3x on TPUs (about float32), TF32 on GPUs.
+    # Ampere, one bfloat16 pass on TPUs. 'high': three bfloat16 passes on TPUs (close to float32), TF32 on GPUs.
     # 'highest': full float32 everywhere (the release's matrix products; the verifier's tolerances).
     # bfloat16 operands (model.dtype='bfloat16') run in bfloat16 whatever this says.
     model.precision = "default"

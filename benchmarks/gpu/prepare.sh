@@ -15,6 +15,7 @@ for p in bench_release.py shim allspark_release; do
 done
 rm -rf .release && mkdir .release
 cp -r "$src/bench_release.py" "$src/shim" "$src/allspark_release" .release/
+chmod -R u+w .release
 find .release -name __pycache__ -prune -exec rm -rf {} +
 mkdir -p .whl
 # Pure-Python wheels: the platform flags only satisfy pip's --python-version check.
