@@ -241,9 +241,14 @@ def _commit() -> str | None:
 def run(release_dir: str, release_python: str, cases: list[Case], *, rounds: int, steps: int,
         warmup: int, num_classes: int, config: str, ours_args: tuple[str, ...] = (),
         timeout: float = 3600.0, release_device: str | None = None,
-        release_precision: str = "release", log: Callable[[str], None] = print) -> dict:
+        release_precision: str = "release", deadline: float | None = None,
+        log: Callable[[str], None] = print) -> dict:
     """The comparison of `cases` with the release in `release_dir` (run on `release_device` at
-    `release_precision`; None: as it is, on the CPU); the JSON-able result."""
+    `release_precision`; None: as it is, on the CPU); the JSON-able result.
+
+    Each measurement may take `timeout` seconds, and none runs past `deadline` (a
+    `time.monotonic()` value) when one is given.
+    """
     script = os.path.join(release_dir, "bench_release.py")
     if not os.path.isfile(script):
         raise ValueError(f"--release_dir={release_dir!r}: no bench_release.py there; expected the "
@@ -263,18 +268,21 @@ def run(release_dir: str, release_python: str, cases: list[Case], *, rounds: int
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     versions = {}
 
+    def limit() -> float:
+        return timeout if deadline is None else max(1.0, min(timeout, deadline - time.monotonic()))
+
     def measure_release(case):
         r = _run_json(lambda out: release_command(release_dir, release_python, case, steps,
                                                   num_classes, out, release_device,
                                                   release_precision),
-                      "release", case, timeout, None)
+                      "release", case, limit(), None)
         versions["torch"] = r.get("torch")
         versions["release_threads"] = r.get("threads")
         return r
 
     def measure_ours(case):
         r = _run_json(lambda out: ours_command(config, case, steps, warmup, num_classes, out,
-                                               tuple(ours_args)), "ours", case, timeout, env)
+                                               tuple(ours_args)), "ours", case, limit(), env)
         versions["jax"] = r.get("jax")
         versions["backend"] = r.get("backend")
         return r

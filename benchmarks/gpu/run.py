@@ -180,7 +180,7 @@ class Run:
             self.log(f"{side.name}: round {round_} skipped, no earlier round measured")
             return
         case = versus_release.parse_case(side.case)
-        timeout = max(1.0, self.left() - 2)
+        deadline = time.monotonic() + self.left() - 2
         cuda = self.args.release_device.startswith("cuda")
         release_precision = side.release_precision if cuda else "release"
         try:
@@ -190,7 +190,7 @@ class Run:
                 config=os.path.join(ROOT, "configs", "pascal.py"),
                 ours_args=(f"--config.model.dtype={side.dtype}",
                            f"--config.model.precision={side.precision}"),
-                timeout=timeout, release_device=self.args.release_device,
+                deadline=deadline, release_device=self.args.release_device,
                 release_precision=release_precision, log=self.log)
         except (RuntimeError, ValueError) as e:
             rec.setdefault("errors", []).append(str(e)[-3000:])
