@@ -34,6 +34,7 @@ STUDENT_VIEWS = ("weak", "strong")
 SOURCES = ("files", "tfds")
 CHECK_FILES = ("none", "exist", "decode")
 BEST_OF = ("student", "ema")
+# JAX's names for the arithmetic of float32 matrix products and convolutions (model.precision).
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -287,6 +288,7 @@ def validate(config) -> None:
     for key in ("head_dropout", "attn_drop", "proj_drop"):
         _in_range(config, f"model.{key}", 0.0, 1.0, hi_open=True)
     _one_of(config, "model.dtype", tuple(segmentor.DTYPES))
+    _one_of(config, "model.precision", segmentor.PRECISIONS)
     # optimiser
     _in_range(config, "optim.lr", 0.0, lo_open=True)
     _in_range(config, "optim.lr_multi", 0.0, lo_open=True)

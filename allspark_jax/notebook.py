@@ -23,8 +23,8 @@ def setup(config_name: str = "demo", split: str | None = None, data_root: str | 
     (notebook output) and prints the dataset, its classes and the JAX devices.
     """
     import jax  # pylint: disable=g-import-not-at-top
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.experimental.set_visible_devices([], "GPU")  # tf.data stays on the host
+    from allspark_jax.data import host_tensorflow  # pylint: disable=g-import-not-at-top
+    host_tensorflow.keep_off_accelerators()  # tf.data stays on the host
 
     path = os.path.join(configs_dir or config_lib.configs_dir(), f"{config_name}.py")
     config = config_lib.load_config(f"{path}:{split}" if split else path)

@@ -1,10 +1,12 @@
-"""Process start-up: XLA flags, multi-host initialisation, the persistent compilation cache, the
-config check with a one-line error (`validate_or_exit`), and TensorFlow kept off the GPUs
-(`hide_accelerators_from_tensorflow`); `validated_start` runs them in order for a command line.
+"""Process start-up: XLA flags, the float32 matmul precision, multi-host initialisation, the
+persistent compilation cache, the config check with a one-line error (`validate_or_exit`), and
+TensorFlow kept off the accelerators (`hide_accelerators_from_tensorflow`); `validated_start` runs
+them in order for a command line.
 
 Everything here runs once per process, before the first computation (`main.py` and the learning
-benchmark start with it, the speed benchmark with `set_xla_flags`), because XLA and
-`jax.distributed` read their settings when JAX starts its backends.
+benchmark start with it, the speed benchmark with `set_xla_flags` and `apply_precision`), because
+XLA and `jax.distributed` read their settings when JAX starts its backends, and jit traces with the
+precision in force.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import jax
 
 from allspark_jax.errors import ConfigError, UserError
+from allspark_jax.models.segmentor import PRECISIONS
 from allspark_jax.workdir import COMPILATION_CACHE_DIR
 
 # Environment variables naming the coordinator, the process count and this process's id.
@@ -21,13 +24,46 @@ ENV_NUM_PROCESSES = "ALLSPARK_NUM_PROCESSES"
 ENV_PROCESS_ID = "ALLSPARK_PROCESS_ID"
 
 
+# Flags read by XLA:CPU's compiler alone.
+XLA_CPU_FLAG_PREFIX = "--xla_cpu_"
+
+
+def accelerator_possible() -> bool:
+    """Whether JAX may start a GPU or TPU backend in this process, judged before any backend starts.
+
+    JAX_PLATFORMS (jax_platforms) naming only 'cpu' says no; without it, an installed accelerator
+    plugin (the `jax_plugins` namespace or entry points: CUDA, ROCm; libtpu) says yes. A host with
+    a plugin but no device counts as an accelerator host.
+    """
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    import pkgutil  # pylint: disable=g-import-not-at-top
+    from importlib.metadata import entry_points  # pylint: disable=g-import-not-at-top
+    platforms = [p.strip() for p in str(jax.config.jax_platforms or "").split(",") if p.strip()]
+    if platforms:
+        return any(p != "cpu" for p in platforms)
+    try:
+        import jax_plugins  # pylint: disable=g-import-not-at-top
+        if any(True for _ in pkgutil.iter_modules(jax_plugins.__path__)):
+            return True
+    except ImportError:
+        pass
+    return bool(entry_points(group="jax_plugins")) or importlib.util.find_spec("libtpu") is not None
+
+
+def xla_flags_for_backend(flags: list[str], accelerator: bool) -> list[str]:
+    """`flags` less the XLA:CPU ones (`--xla_cpu_*`) where an accelerator may run the programs."""
+    return [f for f in flags if not (accelerator and f.startswith(XLA_CPU_FLAG_PREFIX))]
+
+
 def set_xla_flags(config) -> None:
-    """Appends `config.xla_flags` to the XLA_FLAGS environment variable.
+    """Appends `config.xla_flags` to the XLA_FLAGS environment variable; the XLA:CPU flags among
+    them (`--xla_cpu_*`) only where JAX runs on the CPU alone (`accelerator_possible`).
 
     XLA reads XLA_FLAGS once, when JAX starts its backends, so this must run before the first
     computation or device query. A flag already present in the environment is left as the user set it.
     """
-    extra = str(config.get("xla_flags", None) or "").split()
+    extra = xla_flags_for_backend(str(config.get("xla_flags", None) or "").split(),
+                                  accelerator_possible())
     if not extra:
         return
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -37,6 +73,28 @@ def set_xla_flags(config) -> None:
     current = os.environ.get("XLA_FLAGS", "").split()
     present = {f.split("=")[0] for f in current}
     os.environ["XLA_FLAGS"] = " ".join(current + [f for f in extra if f.split("=")[0] not in present])
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Sets JAX's precision of float32 matrix products and convolutions ('default', 'high',
+    'highest': configs/default.py, model.precision) for every program traced afterwards.
+
+    jit keys its cache on this setting, so a program traced before the call is traced again after it.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    jax.config.update("jax_default_matmul_precision", precision)
+
+
+def apply_precision(config) -> None:
+    """`config.model.precision` for the rest of the process (training, evaluation, predict, the
+    benchmark all call it at start-up)."""
+    set_matmul_precision(str(config.model.get("precision", "default")))
+
+
+def matmul_precision() -> str:
+    """The precision in force ('default' when none was set): what a run records."""
+    return str(jax.config.jax_default_matmul_precision or "default")
 
 
 def initialize_distributed(config) -> None:
@@ -106,9 +164,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-    """tf.data runs on the host: TensorFlow must not take GPU memory from JAX, so it sees no GPU."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.experimental.set_visible_devices([], "GPU")
+    """tf.data runs on the host: TensorFlow must not take GPU or TPU memory from JAX, so it sees
+    neither (`data.host_tensorflow`; importing it does this, for every user of the pipelines)."""
+    from allspark_jax.data import host_tensorflow  # pylint: disable=g-import-not-at-top
+    host_tensorflow.keep_off_accelerators()
 
 
 def validated_start(config) -> None:
@@ -119,6 +178,8 @@ def validated_start(config) -> None:
 
 
 def start(config) -> None:
-    """XLA flags and jax.distributed, in that order (both before JAX starts its backends)."""
+    """XLA flags and jax.distributed, in that order (both before JAX starts its backends), and the
+    float32 matmul precision."""
     set_xla_flags(config)
     initialize_distributed(config)
+    apply_precision(config)

@@ -107,6 +107,14 @@ def get_config():
     model.attn_drop = 0.1  # AllSpark attention dropout.
     model.proj_drop = 0.1  # AllSpark output projection dropout.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
+    # Arithmetic of float32 matrix products and convolutions (JAX's jax_default_matmul_precision,
+    # set at start-up by runtime.apply_precision for training, evaluation, predict and the
+    # benchmark): 'default' | 'high' | 'highest'. 'default' is the backend's fast path: full float32
+    # on CPU, TensorFloat-32 (10-bit mantissa inputs, about 1e-3 relative error) on NVIDIA GPUs since
+    # Ampere, one bfloat16 pass on TPUs. 'high': three bfloat16 passes on TPUs (close to float32), TF32 on GPUs.
+    # 'highest': full float32 everywhere (the release's matrix products; the verifier's tolerances).
+    # bfloat16 operands (model.dtype='bfloat16') run in bfloat16 whatever this says.
+    model.precision = "default"
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
     model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
     # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
@@ -168,7 +176,8 @@ def get_config():
     # Appended to XLA_FLAGS before JAX starts (flags already in the environment win). XLA:CPU's
     # default concurrency-optimised scheduler runs independent work early, which keeps what the
     # backward pass needs from every block alive at once; turning it off lowers training memory
-    # (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the CPU compiler.
+    # (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the CPU compiler and are appended only
+    # where JAX runs on the CPU alone (JAX_PLATFORMS=cpu, or no GPU/TPU plugin installed).
     config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
     # ------------------------------------------------------------------------ learning benchmark

@@ -1,7 +1,12 @@
 """Shared pytest fixtures. Data fixtures are prefixed `data_`."""
 import os
 
-import pytest
+# On a GPU host JAX would take 75% of the GPU's memory at its first computation; tests run several
+# JAX processes at once (pytest and the main.py / benchmark subprocesses), which then could not
+# start. Allocating on demand lets them share the GPU (set before JAX starts; subprocesses inherit).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import pytest  # noqa: E402
 
 from allspark_jax import config as config_lib
 

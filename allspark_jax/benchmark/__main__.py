@@ -48,6 +48,7 @@ def main(argv) -> None:
         return
     import jax  # pylint: disable=g-import-not-at-top
     runtime.set_xla_flags(FLAGS.config)
+    runtime.apply_precision(FLAGS.config)
     if FLAGS.num_devices:
         jax.config.update("jax_num_cpu_devices", int(FLAGS.num_devices))
     what = [w for w in FLAGS.what.split(",") if w]

@@ -11,14 +11,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from allspark_jax import runtime
 from allspark_jax import train_step as train_step_lib
 from allspark_jax.benchmark import evaluation as evaluation_lib
 from allspark_jax.benchmark import profile as profile_lib
 from allspark_jax.benchmark import programs
 from allspark_jax.benchmark.timing import (compile_stats, device_peak_bytes, host_peak_rss_bytes,
                                            median_time)
-from allspark_jax.data import benchmark as data_benchmark
-from allspark_jax.data import input_pipeline, synthetic
+from allspark_jax.data import synthetic
 from allspark_jax.models.segmentor import DTYPES
 
 ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling", "compile", "eval", "predict")
@@ -102,6 +102,9 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
     The data: `num_images` synthetic Pascal-layout JPEGs (half labeled) with sides in
     [0.75, 1] x `image_size` (Pascal VOC images are about 500 x 375). Returns (figures, state).
     """
+    # tf.data: imported here, so that the model measurements run where TensorFlow is not installed.
+    from allspark_jax.data import benchmark as data_benchmark  # pylint: disable=g-import-not-at-top
+    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as root:
         synthetic.write_dataset(root, num_images, 0, image_size, int(config.data.num_classes),
                                 seed=0, num_labeled=num_images // 2)
@@ -164,7 +167,8 @@ def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int 
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
     r = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
          "jax": jax.__version__, "backbone": str(config.model.backbone),
-         "dtype": config.model.dtype, "remat": bool(config.model.remat),
+         "dtype": config.model.dtype, "precision": runtime.matmul_precision(),
+         "remat": bool(config.model.remat),
          "crop": int(config.data.crop_size), "steps": steps, "warmup": warmup}
     peak = None
     if "matmul" in what:

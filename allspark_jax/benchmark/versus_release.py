@@ -5,7 +5,11 @@
 
 `--release_dir` is a folder holding the release's `bench_release.py` (it times one iteration of the
 release's trainer, or with `--infer` its evaluation forward, and writes the median as JSON);
-`--release_python` a Python that has torch (this process never imports it). For every case the two
+`--release_python` a Python that has torch (this process never imports it). By default the release's
+script runs as it is, on the CPU; `--release_device=cuda` runs it through `benchmarks/release_cuda.py`
+(its model and inputs on the GPU, a clock that waits for the GPU, cuDNN benchmark mode as the
+release's trainers set it; `--release_precision` `release`: torch's defaults, `tf32`: TensorFloat-32
+matrix products too). For every case the two
 sides are measured alternately, release, ours, release, ours (`--rounds` pairs), each measurement in
 a fresh process: the release's script, and ours as `python -m allspark_jax.benchmark --what=train`
 (or `infer`) with the case's model, crop, batch, decoder width and method set on the config. A
@@ -13,6 +17,9 @@ measurement reports the median of `--steps` timed calls after one untimed call (
 always runs one untimed call; ours runs `--warmup` after compiling). Each side's figure is the lower
 of its per-round medians (the host's speed drifts between minutes; the lower median is the least
 disturbed), and the ratio is ours / release.
+
+Each measurement's figures beyond its median (images/s, compile time, XLA's memory estimate, the
+device's peak memory, utilisation) go to the JSON's `order` entries.
 
 A case is `WHAT:BACKBONE:CROP:BATCH:DECODER_DIM[:METHOD]`: WHAT `train` (a step on BATCH labeled +
 BATCH unlabeled images; `supervised`: BATCH labeled) or `infer` (the eval-mode forward of BATCH
@@ -41,6 +48,14 @@ DEFAULT_CASES = (
     "train:b0:257:2:256:semi", "train:b0:257:2:256:supervised",
 )
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Runs bench_release.py on a torch device (--release_device); its --precision choices.
+RELEASE_ON_DEVICE = os.path.join(PACKAGE_ROOT, "benchmarks", "release_cuda.py")
+RELEASE_PRECISIONS = ("release", "tf32")
+# The figures of a measurement kept beside its median: ours (per `what`) and the release's.
+OURS_FIGURES = ("images_per_s", "images_per_step", "compile_s", "xla_memory_bytes", "device_peak_bytes",
+                "host_peak_rss_bytes", "utilisation", "tflops_per_s", "flops")
+RELEASE_FIGURES = ("first_s", "device", "device_name", "precision", "matmul_tf32", "conv_tf32",
+                   "peak_allocated_bytes", "peak_reserved_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +100,15 @@ def parse_case(spec: str) -> Case:
 
 
 def release_command(release_dir: str, release_python: str, case: Case, steps: int,
-                    num_classes: int, out: str) -> list[str]:
-    """The release's `bench_release.py` for `case`, writing its JSON to `out`."""
-    return [release_python, os.path.join(release_dir, "bench_release.py"),
+                    num_classes: int, out: str, device: str | None = None,
+                    precision: str = "release") -> list[str]:
+    """The release's `bench_release.py` for `case`, writing its JSON to `out`: as it is (on the
+    CPU) when `device` is None, else through `benchmarks/release_cuda.py` on `device` at
+    `precision`."""
+    script = os.path.join(release_dir, "bench_release.py")
+    runner = ([RELEASE_ON_DEVICE, "--bench", script, "--device", device, "--precision", precision]
+              if device else [script])
+    return [release_python, *runner,
             "--variant", case.backbone, "--size", str(case.crop), "--batch", str(case.batch),
             "--decoder_dim", str(case.decoder_dim), "--method", RELEASE_METHOD[case.method],
             "--num_classes", str(num_classes), "--iters", str(steps), "--json", out,
@@ -150,6 +171,19 @@ def ours_seconds(r: dict, case: Case) -> float:
     return float(r[case.what]["seconds"])
 
 
+def figures(side: str, case: Case, r: dict) -> dict:
+    """The figures of one measurement's JSON kept beside its median (those it has)."""
+    if side == "release":
+        return {k: r[k] for k in RELEASE_FIGURES if k in r}
+    out = {k: v for k, v in r.get(case.what, {}).items() if k in OURS_FIGURES}
+    for k in ("precision", "dtype", "backend", "device_kind"):
+        if k in r:
+            out[k] = r[k]
+    if "matmul" in r:
+        out["matmul_peak_tflops_per_s"] = r["matmul"]["peak_tflops_per_s"]
+    return out
+
+
 def compare(cases: list[Case], rounds: int, measure_release: Callable[[Case], dict],
             measure_ours: Callable[[Case], dict], log: Callable[[str], None] = print) -> dict:
     """Alternates the sides per case (release, ours, release, ours, ...: `rounds` pairs).
@@ -171,7 +205,8 @@ def compare(cases: list[Case], rounds: int, measure_release: Callable[[Case], di
                            else ours_seconds(result, case))
                 times[side].append(seconds)
                 order.append({"case": i, "side": side, "round": r, "start": start,
-                              "end": time.time(), "seconds": seconds})
+                              "end": time.time(), "seconds": seconds,
+                              "figures": figures(side, case, result)})
                 log(f"{case.label}: {side} round {r + 1}/{rounds}: {seconds:.3f} s")
         best = {side: min(t) for side, t in times.items()}
         rows.append({**dataclasses.asdict(case), "label": case.label,
@@ -205,8 +240,15 @@ def _commit() -> str | None:
 
 def run(release_dir: str, release_python: str, cases: list[Case], *, rounds: int, steps: int,
         warmup: int, num_classes: int, config: str, ours_args: tuple[str, ...] = (),
-        timeout: float = 3600.0, log: Callable[[str], None] = print) -> dict:
-    """The comparison of `cases` with the release in `release_dir`; the JSON-able result."""
+        timeout: float = 3600.0, release_device: str | None = None,
+        release_precision: str = "release", deadline: float | None = None,
+        log: Callable[[str], None] = print) -> dict:
+    """The comparison of `cases` with the release in `release_dir` (run on `release_device` at
+    `release_precision`; None: as it is, on the CPU); the JSON-able result.
+
+    Each measurement may take `timeout` seconds, and none runs past `deadline` (a
+    `time.monotonic()` value) when one is given.
+    """
     script = os.path.join(release_dir, "bench_release.py")
     if not os.path.isfile(script):
         raise ValueError(f"--release_dir={release_dir!r}: no bench_release.py there; expected the "
@@ -216,20 +258,31 @@ def run(release_dir: str, release_python: str, cases: list[Case], *, rounds: int
                          "a Python with torch")
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    if release_precision not in RELEASE_PRECISIONS:
+        raise ValueError(f"--release_precision={release_precision!r}: expected one of "
+                         f"{', '.join(RELEASE_PRECISIONS)}")
+    if release_precision != "release" and not release_device:
+        raise ValueError(f"--release_precision={release_precision} needs --release_device (the "
+                         "release's script on its own runs torch's defaults on the CPU)")
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     versions = {}
 
+    def limit() -> float:
+        return timeout if deadline is None else max(1.0, min(timeout, deadline - time.monotonic()))
+
     def measure_release(case):
         r = _run_json(lambda out: release_command(release_dir, release_python, case, steps,
-                                                  num_classes, out), "release", case, timeout, None)
+                                                  num_classes, out, release_device,
+                                                  release_precision),
+                      "release", case, limit(), None)
         versions["torch"] = r.get("torch")
         versions["release_threads"] = r.get("threads")
         return r
 
     def measure_ours(case):
         r = _run_json(lambda out: ours_command(config, case, steps, warmup, num_classes, out,
-                                               tuple(ours_args)), "ours", case, timeout, env)
+                                               tuple(ours_args)), "ours", case, limit(), env)
         versions["jax"] = r.get("jax")
         versions["backend"] = r.get("backend")
         return r
@@ -240,6 +293,8 @@ def run(release_dir: str, release_python: str, cases: list[Case], *, rounds: int
                                              "processor": platform.processor(),
                                              "cpus": os.cpu_count()},
             "release_dir": os.path.abspath(release_dir), "release_python": release_python,
+            "release_device": release_device or "cpu (the script as it is)",
+            "release_precision": release_precision,
             "config": config, "ours_args": list(ours_args), "rounds": rounds, "steps": steps,
             "warmup": warmup, **versions, **result}
 
@@ -252,6 +307,7 @@ def main(argv) -> None:
     result = run(f.release_dir, f.release_python, cases, rounds=f.rounds, steps=f.steps,
                  warmup=f.warmup, num_classes=f.num_classes, config=f.config,
                  ours_args=tuple(f.ours_args), timeout=f.timeout,
+                 release_device=f.release_device, release_precision=f.release_precision,
                  log=lambda s: print(s, flush=True))
     print(markdown_table(result), flush=True)
     if f.json:
@@ -281,6 +337,12 @@ def _define_flags() -> None:
                               "allspark_jax.benchmark` (e.g. --config.model.dtype=bfloat16), "
                               "applied to every case.")
     flags.DEFINE_float("timeout", 3600.0, "Seconds one measurement may take.")
+    flags.DEFINE_string("release_device", None, "Run the release on this torch device (e.g. cuda) "
+                        "through benchmarks/release_cuda.py; default: its script as it is, on the "
+                        "CPU.")
+    flags.DEFINE_enum("release_precision", "release", list(RELEASE_PRECISIONS),
+                      "With --release_device: 'release' (torch's defaults, as the release's "
+                      "trainers run) or 'tf32' (TensorFloat-32 matrix products too).")
     flags.DEFINE_string("json", None, "Write the result (table, per-round figures, order, date, "
                         "commit, machine) here.")
 

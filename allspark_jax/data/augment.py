@@ -17,9 +17,9 @@ which gives the same result (tested) while resampling only the pixels under the 
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from allspark_jax.data.host_tensorflow import tf
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # PIL's convert('L')
 BLUR_RADIUS = 6  # taps each side: 3 * max sigma (2.0)

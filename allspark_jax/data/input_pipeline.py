@@ -31,12 +31,12 @@ import threading
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from allspark_jax.data import augment
 from allspark_jax.data import datasets
 from allspark_jax.errors import DataError
 from allspark_jax.data import splits as splits_lib
+from allspark_jax.data.host_tensorflow import tf
 
 
 _SEED_SALT = 0x5EED  # second word of the base seed

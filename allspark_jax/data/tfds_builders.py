@@ -29,7 +29,6 @@ import io
 import os
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
@@ -37,6 +36,7 @@ from PIL import Image
 from allspark_jax.data import datasets
 from allspark_jax.errors import DataError
 from allspark_jax.data import splits as splits_lib
+from allspark_jax.data.host_tensorflow import tf
 
 
 _INSTRUCTIONS = """Pass the data root in the official layout (README, "Preparing the datasets") as the manual dir:

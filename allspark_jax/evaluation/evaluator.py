@@ -16,7 +16,6 @@ from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax import workdir as workdir_lib
-from allspark_jax.data import input_pipeline
 from allspark_jax.evaluation import metrics
 from allspark_jax.evaluation.predictor import Predictor
 from allspark_jax.models.segmentor import build_model
@@ -94,6 +93,8 @@ def make_predictor(config, model=None) -> Predictor:
 
 def evaluate_variables(config, opts, predictor: Predictor, variables, *, desc: str = "eval") -> dict:
     """mIoU of one set of variables on the validation set of `opts` (every process calls it)."""
+    # tf.data: imported where a validation set is read, so that `evaluate` runs without TensorFlow.
+    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     examples, count = input_pipeline.create_val_iterator(
         opts, process_index=jax.process_index(), process_count=jax.process_count(),
         max_images=int(config.eval.max_images))
@@ -116,6 +117,7 @@ def evaluate_state(config, opts, predictor: Predictor, state) -> dict:
 def run_evaluation(config, workdir: str, spec) -> dict:
     """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json (a weight
     file or Hugging Face checkpoint: eval_<its name without extension>.json)."""
+    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     runtime.setup_compilation_cache(config, workdir)
     opts = config_lib.data_options(config, workdir)
     input_pipeline.check_val_files(opts, progress=jax.process_index() == 0)

@@ -147,6 +147,8 @@ def model_config_from(config) -> ModelConfig:
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# JAX's matmul / convolution precisions for float32 models (`model.precision`).
+PRECISIONS = ("default", "high", "highest")
 
 
 def build_model(config) -> AllSparkSegmentor:

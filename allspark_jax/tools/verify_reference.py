@@ -7,7 +7,9 @@ release's semi and supervised baselines (semidec_base.SemiDecoder: `meta_json` "
 train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`). The file follows the layout of the reference README: `meta_json` gives the architecture, `state0/*`
 the official state dict, and each case its inputs and outputs in PyTorch layouts (NCHW). Nothing
 about sizes is assumed: dims, depths, heads, classes, image and batch sizes all come from the file.
-One line per case: `ok` or `FAIL`, the worst per-tensor relative error ||out - ref|| / ||ref||,
+`--precision` (default `highest`: full float32, at which the tolerances were set) is JAX's
+arithmetic for float32 matrix products and convolutions; the first line printed names it with the
+backend. One line per case: `ok` or `FAIL`, the worst per-tensor relative error ||out - ref|| / ||ref||,
 the worst absolute error and the tolerance applied (see "Tolerances" below). A file fails when any
 case fails, when any value on either side is NaN or infinite (named by tensor), or when it holds no
 case at all; the exit status is then 1, else 0.
@@ -40,7 +42,7 @@ from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.head import TorchBatchNorm
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
-from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
+from allspark_jax.models.segmentor import PRECISIONS, AllSparkSegmentor, ModelConfig, init_variables
 from allspark_jax.weights import release
 
 # ---------------------------------------------------------------------------------- Tolerances
@@ -483,11 +485,17 @@ def verify(path: str, print_fn=print) -> list[Result]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="reference .npz files")
+    parser.add_argument("--precision", choices=PRECISIONS, default="highest",
+                        help="JAX's precision of float32 matrix products and convolutions "
+                        "(model.precision); the tolerances were set at 'highest' (full float32)")
     args = parser.parse_args(argv)
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), precision "
+          f"{args.precision}, jax {jax.__version__}")
     failed = False
     for path in args.files:
         try:
-            results = verify(path)
+            with jax.default_matmul_precision(args.precision):
+                results = verify(path)
         except (OSError, ReferenceFileError) as e:
             print(f"FAIL {path}: cannot verify: {e}")
             failed = True
