@@ -30,7 +30,9 @@ def tiny_model():
     from allspark_jax.models.mit import MiTConfig
     from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
     mit = MiTConfig(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
-    model = AllSparkSegmentor(ModelConfig(backbone=mit, num_classes=3, decoder_dim=8))
+    model = AllSparkSegmentor(ModelConfig(backbone=mit, num_classes=3, allspark_heads=2,
+                                          decoder_dim=8, head_dropout=0.1, attn_drop=0.1,
+                                          proj_drop=0.1, allspark=True))
     variables = jax.jit(lambda r: init_variables(model, r, 64, batch_size=2))(jax.random.key(0))
     return model, variables
 
@@ -97,7 +99,8 @@ def test_counting_helpers():
 
 
 def test_display_helpers():
-    from allspark_jax import inspection, predict
+    from allspark_jax import inspection
+    from allspark_jax.commands import predict
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 6, 3)).astype(np.uint8)
     normed = predict.normalize(rgb)
     np.testing.assert_array_equal(inspection.denormalize(normed), rgb)

@@ -11,13 +11,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from allspark_jax import method as method_lib
 from allspark_jax import train_step as train_step_lib
 from allspark_jax.benchmark import evaluation as evaluation_lib
 from allspark_jax.benchmark import profile as profile_lib
 from allspark_jax.benchmark import programs
 from allspark_jax.benchmark.timing import (compile_stats, device_peak_bytes, host_peak_rss_bytes,
                                            median_time)
-from allspark_jax.data import benchmark as data_benchmark
+from allspark_jax.benchmark import pipeline as data_benchmark
 from allspark_jax.data import input_pipeline, synthetic
 from allspark_jax.models.segmentor import DTYPES
 
@@ -53,7 +54,7 @@ def bench_matmul(n: int, dtype: str, steps: int, warmup: int = 1) -> dict:
 
 
 def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak: float | None):
-    """The full train step of `config.method` (AllSpark: memory read) on a synthetic batch,
+    """The full train step of the config's method (AllSpark: memory read) on a synthetic batch,
     carrying the donated state.
 
     Returns (figures, the compiled step, its batch, the state after the calls).
@@ -67,7 +68,7 @@ def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak:
         jax.block_until_ready(metrics)
 
     seconds, times = median_time(call, steps, warmup)
-    images = s.batch * (1 if config.method == "supervised" else 2)  # labeled (+ unlabeled)
+    images = s.batch * method_lib.from_config(config).images_per_labeled_image
     out = {"seconds": seconds, "times": times, "images_per_step": images,
            "images_per_s": images / seconds, **stats,
            **_rates(seconds, stats["flops"], s.devices, peak, _host_shared()),
@@ -109,8 +110,7 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
                                       student_view=config.data.student_view)
         opts = data_benchmark.make_options(root, s.crop, s.batch,
                                            student_view=config.data.student_view)
-        keys = train_step_lib.batch_keys(config.method,
-                                         cutmix=float(config.data.cutmix_prob) > 0)
+        keys = train_step_lib.batch_keys(method_lib.from_config(config))
         it = ({k: b[k] for k in keys}
               for b in input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))
         it = input_pipeline.prefetch_to_device(it, s.batch_sharding, size=2)

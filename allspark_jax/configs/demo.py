@@ -10,7 +10,7 @@ and resumes if started again with the same workdir. Predicting background everyw
 mIoU of 15.9 (79% of the labeled validation pixels are background); the demo reaches about 70.
 The optional argument is the method (`configs/demo.py:semi`, `configs/demo.py:supervised`).
 """
-from configs import default
+from allspark_jax.configs import default
 
 
 def get_config(method: str = "allspark"):
