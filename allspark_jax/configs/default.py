@@ -18,7 +18,9 @@ as the release's 4 DDP processes each average over their own pixels; 1 = one ave
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
 'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
 argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer; `--config.method=semi` switches the method and keeps every other key. A key that
+that trainer; `--config.method=semi` switches the method and keeps every other key but those
+the new method does not read, which go back to their values here unless the command line sets
+them too (`allspark_jax.commands.config_flag`). A key that
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
 'supervised': `allspark_jax.method.unread_keys`) must keep its value here, else validation names it.
 So must a key that another key's value leaves unread (`allspark_jax.config.unread.unread_by_setting`:
