@@ -1,8 +1,8 @@
 """colabs/*.ipynb run top to bottom (nbclient, CPU, synthetic demo data), and allspark_jax.inspection.
 
 The notebooks read one environment variable in their first cell, ALLSPARK_NOTEBOOK_WORKDIR (where
-the synthetic data, the demo run and its checkpoint go: a tmp dir here); they load configs by file
-path (`allspark_jax.notebook.setup`). They run in one workdir in the order data -> predictions -> internals, so
+the synthetic data, the demo run and its checkpoint go: a tmp dir here); they load the shipped
+configs by name (`allspark_jax.notebook.setup`). They run in one workdir in the order data -> predictions -> internals, so
 the internals notebook uses the checkpoint the predictions notebook trained (as it would on a
 user's machine); each notebook also runs on its own. The kernel is 'python3' started with this
 interpreter (jupyter_client swaps a kernel spec's 'python' for sys.executable), so ipykernel must be

@@ -14,12 +14,12 @@ import ml_collections
 
 from allspark_jax import method as method_lib
 from allspark_jax.config.checks import error, get, set_value
-from allspark_jax.config.loading import default_config
+from allspark_jax.configs import default
 
 
 def defaults() -> ml_collections.ConfigDict:
     """configs/default.py's config."""
-    return default_config()
+    return default.get_config()
 
 
 def unread_by_setting(config) -> dict[str, str]:
