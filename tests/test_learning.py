@@ -128,4 +128,4 @@ def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
     assert (seen[0].optim.lr, seen[0].optim.lr_multi, seen[0].method) == (0.02, 1.0, "supervised")
     base.learning.pretrain_steps = 0
     with pytest.raises(errors.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
-        config_lib.validate(base)
+        learning.validate_learning(base)

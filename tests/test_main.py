@@ -237,6 +237,12 @@ def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
         assert rc == 2 and stderr.strip() == (
             f"error: --workdir={workdir}: cannot create it ({reason}); expected a folder that "
             "exists or can be created"), stderr[-3000:]
+    # `python -m allspark_jax` is the same command, from any folder
+    proc = subprocess.run([sys.executable, "-m", "allspark_jax", "--config", "configs/demo.py",
+                           "--workdir", "/proc/nope"], capture_output=True, text=True,
+                          env=run_config.subprocess_env(), timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir=/proc/nope: cannot "
+                                                           "create it"), proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("args", [
