@@ -8,6 +8,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["allspark_jax", "allspark_jax.*"]),
     package_data={"allspark_jax.data": ["splits/*.txt", "splits/*/*.txt", "splits/*/*/*.txt"]},
     include_package_data=True,
+    # The train / eval / predict command, as `python main.py` in a checkout and `python -m allspark_jax`.
+    entry_points={"console_scripts": ["allspark-jax=allspark_jax.commands.main:run"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.30",

@@ -33,6 +33,7 @@ from etils import epath
 
 from allspark_jax.errors import (CheckpointError, CheckpointMismatchError, CheckpointReadError,
                                  WeightImportError)
+from allspark_jax import method as method_lib
 from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
@@ -345,11 +346,11 @@ def restore_template(config, model=None, mesh=None) -> state_lib.TrainState:
     as this run places its state: on `mesh` (default: every device of every process), replicated or
     split with `config.shard_params`.
     """
-    model = model if model is not None else build_model(config.model)
+    model = model if model is not None else build_model(config)
     tx, _ = optimizer.create_optimizer(config.optim, total_steps=1)
     shapes = jax.eval_shape(lambda: state_lib.create_train_state(
         model, tx, jax.random.key(0), int(config.data.crop_size),
-        ema=config.train.teacher == "ema"))
+        ema=method_lib.from_config(config).ema))
     mesh = sharding_lib.create_mesh() if mesh is None else mesh
     return sharding_lib.abstract(
         shapes, state_lib.state_sharding(shapes, mesh, bool(config.shard_params)))
@@ -368,7 +369,7 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     process's devices as `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
-    model = build_model(config.model)
+    model = build_model(config)
     if isinstance(parsed, loader.WeightSource):
         network = loader.load_network(parsed, model, int(config.data.crop_size))
         if network.model.config.num_classes != int(config.data.num_classes):

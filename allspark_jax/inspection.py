@@ -98,7 +98,7 @@ def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, m
       variables: {'params', 'batch_stats', ...} (extra collections such as 'memory' are dropped).
       examples: dicts with 'image' (H, W, 3) normalised float32 and 'mask' (H, W) int (e.g.
         `input_pipeline.create_val_dataset(opts).as_numpy_iterator()`); 'name' is passed through.
-      model: the Flax module; default `build_model(config.model)`.
+      model: the Flax module; default `build_model(config)`.
       max_images: stop after this many.
     Returns:
       one dict per image, in the order of `examples`: 'image' (h, w, 3) and 'mask' (h, w) as the

@@ -3,8 +3,8 @@
     from allspark_jax import notebook
     config, opts = notebook.setup("demo", workdir="/tmp/allspark_notebooks")
 
-Configs are read from the repository's `configs/` folder by file path (no `sys.path` edits); the
-synthetic demo dataset is written into the workdir when the config asks for it.
+Configs are the package's own (`allspark_jax/configs/`, by name) or a config file of the user's
+(`configs_dir`); the synthetic demo dataset is written into the workdir when the config asks for it.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from allspark_jax import config as config_lib
 def setup(config_name: str = "demo", split: str | None = None, data_root: str | None = None,
           workdir: str = "/tmp/allspark_notebooks", *, overrides: dict | None = None,
           configs_dir: str | None = None):
-    """Loads `configs/<config_name>.py[:split]`, points it at `data_root`, resolves its data.
+    """Loads config `config_name` (shipped, or `<configs_dir>/<config_name>.py`) with its optional
+    `split`, points it at `data_root`, resolves its data.
 
     `overrides`: {"data.student_view": "strong", ...} applied before validation. Returns (config,
     DataOptions). Keeps tf.data off any accelerator, turns the evaluation progress bar off
@@ -26,8 +27,8 @@ def setup(config_name: str = "demo", split: str | None = None, data_root: str | 
     from allspark_jax.data import host_tensorflow  # pylint: disable=g-import-not-at-top
     host_tensorflow.keep_off_accelerators()  # tf.data stays on the host
 
-    path = os.path.join(configs_dir or config_lib.configs_dir(), f"{config_name}.py")
-    config = config_lib.load_config(f"{path}:{split}" if split else path)
+    source = os.path.join(configs_dir, f"{config_name}.py") if configs_dir else config_name
+    config = config_lib.load_config(f"{source}:{split}" if split else source)
     if data_root:
         config.data.root = data_root
     config.eval.progress_bar = False

@@ -37,8 +37,10 @@ def _every(value: int, steps_per_epoch: int) -> int:
     return int(value) if value and int(value) > 0 else steps_per_epoch
 
 
-def initial_state(config, model, tx, mesh) -> tuple[state_lib.TrainState, state_lib.TrainState]:
-    """A fresh, sharded TrainState (the encoder from `model.pretrained` when set) and its shardings."""
+def initial_state(config, model, tx, mesh, method) -> tuple[state_lib.TrainState,
+                                                           state_lib.TrainState]:
+    """A fresh, sharded TrainState (the encoder from `model.pretrained` when set, an EMA teacher
+    when `method` has one) and its shardings."""
     crop = int(config.data.crop_size)
     init_rng, state_rng = jax.random.split(jax.random.key(int(config.seed)))
     variables = None
@@ -46,7 +48,7 @@ def initial_state(config, model, tx, mesh) -> tuple[state_lib.TrainState, state_
         variables = init_variables(model, init_rng, crop)
         variables = weights_loader.load_pretrained_encoder(config.model.pretrained, variables)
         logging.info("Encoder initialised from %s", config.model.pretrained)
-    ema = config.train.teacher == "ema"
+    ema = method.ema
     # Jitted: Flax init run op by op dispatches every small op alone, which is slow.
     init_fn = lambda r, v: state_lib.create_train_state(  # noqa: E731
         model, tx, r, crop, ema=ema, variables=v)
@@ -145,7 +147,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         (wd / workdir_lib.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
 
     # Model, optimiser, schedule.
-    model = build_model(config.model)
+    model = build_model(config)
     steps_per_epoch = plan.steps_per_epoch
     total_steps = int(config.train.epochs) * steps_per_epoch
     num_steps = total_steps
@@ -169,16 +171,16 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         state, _, start_step, _ = checkpointer.restore_newest_readable(template, set_aside=True)
         logging.info("Resumed from step %d (%s)", start_step, workdir)
     else:
-        state, s_sharding = initial_state(config, model, tx, mesh)
+        state, s_sharding = initial_state(config, model, tx, mesh, opts.method)
     best_of = config.eval.best_of
     history_path = wd / workdir_lib.EVAL_HISTORY_JSON
     history = {int(k): v for k, v in workdir_lib.read_json(history_path, {}).items()
                if int(k) <= start_step}
     best = checkpointer.best_meta(history)
 
-    method = config.method
+    method = opts.method
     # Only AllSpark reads the memory: the baselines compile one step.
-    flags = (False, True) if method == "allspark" else (False,)
+    flags = (False, True) if method.allspark else (False,)
     compiled = {flag: train_step_lib.make_train_step(model, tx, config.train, use_memory=flag,
                                                      state_sharding=s_sharding,
                                                      batch_sharding=b_sharding, method=method)
@@ -245,12 +247,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 "train on regardless.") from None
 
     train_iter = input_pipeline.create_train_iterator(opts, start_step=start_step, plan=plan)
-    keys = train_step_lib.batch_keys(method, cutmix=opts.cutmix_prob > 0)
+    keys = train_step_lib.batch_keys(method)
     train_iter = ({k: b[k] for k in keys} for b in train_iter)
     device_iter = input_pipeline.prefetch_to_device(train_iter, b_sharding, size=opts.prefetch)
 
     step = start_step
-    images_per_step = opts.batch_size * (1 if method == "supervised" else 2)
+    images_per_step = opts.batch_size * method.images_per_labeled_image
     logger = _TrainLogger(writer, schedules, images_per_step, steps_per_epoch, step)
     progress = _ProgressBar(bool(config.train.progress_bar) and jax.process_index() == 0,
                             start_step, num_steps)

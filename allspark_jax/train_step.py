@@ -1,4 +1,4 @@
-"""One training iteration of each of the release's trainers (`config.method`), jitted.
+"""One training iteration of each of the release's trainers (`method.Method`), jitted.
 
 'allspark' (train_allspark.py) and 'semi' (train_baseline_semi.py, the model without AllSpark):
   1. teacher pass ("teacher" mode: BN running statistics, no dropout, no memory) on the unlabeled
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from allspark_jax import losses
+from allspark_jax.method import Method
 from allspark_jax.data.datasets import IGNORE_INDEX
 from allspark_jax.models.segmentor import AllSparkSegmentor
 from allspark_jax.state import TrainState
@@ -34,11 +35,11 @@ LOSS_KEYS = ("loss", "loss_x", "loss_u")
 BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u")
 
 
-def batch_keys(method: str = "allspark", cutmix: bool = False) -> tuple[str, ...]:
-    """The batch entries a step of `method` reads (`cutmix`: data.cutmix_prob > 0)."""
-    if method == "supervised":
+def batch_keys(method: Method) -> tuple[str, ...]:
+    """The batch entries a step of `method` reads (CutMix's boxes when its probability is > 0)."""
+    if method.labeled_only:
         return ("image_l", "mask_l")
-    return BATCH_KEYS + (("cutmix_u",) if cutmix else ())
+    return BATCH_KEYS + (("cutmix_u",) if method.cutmix_prob > 0 else ())
 
 
 def supervised_loss(logits, target, train_config):
@@ -76,15 +77,15 @@ def cutmix(box, image_u_s, teacher_logits, pseudo):
 
 def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
                tx: optax.GradientTransformation, train_config, use_memory: bool,
-               method: str = "allspark"):
+               method: Method):
     """One iteration of `method` (module docstring). Returns (new state, metrics dict of scalars,
     'pseudo_label' (B, S, S) unless supervised, and 'grads')."""
     n_l = batch["image_l"].shape[0]
-    if method == "supervised":
+    if method.labeled_only:
         x, teacher_logits = batch["image_l"], None
     else:
         teacher_logits = jax.lax.stop_gradient(model.apply(
-            state.variables(teacher=train_config.teacher == "ema"), batch["image_u_w"],
+            state.variables(teacher=method.ema), batch["image_u_w"],
             mode="teacher", key_group_size=train_config.key_group_size))
         pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
         image_u_s = batch["image_u_s"]
@@ -102,7 +103,7 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
             use_memory=use_memory, key_group_size=train_config.key_group_size,
             rngs={"dropout": dropout_rng}, mutable=mutable)
         loss_x = supervised_loss(logits[:n_l], batch["mask_l"], train_config)
-        if method == "supervised":
+        if method.labeled_only:
             return loss_x, ({"loss_x": loss_x}, updates)
         loss_u = losses.cross_entropy(logits[n_l:], pseudo, groups=train_config.loss_groups)
         return (loss_x + loss_u) / 2, ({"loss_x": loss_x, "loss_u": loss_u}, updates)
@@ -121,14 +122,14 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
         memory=updates.get("memory"), opt_state=opt_state, ema_params=ema_params,
         ema_batch_stats=ema_batch_stats)
     metrics = {"loss": loss, **parts, "grads": grads}
-    if method != "supervised":
+    if not method.labeled_only:
         metrics["pseudo_label"] = pseudo
     return new_state, metrics
 
 
 def make_train_step(model: AllSparkSegmentor, tx: optax.GradientTransformation, train_config, *,
                     use_memory: bool, state_sharding=None, batch_sharding=None,
-                    with_outputs: bool = False, method: str = "allspark"):
+                    method: Method, with_outputs: bool = False):
     """The jitted step of `method`. `use_memory` is static: an AllSpark run compiles one step before
     the warm-up, one after.
 

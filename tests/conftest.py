@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_config(seed=0, **data):
-    """configs/default.py with `seed` and the given data.* keys (loaded by path)."""
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "default.py"))
+    """configs/default.py with `seed` and the given data.* keys."""
+    config = config_lib.default_config()
     config.seed = seed
     config.data.update(data)
     return config

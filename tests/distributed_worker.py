@@ -31,6 +31,7 @@ if args.processes > 1:
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from allspark_jax import method as method_lib  # noqa: E402
 from allspark_jax import optimizer, sharding, state as state_lib, train_step  # noqa: E402
 from allspark_jax.weights import release  # noqa: E402
 from reference_model import reference  # noqa: E402
@@ -56,18 +57,21 @@ def main():
     assert jax.device_count() == args.devices * args.processes
     optim = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9,
                                            weight_decay=1e-4, poly_power=0.9))
-    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, teacher=args.teacher,
-                                          ema_decay=0.9, conf_thresh=0.0,
+    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
                                           loss_u_ignore_padding=False, key_group_size=None))
+    # the batch carries CutMix boxes: the step mixes whenever they are there
+    method = method_lib.resolve("allspark", teacher=args.teacher, student_view="weak",
+                                cutmix_prob=0.5)
     tx, _ = optimizer.create_optimizer(optim, 10)
     state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), 65,
-                                     ema=args.teacher == "ema", variables=ref.variables)
+                                     ema=method.ema, variables=ref.variables)
     mesh = sharding.create_mesh()
     state_sh = state_lib.state_sharding(state, mesh, args.shard_params)
     batch_sh = sharding.batch_sharding(mesh)
     state = sharding.put_global(sharding.to_host(state), state_sh)
     steps = {m: train_step.make_train_step(ref.model, tx, tcfg, use_memory=m, state_sharding=state_sh,
-                                      batch_sharding=batch_sh) for m in (False, True)}
+                                      batch_sharding=batch_sh, method=method)
+             for m in (False, True)}
     local = GLOBAL_BATCH // args.processes
     losses = []
     for t, batch in enumerate(global_batches(65, STEPS)):

@@ -54,10 +54,11 @@ def tiny_config(**extra):
     With `method=` in `extra`: configs/demo.py:METHOD, without the OVERRIDES the method does not
     read (the memory's warm-up of AllSpark)."""
     from allspark_jax import config as config_lib
+    from allspark_jax import method as method_lib
     extra = {k.replace("__", "."): v for k, v in extra.items()}
     method = extra.get("method", "allspark")
-    config = config_lib.load_config(os.path.join(ROOT, "configs", f"demo.py:{method}"))
-    unread = config_lib.unread_keys(method)
+    config = config_lib.load_config(f"configs/demo.py:{method}")
+    unread = method_lib.unread_keys(method)
     overrides = {k: v for k, v in OVERRIDES.items() if k not in unread}
     for key, value in {**overrides, **extra}.items():
         *parents, leaf = key.split(".")

@@ -154,7 +154,7 @@ def test_unknown_measurement_is_named():
 
 def test_cli_scaling_at_fixed_per_device_batch(tmp_path):
     out = tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "allspark_jax.benchmark", f"--config={ROOT}/configs/demo.py",
+    cmd = [sys.executable, "-m", "allspark_jax.benchmark", "--config=configs/demo.py",
            *cli_flags(), "--what=scaling", "--devices=1,2", "--per_device_batch=1", "--steps=1",
            "--warmup=0", f"--json={out}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""The config: files load by path, every shipped config validates, each bad value is named once."""
+"""The config: shipped configs load by name from anywhere, files by path; every shipped config
+validates; each bad value is named once; the method is resolved once."""
 import os
 import types
 
@@ -6,21 +7,64 @@ import pytest
 
 from allspark_jax import errors
 from allspark_jax import config as config_lib
+from allspark_jax import method as method_lib
 from allspark_jax import runtime
 from allspark_jax import sharding
 from allspark_jax.errors import DataError
-from conftest import ROOT, make_config
+from allspark_jax.experiments import learning
+from conftest import make_config
 
-CONFIGS = os.path.join(ROOT, "configs")
+CONFIGS = "configs"  # as a checkout's command lines name them: configs/NAME.py[:ARG]
 
 
 @pytest.mark.parametrize("spec", ["default.py", "demo.py", "pascal.py:92", "pascal.py:u2pl_1_8",
                                   "cityscapes.py:1_30", "coco.py:1_512", "custom.py",
                                   "pascal.py:1_16,semi", "cityscapes.py:1_8,supervised",
                                   "coco.py:1_32,supervised"])
-def test_shipped_configs_load_by_path_and_validate(spec):
+def test_shipped_configs_load_by_name_and_validate(spec):
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
+
+
+def test_shipped_configs_load_from_any_folder_and_by_file(tmp_path, monkeypatch):
+    """`configs/NAME.py`, `NAME.py`, `NAME` and the package's own file all load the shipped config,
+    wherever the process runs (an installed package has no configs/ folder beside it)."""
+    import allspark_jax.configs
+    monkeypatch.chdir(tmp_path)
+    package_file = os.path.join(os.path.dirname(allspark_jax.configs.__file__), "pascal.py")
+    loaded = [config_lib.load_config(spec).to_dict() for spec in (
+        "configs/pascal.py:1_8", "pascal.py:1_8", "pascal:1_8", f"{package_file}:1_8")]
+    assert all(c == loaded[0] for c in loaded) and loaded[0]["data"]["split"] == "1_8"
+    assert config_lib.shipped_configs() == ("cityscapes", "coco", "custom", "default", "demo",
+                                            "learning", "pascal")
+    # a file of that name in the working folder is the user's: it wins
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "pascal.py").write_text(
+        "from allspark_jax.configs import pascal\n\n"
+        "def get_config(arg='1_16'):\n    c = pascal.get_config(arg)\n    c.seed = 7\n"
+        "    return c\n")
+    assert config_lib.load_config("configs/pascal.py:1_8").seed == 7
+
+
+def test_a_users_config_files_elsewhere(tmp_path):
+    """A config file of the user's own, alone or in a folder whose files import each other."""
+    (tmp_path / "mine.py").write_text(
+        "from allspark_jax.configs import demo\n\n"
+        "def get_config():\n    c = demo.get_config()\n    c.seed = 3\n    return c\n")
+    config = config_lib.load_config(str(tmp_path / "mine.py"))
+    config_lib.validate(config)
+    assert config.seed == 3 and config.data.name == "synthetic"
+    folder = tmp_path / "my_allspark_configs"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "base.py").write_text(
+        "from allspark_jax.configs import default\n\n"
+        "def get_config():\n    c = default.get_config()\n    c.seed = 4\n    return c\n")
+    (folder / "child.py").write_text(
+        "from my_allspark_configs import base\n\n"
+        "def get_config(arg):\n    c = base.get_config()\n    c.data.split = arg\n    return c\n")
+    config = config_lib.load_config(f"{folder / 'child.py'}:1_4")
+    assert (config.seed, config.data.split) == (4, "1_4")
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -32,7 +76,8 @@ def test_shipped_configs_load_by_path_and_validate(spec):
      r"config.data.custom.class_names='names.txt': expected None: it is read only when data.name"),
     ("data.custom.ignore_index", 0, r"config.data.custom.ignore_index=0: expected 255: it is read only"),
     ("model.dtype", "float8", r"config.model.dtype='float8': expected one of"),
-    ("model.backbone", "b9", r"config.model.backbone: unknown MiT variant 'b9'"),
+    ("model.backbone", "b9", r"config.model.backbone='b9': unknown MiT variant 'b9'; expected one "
+                             r"of \['b0', 'b1', 'b2', 'b3', 'b4', 'b5'\]"),
     ("optim.lr", 0.0, r"config.optim.lr=0.0: expected a number > 0.0"),
     ("train.loss_x", "dice", r"config.train.loss_x='dice': expected one of 'ce', 'ohem'"),
     ("train.teacher", "mean", r"config.train.teacher='mean': expected one of 'online', 'ema'"),
@@ -63,8 +108,11 @@ def test_bad_values_name_the_key_and_what_is_allowed(key, value, message):
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(errors.ConfigError, match="does not exist"):
+    with pytest.raises(errors.ConfigError, match=r"nope.py' does not exist, and .* names no shipped "
+                       r"config; expected a config file or one of cityscapes, coco, custom,"):
         config_lib.load_config(str(tmp_path / "nope.py"))
+    with pytest.raises(errors.ConfigError, match=r"'configs/nope.py' names no shipped config"):
+        config_lib.load_config("configs/nope.py")
 
 
 def test_command_line_override_keys_and_values():
@@ -80,6 +128,11 @@ def test_command_line_override_keys_and_values():
     # keys whose default is None have a type too (ml_collections placeholders)
     error = config_lib.override_value_error(config, "model.drop_path_rate", "x", "not a float")
     assert str(error) == "config.model.drop_path_rate='x': expected a number (now None)"
+    # a group of keys is named by its keys, not dumped
+    error = config_lib.override_value_error(config, "data.synthetic", "(1, 2)", "not a dict")
+    assert str(error) == ("config.data.synthetic='(1, 2)': expected a group of keys; set them with "
+                          "--config.data.synthetic.KEY=VALUE (config.data.synthetic has: "
+                          "num_labeled, num_train, num_val, seed, size)")
 
 
 def test_dataset_configs_give_each_method_the_release_hyperparameters():
@@ -94,14 +147,35 @@ def test_dataset_configs_give_each_method_the_release_hyperparameters():
             "cityscapes.py:1_16,supervised": ("supervised", 16, 0.001, 1.0),
             "coco.py:1_512,supervised": ("supervised", 32, 0.001, 10.0)}.items():
         c = load(spec)
-        assert (c.method, c.model.method, c.data.batch_size, c.optim.lr, c.optim.lr_multi) == (
-            method, method, batch, lr, lr_multi), spec
+        assert (c.method, c.data.batch_size, c.optim.lr, c.optim.lr_multi) == (
+            method, batch, lr, lr_multi), spec
     with pytest.raises(ValueError, match=r"pascal.py:1_16,mean_teacher: unknown method"):
         load("pascal.py:1_16,mean_teacher")
-    # --config.method switches the model too (model.method follows it)
-    c = load("pascal.py:1_16")
-    c.method = "semi"
-    assert c.model.method == "semi"
+
+
+@pytest.mark.parametrize("name,allspark,labeled_only", [
+    ("allspark", True, False), ("semi", False, False), ("supervised", False, True)])
+def test_the_method_is_resolved_once_from_the_config(name, allspark, labeled_only):
+    """config.method and the self-training keys -> one Method; the model (its parameter tree) and
+    the data options follow it."""
+    from allspark_jax.models import segmentor
+    config = make_config()
+    config.method = name
+    if not labeled_only:
+        config.train.teacher, config.data.student_view, config.data.cutmix_prob = "ema", "strong", 0.5
+    method = method_lib.from_config(config)
+    assert (method.name, method.allspark, method.labeled_only) == (name, allspark, labeled_only)
+    if labeled_only:  # no teacher, student view or CutMix to speak of
+        assert (method.teacher, method.student_view, method.cutmix_prob, method.ema) == (
+            None, None, 0.0, False)
+    else:
+        assert (method.teacher, method.student_view, method.cutmix_prob, method.ema) == (
+            "ema", "strong", 0.5, True)
+    assert segmentor.model_config_from(config).allspark == allspark
+    assert set(method.unread_keys()) == set(method_lib.unread_keys(name))
+    with pytest.raises(errors.ConfigError, match=r"config.method='mean_teacher': expected one of "
+                                                 r"'allspark', 'semi', 'supervised'"):
+        method_lib.resolve("mean_teacher", teacher="online", student_view="weak", cutmix_prob=0)
 
 
 # A changed value of each key that only some methods read.
@@ -116,7 +190,7 @@ UNLABELED_ONLY = [("data.unlabeled_split", "other/unlabeled.txt"), ("data.studen
     *[("supervised", k, v) for k, v in UNLABELED_ONLY + ALLSPARK_ONLY],
     *[("semi", k, v) for k, v in ALLSPARK_ONLY]])
 def test_keys_the_method_does_not_read_must_keep_their_defaults(method, key, value):
-    assert set(config_lib.unread_keys(method)) == {k for k, _ in (
+    assert set(method_lib.unread_keys(method)) == {k for k, _ in (
         ALLSPARK_ONLY + (UNLABELED_ONLY if method == "supervised" else []))}
     config = make_config()
     config.method = method
@@ -170,13 +244,17 @@ def test_with_method_puts_back_what_the_method_does_not_read():
     config = config_lib.load_config(os.path.join(CONFIGS, "learning.py"))
     assert (config.train.warmup_epoch, config.train.ema_decay) == (2, 0.99)
     semi = config_lib.with_method(config, "semi")
-    assert (semi.method, semi.model.method, semi.train.warmup_epoch, semi.train.ema_decay) == (
-        "semi", "semi", 5, 0.99)
+    assert (semi.method, semi.train.warmup_epoch, semi.train.ema_decay) == ("semi", 5, 0.99)
     sup = config_lib.with_method(config, "supervised")
     assert (sup.train.warmup_epoch, sup.train.ema_decay) == (5, 0.999)
     assert sup.optim.lr == config.optim.lr and config.method == "allspark"  # the rest kept, a copy
     for c in (semi, sup):
         config_lib.validate(c)
+    # keys in `keep` (set on the command line) stay, and validation names them
+    kept = config_lib.with_method(config, "semi", keep=("train.warmup_epoch",))
+    assert kept.train.warmup_epoch == 2
+    with pytest.raises(errors.ConfigError, match=r"config.train.warmup_epoch=2: expected 5"):
+        config_lib.validate(kept)
 
 
 @pytest.mark.parametrize("spec", ["demo.py:semi", "demo.py:supervised", "cityscapes.py:1_16,semi",
@@ -202,16 +280,21 @@ def test_switching_a_config_to_a_method_that_ignores_its_keys_is_named():
     ("data.name", "pascal", r"learning.pretrain_steps=640: expected 0 with data.name='pascal'"),
 ])
 def test_learning_pretraining_keys(key, value, message):
+    """The learning experiment validates its own keys (learning.*); the general validation does
+    not read them."""
     config = config_lib.load_config(os.path.join(CONFIGS, "learning.py"))
     config_lib.validate(config)
+    learning.validate_learning(config)
     *parents, leaf = key.split(".")
     config[parents[0]][leaf] = value
     if key == "data.name":
         config.data.root = "/data/voc"
         config.data.split = "1_16"
         config.data.num_classes = 21
-    with pytest.raises((errors.ConfigError, DataError), match=message):
+    if key.startswith("learning."):
         config_lib.validate(config)
+    with pytest.raises((errors.ConfigError, DataError), match=message):
+        learning.validate_learning(config)
 
 
 @pytest.mark.parametrize("env, message", [

@@ -10,7 +10,6 @@ from PIL import Image
 from allspark_jax import config as config_lib
 from allspark_jax.data import input_pipeline, synthetic
 from allspark_jax.errors import DataError
-from conftest import ROOT
 
 IGNORE = 200  # the mask value of ignored pixels in the written files
 
@@ -30,7 +29,7 @@ def custom_roots(tmp_path_factory):
 
 def custom_config(root, **overrides):
     """configs/custom.py on `root` (5 classes, small crops) with dotted-key `overrides`."""
-    config = config_lib.load_config(os.path.join(ROOT, "configs", "custom.py"))
+    config = config_lib.load_config("configs/custom.py")
     config.data.root = root
     config.data.num_classes = 5
     config.data.crop_size = 32

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from allspark_jax import errors
-from allspark_jax import predict
+from allspark_jax.commands import predict
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import prepare
 from conftest import make_options

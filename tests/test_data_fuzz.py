@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from allspark_jax import predict
+from allspark_jax.commands import predict
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import synthetic
 from allspark_jax.data.datasets import IGNORE_INDEX

@@ -10,7 +10,8 @@ from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 
 TINY = ModelConfig(backbone=MiTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
-                                      num_heads=(1, 2, 3, 4)), num_classes=3, decoder_dim=16)
+                                      num_heads=(1, 2, 3, 4)), num_classes=3, allspark_heads=2,
+                   decoder_dim=16, head_dropout=0.1, attn_drop=0.1, proj_drop=0.1, allspark=True)
 CROP = 30
 
 

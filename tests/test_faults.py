@@ -26,7 +26,7 @@ from allspark_jax import checkpoints
 from allspark_jax import nonfinite
 
 MAIN = os.path.join(run_config.ROOT, "main.py")
-DEMO = os.path.join(run_config.ROOT, "configs", "demo.py")
+DEMO = "configs/demo.py"
 FAULT_OVERRIDES = {"train.teacher": "ema", "train.epochs": 3, "checkpoint_every_steps": 1,
                    "log_every_steps": 1}
 STEPS = 12  # 3 epochs of 4 steps; evaluations at 4, 8, 12

@@ -20,6 +20,7 @@ import safetensors
 import safetensors.numpy
 
 from allspark_jax import errors
+from allspark_jax import method as method_lib
 from allspark_jax.weights import huggingface, huggingface_config, loader
 from allspark_jax.weights.pth_writer import save_pth
 from allspark_jax.models.mit import MixVisionTransformer
@@ -126,7 +127,9 @@ def test_encoder_import_into_allspark_model(mit):
     """Into the encoder of an AllSpark model (release LayerNorm eps: not compared for an encoder);
     the rest of the variables is left as it was."""
     model = AllSparkSegmentor(ModelConfig(backbone=dataclasses.replace(mit.backbone, norm_eps=1e-6),
-                                          num_classes=3, decoder_dim=8))
+                                          num_classes=3, allspark_heads=2, decoder_dim=8,
+                                          head_dropout=0.1, attn_drop=0.1, proj_drop=0.1,
+                                          allspark=True))
     blank = jax.eval_shape(lambda: model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 64, 64, 3)),
         mode="train", teacher_logits=jnp.zeros((1, 64, 64, 3))))
@@ -357,9 +360,10 @@ def test_model_pretrained_takes_a_hub_layout_encoder(mit):
     config = run_config.tiny_config(**{
         "model.backbone": dict(embed_dims=b.embed_dims, depths=b.depths, num_heads=b.num_heads),
         "model.pretrained": MIT_DIR})
-    model = build_model(config.model)
+    model = build_model(config)
     tx, _ = optimizer.create_optimizer(config.optim, 10)
-    state, _ = train.initial_state(config, model, tx, sharding.create_mesh())
+    state, _ = train.initial_state(config, model, tx, sharding.create_mesh(),
+                                   method_lib.from_config(config))
     expected = loader.load_pretrained_encoder(MIT_DIR, {"params": {"backbone": shapes(
         state.params["backbone"])}})
     assert_trees_equal(jax.device_get(state.params["backbone"]), expected["params"]["backbone"])

@@ -1,7 +1,6 @@
 """The learning benchmark: its rows are valid configs, and it runs end to end in a tiny setting
 (one seed, a few steps; no assertion on which method wins)."""
 import json
-import os
 import subprocess
 import sys
 import types
@@ -16,13 +15,13 @@ from allspark_jax.experiments import learning
 
 
 def test_every_row_is_a_valid_run_of_its_method():
-    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    base = config_lib.load_config("configs/learning.py")
     plan = types.SimpleNamespace(steps_per_epoch=5)
     for row in learning.rows_for(["supervised", "semi", "allspark"]):
         config = learning.row_config(base, row, 7, all_labeled="/data/all/labeled.txt",
                                      total_steps=280, plan_fn=lambda c: plan)
         method, overrides = learning.ROWS[row]
-        assert (config.method, config.model.method, config.seed) == (method, method, 7)
+        assert (config.method, config.seed) == (method, 7)
         assert config.train.num_train_steps == 280
         if method == "supervised":
             assert config.train.epochs == 56  # 280 steps of 5 per epoch
@@ -39,7 +38,7 @@ def test_unknown_method_is_a_usage_error():
 
 
 def test_branches_need_the_training_token_grid():
-    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    base = config_lib.load_config("configs/learning.py")
     learning.check_branches(base)  # 64 px crops, 60 px centre crops: both 2 x 2 tokens
     base.eval.crop_size = 32
     with pytest.raises(learning.app.UsageError, match=r"config.eval.crop_size=32 gives a stage-4 "
@@ -57,7 +56,7 @@ def test_end_to_end_one_seed(tmp_path):
                                  checkpoint_every_steps=10**9, learning__pretrain_steps=2,
                                  learning__pretrain_num_classes=5, learning__pretrain_num_images=8)
     cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
-           "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
+           "--config", "configs/learning.py", "--seeds", "0",
            "--methods", "supervised,allspark", "--noextensions", "--branches", "--json", str(out),
            "--workdir", str(workdir), *flags]
     proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
@@ -96,7 +95,7 @@ def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):
     flags = run_config.cli_flags(train__epochs=1, learning__pretrain_steps=0,
                                  model__pretrained=str(bad))
     cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
-           "--config", os.path.join(run_config.ROOT, "configs", "learning.py"), "--seeds", "0",
+           "--config", "configs/learning.py", "--seeds", "0",
            "--methods", "supervised", "--noceiling", "--workdir", str(tmp_path / "work"), *flags]
     proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
                           capture_output=True, text=True, timeout=600)
@@ -110,7 +109,7 @@ def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):
 def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
     """learning.pretrain_lr sets the source task's rate (every module alike), and only there: with
     no source task to train the key is refused."""
-    base = config_lib.load_config(os.path.join(run_config.ROOT, "configs", "learning.py"))
+    base = config_lib.load_config("configs/learning.py")
     base.data.synthetic.size = 16
     base.learning.update(pretrain_steps=2, pretrain_num_images=8, pretrain_lr=0.02)
     base.optim.update(lr=0.001, lr_multi=10.0)
@@ -129,4 +128,4 @@ def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
     assert (seen[0].optim.lr, seen[0].optim.lr_multi, seen[0].method) == (0.02, 1.0, "supervised")
     base.learning.pretrain_steps = 0
     with pytest.raises(errors.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
-        config_lib.validate(base)
+        learning.validate_learning(base)

@@ -13,7 +13,7 @@ from PIL import Image
 import run_config
 
 MAIN = os.path.join(run_config.ROOT, "main.py")
-DEMO = os.path.join(run_config.ROOT, "configs", "demo.py")
+DEMO = "configs/demo.py"
 HF_SEGFORMER = os.path.join(run_config.ROOT, "tests", "data", "hf_segformer_tiny")  # 5 classes
 # A C++ log line of TensorFlow / XLA / absl ("I0000 00:00:17958.123 4242 port.cc:153] ...") and
 # absl's notice before its C++ logging starts.
@@ -172,7 +172,7 @@ def test_huggingface_segformer_eval_and_predict(custom_root, tmp_path):
     """`--checkpoint DIR` of a transformers SegformerForSemanticSegmentation: the model comes from
     its config.json; predictions are that model's argmax."""
     import jax
-    from allspark_jax import predict
+    from allspark_jax.commands import predict
     from allspark_jax.weights import loader
     workdir = str(tmp_path / "run")
     rc, out = run_main("--config", DEMO, "--workdir", workdir, "--mode", "eval",
@@ -228,6 +228,35 @@ def test_missing_workdir_is_a_clear_error():
     assert rc != 0 and "--workdir is required" in out, out[-3000:]
 
 
+def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    for workdir, reason in (("/proc/nope", "No such file or directory"),
+                            (str(tmp_path / "file" / "run"), "Not a directory")):
+        rc, stdout, stderr = run_main("--config", DEMO, "--workdir", workdir, timeout=120,
+                                      split=True)
+        assert rc == 2 and stderr.strip() == (
+            f"error: --workdir={workdir}: cannot create it ({reason}); expected a folder that "
+            "exists or can be created"), stderr[-3000:]
+    # `python -m allspark_jax` is the same command, from any folder
+    proc = subprocess.run([sys.executable, "-m", "allspark_jax", "--config", "configs/demo.py",
+                           "--workdir", "/proc/nope"], capture_output=True, text=True,
+                          env=run_config.subprocess_env(), timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --workdir=/proc/nope: cannot "
+                                                           "create it"), proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("args", [
+    # the demo's AllSpark keys go back to their defaults; the command line's keys stay
+    ["--config.method=supervised"], ["--config.method", "semi", "--config.train.teacher=ema"],
+    # a preset in place of the demo's dict of MiT fields
+    ["--config.model.backbone=b0"]])
+def test_the_method_and_a_backbone_preset_switch_on_the_command_line(args, tmp_path):
+    """Validation passes (the run then stops at the missing checkpoint)."""
+    rc, out = run_main("--config", DEMO, "--workdir", str(tmp_path), *args, "--mode", "eval",
+                       "--checkpoint", "best", timeout=120)
+    assert rc == 2 and "no best checkpoint" in out, out[-3000:]
+
+
 def test_missing_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     rc, out = run_main("--config", DEMO, "--workdir", str(tmp_path), "--mode", "eval",
                        "--checkpoint", "best", *run_config.cli_flags(), timeout=120)
@@ -254,11 +283,17 @@ def test_missing_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     (["--config=configs/pascal.py:1_3"], "configs/pascal.py:1_3: unknown split '1_3'; expected one of 92,"),
     (["--config=configs/nope.py"], "configs/nope.py' does not exist"),
     # a key that the method does not read, changed by the config file or the command line
-    (["--config.method=semi"], "config.train.warmup_epoch=4: expected 5 (its configs/default.py "
-                               "value) with method 'semi': only AllSpark reads it"),
+    (["--config.method=semi", "--config.train.warmup_epoch=3"],
+     "config.train.warmup_epoch=3: expected 5 (its configs/default.py value) with method 'semi': "
+     "only AllSpark reads it"),
     (["--config=configs/demo.py:supervised", "--config.train.teacher=ema"],
      "config.train.teacher='ema': expected 'online' (its configs/default.py value) with method "
      "'supervised': it trains on labeled images only"),
+    # a backbone that is no preset, on a config whose backbone is a dict of MiT fields
+    (["--config.model.backbone=b9"], "config.model.backbone='b9': unknown MiT variant 'b9'; "
+                                     "expected one of ['b0', 'b1', 'b2', 'b3', 'b4', 'b5']"),
+    (["--config.model.backbone=(1,2)"], "config.model.backbone='(1,2)': expected a group of keys; "
+                                        "set them with --config.model.backbone.KEY=VALUE"),
 ])
 def test_config_errors_are_one_line_with_exit_status_2(args, message, tmp_path):
     """Unknown keys, values of the wrong type, bad enum values, out-of-range values, bad config files

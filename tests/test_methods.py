@@ -8,11 +8,11 @@ import pytest
 
 import run_config
 from allspark_jax import errors
-from allspark_jax import checkpoints, predict, train
+from allspark_jax import checkpoints, train
+from allspark_jax.commands import evaluate, predict
 from allspark_jax import config as config_lib
 from allspark_jax.data import input_pipeline
 from allspark_jax.errors import DataError
-from allspark_jax.evaluation import evaluator
 from conftest import make_config
 
 # semi with every extension on (EMA teacher, strong student view, threshold, padding, CutMix);
@@ -53,7 +53,7 @@ def test_trains_checkpoints_and_evaluates_without_allspark(run):
     assert set(last) == ({"student", "ema"} if method == "semi" else {"student"})
     assert all(0.0 <= r["miou"] <= 100.0 for r in last.values())
     # the checkpoint restores into this config's template and evaluates
-    restored = evaluator.run_evaluation(config, workdir, "latest")
+    restored = evaluate.run_evaluation(config, workdir, "latest")
     assert restored["step"] == out["step"]
     np.testing.assert_allclose(restored["results"]["student"]["miou"], last["student"]["miou"],
                                rtol=1e-6)

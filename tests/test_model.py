@@ -1,6 +1,7 @@
 """Model structure: parameter counts, token grids for any input size, batch independence, the
 vectorised Semantic Memory update against a literal transcription of the release's loop, the
 depthwise convolution's custom VJP against XLA's convolution."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def test_token_grid_matches_spec_examples(side, expected):
 
 TINY = ModelConfig(backbone=MiTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
                                       num_heads=(1, 2, 3, 4)),
-                   num_classes=3, decoder_dim=16)
+                   num_classes=3, allspark_heads=2, decoder_dim=16, head_dropout=0.1,
+                   attn_drop=0.1, proj_drop=0.1, allspark=True)
 
 
 @pytest.mark.parametrize("hw", [(512, 512), (513, 513), (801, 801), (97, 150), (64, 33)])
@@ -315,7 +317,7 @@ _MEMORY_SCRIPT = """
 import os
 from allspark_jax import config as config_lib, runtime
 # the project's XLA flags, as main.py sets them
-runtime.set_xla_flags(config_lib.load_config(os.path.join({root!r}, "configs", "default.py")))
+runtime.set_xla_flags(config_lib.default_config())
 import jax, jax.numpy as jnp
 from allspark_jax.models import mit
 from test_model import _lax_depthwise
@@ -366,7 +368,7 @@ def test_segformer_without_allspark():
     reaches the head unchanged, and training needs no teacher logits."""
     from allspark_jax.models.head import SegFormerHead
     from allspark_jax.models.resize import resize_bilinear
-    cfg = ModelConfig(backbone=TINY.backbone, num_classes=3, decoder_dim=16, allspark=False)
+    cfg = dataclasses.replace(TINY, allspark=False)
     model = AllSparkSegmentor(cfg)
     variables = init_variables(model, jax.random.key(0), 40)
     assert set(variables) == {"params", "batch_stats"}

@@ -1,8 +1,8 @@
 """colabs/*.ipynb run top to bottom (nbclient, CPU, synthetic demo data), and allspark_jax.inspection.
 
 The notebooks read one environment variable in their first cell, ALLSPARK_NOTEBOOK_WORKDIR (where
-the synthetic data, the demo run and its checkpoint go: a tmp dir here); they load configs by file
-path (`allspark_jax.notebook.setup`). They run in one workdir in the order data -> predictions -> internals, so
+the synthetic data, the demo run and its checkpoint go: a tmp dir here); they load the shipped
+configs by name (`allspark_jax.notebook.setup`). They run in one workdir in the order data -> predictions -> internals, so
 the internals notebook uses the checkpoint the predictions notebook trained (as it would on a
 user's machine); each notebook also runs on its own. The kernel is 'python3' started with this
 interpreter (jupyter_client swaps a kernel spec's 'python' for sys.executable), so ipykernel must be
@@ -30,7 +30,9 @@ def tiny_model():
     from allspark_jax.models.mit import MiTConfig
     from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
     mit = MiTConfig(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
-    model = AllSparkSegmentor(ModelConfig(backbone=mit, num_classes=3, decoder_dim=8))
+    model = AllSparkSegmentor(ModelConfig(backbone=mit, num_classes=3, allspark_heads=2,
+                                          decoder_dim=8, head_dropout=0.1, attn_drop=0.1,
+                                          proj_drop=0.1, allspark=True))
     variables = jax.jit(lambda r: init_variables(model, r, 64, batch_size=2))(jax.random.key(0))
     return model, variables
 
@@ -97,7 +99,8 @@ def test_counting_helpers():
 
 
 def test_display_helpers():
-    from allspark_jax import inspection, predict
+    from allspark_jax import inspection
+    from allspark_jax.commands import predict
     rgb = np.random.default_rng(0).integers(0, 256, size=(5, 6, 3)).astype(np.uint8)
     normed = predict.normalize(rgb)
     np.testing.assert_array_equal(inspection.denormalize(normed), rgb)

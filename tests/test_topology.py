@@ -22,12 +22,12 @@ import run_config
 from allspark_jax import errors
 from allspark_jax import checkpoints
 from allspark_jax import train
-from allspark_jax.evaluation import evaluator
+from allspark_jax.commands import evaluate
 
 pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 MAIN = os.path.join(run_config.ROOT, "main.py")
-DEMO = os.path.join(run_config.ROOT, "configs", "demo.py")
+DEMO = "configs/demo.py"
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topology_worker.py")
 STEPS, RESUME = run_config.TOPOLOGY_STEPS, run_config.TOPOLOGY_RESUME_STEP
 TIMEOUT_S = 600
@@ -122,7 +122,7 @@ def logged_student(workdir: str) -> dict:
 
 
 def test_one_process_evaluates_the_two_process_checkpoint(two_process_run, two_process_final):
-    out = evaluator.run_evaluation(topology_config(), two_process_run, "latest")
+    out = evaluate.run_evaluation(topology_config(), two_process_run, "latest")
     assert out["step"] == STEPS
     logged = logged_student(two_process_run)
     # Each image is predicted on its own, so the device count does not change the arithmetic.

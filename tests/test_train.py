@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from allspark_jax import method as method_lib
 from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
@@ -20,9 +21,14 @@ OPTIM = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9, wei
 
 def train_config(**overrides):
     return ml_collections.ConfigDict({**dict(
-        loss_x="ce", loss_groups=1, teacher="online", ema_decay=0.9, conf_thresh=0.0,
+        loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
         loss_u_ignore_padding=False, key_group_size=None, ohem_thresh=0.7, ohem_min_kept=100),
         **overrides})
+
+
+def method(name="allspark", teacher="online"):
+    """The method `name` with `teacher`, the student on the weak view, no CutMix."""
+    return method_lib.resolve(name, teacher=teacher, student_view="weak", cutmix_prob=0.0)
 
 
 def test_poly_schedule_offset():
@@ -52,7 +58,8 @@ def test_sgd_coupled_weight_decay_and_groups():
 
 TINY = ModelConfig(backbone=MiTConfig(embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
                                       num_heads=(1, 2, 3, 4), drop_path_rate=0.1),
-                   num_classes=3, decoder_dim=16)
+                   num_classes=3, allspark_heads=2, decoder_dim=16, head_dropout=0.1,
+                   attn_drop=0.1, proj_drop=0.1, allspark=True)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,8 @@ def ema_step():
     model = AllSparkSegmentor(TINY)
     tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
     state = state_lib.create_train_state(model, tx, jax.random.key(0), 33, ema=True)
-    step = train_step.make_train_step(model, tx, train_config(teacher="ema"), use_memory=True)
+    step = train_step.make_train_step(model, tx, train_config(), use_memory=True,
+                                      method=method(teacher="ema"))
     rng = np.random.default_rng(0)
     x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
     batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),
@@ -123,7 +131,8 @@ def one_step(model, teacher="online"):
     tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
     state = state_lib.create_train_state(AllSparkSegmentor(TINY), tx, jax.random.key(0), 33,
                                      ema=teacher == "ema")
-    step = train_step.make_train_step(model, tx, train_config(teacher=teacher), use_memory=True)
+    step = train_step.make_train_step(model, tx, train_config(), use_memory=True,
+                                      method=method(teacher=teacher))
     rng = np.random.default_rng(1)
     x_u = rng.normal(size=(2, 33, 33, 3)).astype(np.float32)
     batch = {"image_l": rng.normal(size=(2, 33, 33, 3)).astype(np.float32),
@@ -189,7 +198,8 @@ def test_cutmix_matches_numpy():
 def _deterministic_setup(allspark: bool):
     """The tiny model without dropout or stochastic depth, its optimiser and a fresh state (33 px)."""
     cfg = ModelConfig(backbone=dataclasses.replace(TINY.backbone, drop_path_rate=0.0),
-                      num_classes=3, decoder_dim=16, head_dropout=0.0, attn_drop=0.0,
+                      num_classes=3, allspark_heads=2, decoder_dim=16, head_dropout=0.0,
+                      attn_drop=0.0,
                       proj_drop=0.0, allspark=allspark)
     model = AllSparkSegmentor(cfg)
     tx, _ = optimizer.create_optimizer(OPTIM, total_steps=10)
@@ -218,7 +228,7 @@ def test_semi_step_with_cutmix_learns_the_partners_pseudo_labels():
     logits, _ = model.apply(state.variables(), x, mode="train", mutable=["batch_stats"])
     want_loss_u = losses.cross_entropy(logits[3:], want_pseudo)
     step = train_step.make_train_step(model, tx, train_config(), use_memory=False,
-                                      with_outputs=True, method="semi")
+                                      with_outputs=True, method=method("semi"))
     _, out = step(state, batch)
     np.testing.assert_array_equal(out["pseudo_label"], want_pseudo)
     np.testing.assert_allclose(out["loss_u"], want_loss_u, rtol=1e-5)
@@ -241,6 +251,7 @@ def test_allspark_step_groups_the_teacher_and_student_keys():
 
     grouped, whole = float(loss_u(2)), float(loss_u(None))
     assert abs(whole - grouped) > 1e-4
-    step = train_step.make_train_step(model, tx, train_config(key_group_size=2), use_memory=False)
+    step = train_step.make_train_step(model, tx, train_config(key_group_size=2), use_memory=False,
+                                      method=method())
     _, out = step(state, batch)  # donates the state
     np.testing.assert_allclose(out["loss_u"], grouped, rtol=1e-5)

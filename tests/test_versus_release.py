@@ -7,7 +7,6 @@ lower of its per-round medians, the ratio and the table, and that a release resu
 case is refused.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -90,4 +89,4 @@ def test_cases_and_results_are_checked():
         versus_release.release_seconds({k: v for k, v in good.items() if k != "median_s"}, case)
     with pytest.raises(ValueError, match="bench_release.py"):
         versus_release.run("/nonexistent", sys.executable, [case], rounds=1, steps=1, warmup=0,
-                           num_classes=21, config=os.path.join(ROOT, "configs", "pascal.py"))
+                           num_classes=21, config="configs/pascal.py")

@@ -71,11 +71,11 @@ def test_remote_workdir_holds_results_and_the_synthetic_dataset(fake_gcs):
                          crop_size=32, batch_size=2)
     config.data.synthetic.update(num_train=6, num_labeled=2, num_val=2, size=40)
     opts = config_lib.data_options(config, remote)
-    assert opts.root == f"{remote}/{config_lib.SYNTHETIC_DIR}"
+    assert opts.root == f"{remote}/{workdir.SYNTHETIC_DIR}"
     assert opts.class_names[0] == "background" and len(opts.class_names) == 5
-    assert (fake_gcs / "run" / config_lib.SYNTHETIC_DIR / "class_names.txt").is_file()
+    assert (fake_gcs / "run" / workdir.SYNTHETIC_DIR / "class_names.txt").is_file()
     plan = input_pipeline.train_plan(opts)  # lists read and every listed file checked remotely
     assert (len(plan.split.labeled), len(plan.split.unlabeled), plan.steps_per_epoch) == (2, 4, 2)
-    os.remove(fake_gcs / "run" / config_lib.SYNTHETIC_DIR / "JPEGImages" / "train_00003.jpg")
+    os.remove(fake_gcs / "run" / workdir.SYNTHETIC_DIR / "JPEGImages" / "train_00003.jpg")
     with pytest.raises(Exception, match="train_00003.jpg"):
         input_pipeline.train_plan(opts)

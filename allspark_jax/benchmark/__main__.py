@@ -7,17 +7,15 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax.benchmark import measure
 from allspark_jax.benchmark import report
+from allspark_jax.commands import config_flag
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", os.path.join(config_lib.configs_dir(), "pascal.py"),
-                                "Config file (model, crop, batch, precision, remat, train step "
-                                "settings).")
+config_flag.define("config", "pascal", "Config file or shipped config (model, crop, batch, "
+                   "precision, remat, train step settings).")
 flags.DEFINE_string("what", "matmul,train,infer",
                     f"Comma-separated subset of {','.join(measure.ALL)}.")
 flags.DEFINE_integer("steps", 5, "Timed calls per measurement (median reported).")
@@ -71,5 +69,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    config_lib.register_configs_package()
     app.run(main)

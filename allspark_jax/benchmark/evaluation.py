@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from allspark_jax import predict as predict_lib
+from allspark_jax.commands import predict as predict_lib
 from allspark_jax.benchmark.timing import CompileCounter, compile_stats, host_peak_rss_bytes
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
@@ -53,7 +53,7 @@ def _setup(config, num_sizes: int, min_side: int, max_side: int):
     """
     config = config.copy_and_resolve_references()
     config.eval.mode = "original"
-    model = build_model(config.model)
+    model = build_model(config)
     v = jax.jit(lambda r: init_variables(model, r, 64))(jax.random.key(int(config.seed)))
     variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
     return config, model, variables, image_sizes(num_sizes, min_side, max_side)

@@ -11,6 +11,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from allspark_jax import method as method_lib
 from allspark_jax import runtime
 from allspark_jax import train_step as train_step_lib
 from allspark_jax.benchmark import evaluation as evaluation_lib
@@ -53,7 +54,7 @@ def bench_matmul(n: int, dtype: str, steps: int, warmup: int = 1) -> dict:
 
 
 def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak: float | None):
-    """The full train step of `config.method` (AllSpark: memory read) on a synthetic batch,
+    """The full train step of the config's method (AllSpark: memory read) on a synthetic batch,
     carrying the donated state.
 
     Returns (figures, the compiled step, its batch, the state after the calls).
@@ -67,7 +68,7 @@ def bench_train(s: programs.Setup, config, state, steps: int, warmup: int, peak:
         jax.block_until_ready(metrics)
 
     seconds, times = median_time(call, steps, warmup)
-    images = s.batch * (1 if config.method == "supervised" else 2)  # labeled (+ unlabeled)
+    images = s.batch * method_lib.from_config(config).images_per_labeled_image
     out = {"seconds": seconds, "times": times, "images_per_step": images,
            "images_per_s": images / seconds, **stats,
            **_rates(seconds, stats["flops"], s.devices, peak, _host_shared()),
@@ -103,7 +104,7 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
     [0.75, 1] x `image_size` (Pascal VOC images are about 500 x 375). Returns (figures, state).
     """
     # tf.data: imported here, so that the model measurements run where TensorFlow is not installed.
-    from allspark_jax.data import benchmark as data_benchmark  # pylint: disable=g-import-not-at-top
+    from allspark_jax.benchmark import pipeline as data_benchmark  # pylint: disable=g-import-not-at-top
     from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     with tempfile.TemporaryDirectory() as root:
         synthetic.write_dataset(root, num_images, 0, image_size, int(config.data.num_classes),
@@ -112,8 +113,7 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
                                       student_view=config.data.student_view)
         opts = data_benchmark.make_options(root, s.crop, s.batch,
                                            student_view=config.data.student_view)
-        keys = train_step_lib.batch_keys(config.method,
-                                         cutmix=float(config.data.cutmix_prob) > 0)
+        keys = train_step_lib.batch_keys(method_lib.from_config(config))
         it = ({k: b[k] for k in keys}
               for b in input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))
         it = input_pipeline.prefetch_to_device(it, s.batch_sharding, size=2)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from allspark_jax import method as method_lib
 from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
@@ -48,10 +49,10 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
     else:
         batch = int(per_device_batch) * n_dev
     crop = int(config.data.crop_size)
-    model = build_model(config.model)
+    model = build_model(config)
     tx, _ = optimizer.create_optimizer(config.optim, 1000)
     rng = jax.random.key(int(config.seed))
-    # No memory without AllSpark (config.method 'semi' / 'supervised').
+    # No memory without AllSpark (the baselines 'semi' / 'supervised').
     memory_shape = jax.eval_shape(lambda r: init_variables(model, r, crop), rng).get("memory")
     init_crop = min(crop, 64)
 
@@ -62,7 +63,8 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
                 lambda s, v: (jax.random.normal(r, s.shape, s.dtype) if s.dtype == jnp.float32
                               else jnp.zeros(s.shape, s.dtype)), memory_shape, variables["memory"])
         return state_lib.create_train_state(model, tx, r, init_crop,
-                                            ema=config.train.teacher == "ema", variables=variables)
+                                            ema=method_lib.from_config(config).ema,
+                                            variables=variables)
 
     s_sharding = state_lib.state_sharding(jax.eval_shape(init, rng), mesh,
                                           bool(config.shard_params))
@@ -90,12 +92,13 @@ def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int
 
 
 def train_program(s: Setup, config):
-    """The jitted train step of `config.method` (AllSpark: memory read; state donated) and a
+    """The jitted train step of the config's method (AllSpark: memory read; state donated) and a
     synthetic batch for it."""
     step = train_step_lib.make_train_step(s.model, s.tx, config.train, use_memory=True,
                                           state_sharding=s.state_sharding,
-                                          batch_sharding=s.batch_sharding, method=config.method)
-    keys = train_step_lib.batch_keys(config.method, cutmix=float(config.data.cutmix_prob) > 0)
+                                          batch_sharding=s.batch_sharding,
+                                          method=method_lib.from_config(config))
+    keys = train_step_lib.batch_keys(method_lib.from_config(config))
     batch = synthetic_batch(s.batch, s.crop, int(config.data.num_classes), s.batch_sharding,
                             keys=keys)
     return step, batch

@@ -330,8 +330,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("warmup", 1, "Ours: untimed calls after compiling (the release's script "
                          "always makes one).")
     flags.DEFINE_integer("num_classes", 21, "Classes of both models.")
-    flags.DEFINE_string("config", os.path.join(PACKAGE_ROOT, "configs", "pascal.py"),
-                        "Ours: the config file; the case sets method, backbone, crop, decoder "
+    flags.DEFINE_string("config", "pascal",
+                        "Ours: the config file or shipped config; the case sets method, backbone, crop, decoder "
                         "width, classes and batch on it.")
     flags.DEFINE_multi_string("ours_args", [], "Ours: extra flags of `python -m "
                               "allspark_jax.benchmark` (e.g. --config.model.dtype=bfloat16), "

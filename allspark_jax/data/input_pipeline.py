@@ -7,7 +7,7 @@ readers, steps per epoch) is done once per run and passed to `create_train_itera
 Epochs (release semantics): an epoch walks the unlabeled list once in a fresh random order; the labeled
 list is repeated `ceil(U / L)` times, truncated to U and permuted afresh each epoch; step t of epoch e
 pairs positions [t B, (t + 1) B) of both orders (B = global batch); the last partial batch is dropped,
-so steps_per_epoch = U // B. With `labeled_only` (config.method 'supervised', the release's
+so steps_per_epoch = U // B. With a labeled-only method (`Method.labeled_only`: 'supervised', the release's
 train_baseline_sup.py) an epoch walks the labeled list once in a fresh random order, steps_per_epoch
 = L // B, and batches hold the labeled entries only. Process p of P takes positions
 [t B + p b, t B + (p + 1) b), b = B / P, of every global batch. Every example's augmentation is seeded by (seed, epoch, position), so batches
@@ -307,35 +307,36 @@ def train_plan(opts, *, progress: bool = False) -> TrainPlan:
     """
     tfds_meta = _open_tfds(opts) if opts.source == "tfds" else None
     root = opts.root
-    if opts.labeled_only:  # config.method 'supervised' reads no unlabeled list
+    if opts.method.labeled_only:  # no unlabeled list is read
         split = splits_lib.resolve_train_split(opts.name, opts.split, root=root, labeled_only=True)
     elif tfds_meta is not None and opts.name == "coco" and not opts.unlabeled_split and not root:
         split = splits_lib.resolve_train_split(opts.name, opts.split, root=None, unlabeled_split=None,
                                                coco_train_images=tfds_meta.paths("train"))
     else:
         split = splits_lib.resolve_train_split(opts.name, opts.split, opts.unlabeled_split, root)
-    walked, source = ((split.labeled, split.labeled_source) if opts.labeled_only
+    walked, source = ((split.labeled, split.labeled_source) if opts.method.labeled_only
                       else (split.unlabeled, split.unlabeled_source))
     steps = len(walked) // opts.batch_size
     if steps == 0:
-        raise DataError(f"the {'labeled' if opts.labeled_only else 'unlabeled'} list ({source}) "
+        kind = "labeled" if opts.method.labeled_only else "unlabeled"
+        raise DataError(f"the {kind} list ({source}) "
                         f"has {len(walked)} images, fewer than data.batch_size={opts.batch_size}; "
                         "expected at least one full global batch per epoch.")
     if tfds_meta is None:
         if opts.check_files != "none":
             datasets.check_files_exist(root, split.labeled, split.labeled_source, require_masks=True)
-            if not opts.labeled_only:
+            if not opts.method.labeled_only:
                 datasets.check_files_exist(root, split.unlabeled, split.unlabeled_source,
                                            require_masks=False)
         readers = (_FileReader(root, split.labeled),
-                   None if opts.labeled_only else _FileReader(root, split.unlabeled))
+                   None if opts.method.labeled_only else _FileReader(root, split.unlabeled))
     else:
         readers = (tfds_meta.reader("train", split.labeled, split.labeled_source),
-                   None if opts.labeled_only
+                   None if opts.method.labeled_only
                    else tfds_meta.reader("train", split.unlabeled, split.unlabeled_source))
     if opts.check_files == "decode":
         val_pairs, _, val_reader = _val_reader(opts)
-        unlabeled = [] if opts.labeled_only else [(readers[1], len(split.unlabeled), False)]
+        unlabeled = [] if opts.method.labeled_only else [(readers[1], len(split.unlabeled), False)]
         _check_decodes([(readers[0], len(split.labeled), True), *unlabeled,
                         (val_reader, len(val_pairs), True)], opts, _parallel(opts), progress)
     return TrainPlan(split, *readers, steps)
@@ -380,7 +381,7 @@ def _positions(opts, plan: TrainPlan, process_index: int, process_count: int, st
         _epoch_positions, seed=opts.seed, num_labeled=len(plan.split.labeled),
         num_unlabeled=len(plan.split.unlabeled), steps=plan.steps_per_epoch, batch=opts.batch_size,
         local_batch=_local_batch(opts, process_count), process_index=process_index,
-        start_epoch=start_epoch, start_offset=start_offset, labeled_only=opts.labeled_only)
+        start_epoch=start_epoch, start_offset=start_offset, labeled_only=opts.method.labeled_only)
 
 
 def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = None,
@@ -406,11 +407,12 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         image, mask = _decode_example(lr, el["l"], opts, labeled=True)
         image_l, mask_l = augment.augment_labeled(image, mask, crop, augment.fold_seed(step_seed, 0),
                                                   opts.labeled_strong, opts.scale_range)
-        if opts.labeled_only:
+        if opts.method.labeled_only:
             return {"image_l": image_l, "mask_l": mask_l}
         u, _ = _decode_example(ur, el["u"], opts, labeled=False)
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
-                                        opts.student_view == "strong", opts.cutmix_prob,
+                                        opts.method.student_view == "strong",
+                                        opts.method.cutmix_prob,
                                         opts.scale_range)
         out.update(image_l=image_l, mask_l=mask_l)
         return out
@@ -453,7 +455,7 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
       image_l (b, S, S, 3) float32 normalised; mask_l (b, S, S) int32 (255 ignore);
       image_u_w (b, S, S, 3) float32 teacher view; image_u_s (b, S, S, 3) float32 student view;
       pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off);
-      with `opts.labeled_only` only image_l and mask_l.
+      with `opts.method.labeled_only` only image_l and mask_l.
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents,
     naming the step and every bad file of its batch).
     """

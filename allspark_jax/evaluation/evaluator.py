@@ -1,21 +1,16 @@
-"""A validation set through a Predictor: mIoU over every process's images, results and their JSON.
+"""A validation set through a Predictor: mIoU over every process's images, and its table.
 
 `evaluate` is the loop (images dealt round-robin to the local devices, counts summed over
 processes); `evaluate_variables` / `evaluate_state` run it on the configured validation set (the EMA
-teacher too when there is one); `run_evaluation` is `main.py --mode eval`.
+teacher too when there is one); `make_predictor` builds the Predictor of `config.eval`. The
+`--mode eval` command is `allspark_jax.commands.evaluate`.
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from allspark_jax import checkpoints
-from allspark_jax import config as config_lib
-from allspark_jax import runtime
-from allspark_jax import workdir as workdir_lib
 from allspark_jax.evaluation import metrics
 from allspark_jax.evaluation.predictor import Predictor
 from allspark_jax.models.segmentor import build_model
@@ -84,10 +79,15 @@ def format_iou_table(result: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
+def eval_crop_size(config) -> int:
+    """The window / crop side of center_crop and sliding_window evaluation."""
+    return int(config.eval.crop_size or config.data.crop_size)
+
+
 def make_predictor(config, model=None) -> Predictor:
-    """The Predictor of `config.eval` for `model` (default: the model of `config.model`)."""
-    model = model if model is not None else build_model(config.model)
-    return Predictor(model, config.eval.mode, config_lib.eval_crop_size(config),
+    """The Predictor of `config.eval` for `model` (default: the model of `config`)."""
+    model = model if model is not None else build_model(config)
+    return Predictor(model, config.eval.mode, eval_crop_size(config),
                      buckets=config.eval.buckets, batch_size=config.eval.batch_size)
 
 
@@ -112,28 +112,3 @@ def evaluate_state(config, opts, predictor: Predictor, state) -> dict:
         results["ema"] = evaluate_variables(config, opts, predictor, state.variables(teacher=True),
                                             desc="eval (ema)")
     return results
-
-
-def run_evaluation(config, workdir: str, spec) -> dict:
-    """`main.py --mode eval`: evaluates a checkpoint; writes <workdir>/eval_<spec>.json (a weight
-    file or Hugging Face checkpoint: eval_<its name without extension>.json)."""
-    from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-    runtime.setup_compilation_cache(config, workdir)
-    opts = config_lib.data_options(config, workdir)
-    input_pipeline.check_val_files(opts, progress=jax.process_index() == 0)
-    variables, info = checkpoints.load_inference_variables(config, workdir, spec)
-    predictor = make_predictor(config, info["model"])
-    results = {}
-    for k, v in variables.items():
-        results[k] = evaluate_variables(config, opts, predictor, v, desc=f"eval ({k})")
-        print(format_iou_table(results[k], f"{k} weights, {info['checkpoint']} "
-                                           f"(step {info['step']}), mode {config.eval.mode}"),
-              flush=True)
-    # A weight file, a Hugging Face directory or hub id: named by its last path component.
-    parsed = checkpoints.parse_spec(spec)
-    tag = (str(parsed) if isinstance(parsed, int) or parsed in ("latest", "best")
-           else os.path.splitext(os.path.basename(os.path.normpath(parsed)))[0])
-    out = {"checkpoint": info["checkpoint"], "step": info["step"], "results": results}
-    if jax.process_index() == 0:
-        workdir_lib.write_json(workdir_lib.resolve(workdir) / f"eval_{tag}.json", out)
-    return out

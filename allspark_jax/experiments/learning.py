@@ -53,7 +53,10 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
+
+from allspark_jax import method as method_lib
+from allspark_jax.commands import config_flag
+from allspark_jax.config.checks import error, in_range
 
 ALL_LABELED = "<all labeled>"  # replaced by the list of every training image (`write_all_labeled`)
 # Row name -> (method, config overrides). The extension values are UniMatch's (threshold 0.95,
@@ -69,8 +72,8 @@ ROWS = {
 }
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (configs/learning.py); override keys "
-                                "with --config.key=value.", lock_config=True)
+config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
+                   "keys with --config.key=value.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
 flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
 flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
@@ -85,11 +88,10 @@ flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a t
 
 def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str]:
     """The rows that `--methods` (with the extension / ceiling switches) asks for, in table order."""
-    from allspark_jax.config import METHODS  # pylint: disable=g-import-not-at-top
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_lib.METHODS]
     if unknown or not methods:
         raise app.UsageError(f"--methods={','.join(methods)}: expected a comma-separated subset of "
-                             f"{', '.join(METHODS)}")
+                             f"{', '.join(method_lib.METHODS)}")
     rows = []
     for name, (method, _) in ROWS.items():
         if method not in methods:
@@ -100,6 +102,36 @@ def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str
             continue
         rows.append(name)
     return rows
+
+
+def validate_learning(config) -> None:
+    """The `learning.*` keys (the source task's pretraining): raises ConfigError naming the first
+    bad one. The rest of the config is `config.validate`'s."""
+    in_range(config, "learning.pretrain_steps", 0, integer=True)
+    in_range(config, "learning.pretrain_num_classes", 2, 255, integer=True)
+    in_range(config, "learning.pretrain_num_images", 2, integer=True)
+    in_range(config, "learning.pretrain_seed", 0, integer=True)
+    in_range(config, "learning.pretrain_lr", 0.0, lo_open=True, optional=True)
+    if int(config.learning.pretrain_steps) == 0:
+        if config.learning.pretrain_lr is not None:
+            raise error("learning.pretrain_lr", config.learning.pretrain_lr,
+                        "None with learning.pretrain_steps 0 (no source task to train)")
+        return
+    if config.data.name != "synthetic":
+        raise error("learning.pretrain_steps", config.learning.pretrain_steps,
+                    f"0 with data.name={config.data.name!r} (the source task is synthetic, "
+                    "pretraining for the synthetic benchmark task)")
+    if config.model.pretrained:
+        raise error("model.pretrained", config.model.pretrained,
+                    "None with learning.pretrain_steps > 0 (the source task's encoder is the "
+                    "runs' pretrained encoder)")
+    if int(config.learning.pretrain_num_images) < int(config.data.batch_size):
+        raise error("learning.pretrain_num_images", config.learning.pretrain_num_images,
+                    f"at least data.batch_size ({config.data.batch_size}): one source batch")
+    if int(config.learning.pretrain_seed) == int(config.data.synthetic.seed):
+        raise error("learning.pretrain_seed", config.learning.pretrain_seed,
+                    f"a seed other than data.synthetic.seed ({config.data.synthetic.seed}): the "
+                    "source task's images must not be the benchmark's")
 
 
 def write_all_labeled(split, folder: str, needed_by: str = "the row supervised_all_labels "
@@ -138,7 +170,7 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
     for key, value in overrides.items():
         _set(config, key, all_labeled if value == ALL_LABELED else value)
     config.train.num_train_steps = int(total_steps)
-    if method == "supervised":
+    if method_lib.from_config(config).labeled_only:
         per_epoch = plan_fn(config).steps_per_epoch
         config.train.epochs = max(1, math.ceil(total_steps / per_epoch))
     config_lib.validate(config)
@@ -150,16 +182,16 @@ INSPECTED_BRANCHES = ("memory", "unlabeled")
 
 def check_branches(base) -> None:
     """--branches: the memory branch needs validation inputs on the training crop's token grid."""
-    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.mit import token_grid  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
     if base.eval.mode == "original":
         raise app.UsageError("--branches: the memory branch needs validation crops on the "
                              "training crop's token grid; config.eval.mode='original' feeds whole "
                              "images (use 'center_crop' or 'sliding_window')")
-    backbone = model_config_from(base.model).backbone
+    backbone = model_config_from(base).backbone
     train_side = token_grid(int(base.data.crop_size), backbone)[-1]
-    eval_crop = int(config_lib.eval_crop_size(base))
+    eval_crop = evaluator.eval_crop_size(base)
     eval_side = token_grid(eval_crop, backbone)[-1]
     if eval_side != train_side:
         raise app.UsageError(f"--branches: config.eval.crop_size={eval_crop} gives a stage-4 grid "
@@ -177,7 +209,7 @@ def branch_results(config, state) -> dict:
     variables = state.variables()
     out = {}
     for branch in INSPECTED_BRANCHES:
-        predictor = evaluator.make_predictor(config, build_model(config.model).clone(branch=branch))
+        predictor = evaluator.make_predictor(config, build_model(config).clone(branch=branch))
         out[branch] = float(evaluator.evaluate_variables(config, opts, predictor, variables,
                                                          desc=f"eval ({branch})")["miou"])
     return out
@@ -328,7 +360,7 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print,
                 r.setdefault("miou_ema", []).append(float(last["ema"]["miou"]))
             r["seconds"].append(seconds)
             r["cpu_seconds"].append(cpu)
-            if branches and config.method == "allspark":
+            if branches and method_lib.from_config(config).allspark:
                 for branch, miou in branch_results(config, out["state"]).items():
                     r.setdefault("branches", {}).setdefault(branch, {"miou": []})["miou"].append(
                         miou)
@@ -358,6 +390,11 @@ def main(argv):
     base = FLAGS.config
     if FLAGS.branches:
         check_branches(base)
+    try:
+        validate_learning(base)
+    except runtime.user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     runtime.validated_start(base)
     logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
@@ -389,8 +426,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from allspark_jax import config as _config_lib
-    # Config files import their siblings (`from configs import default`) wherever this runs from.
-    _config_lib.register_configs_package()
     flags.mark_flags_as_required(["config"])
     app.run(main)

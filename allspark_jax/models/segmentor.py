@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from allspark_jax import method as method_lib
 from allspark_jax.models.allspark import AllSpark
 from allspark_jax.models.head import SegFormerHead
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
@@ -24,18 +25,22 @@ Dtype = Any
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything that fixes the network's architecture (hyperparameters come from configs/)."""
+    """Everything that fixes the network's architecture; `model_config_from` builds it from a run's
+    config (values and meanings: allspark_jax/configs/default.py, `model.*`).
 
-    backbone: MiTConfig = MiTConfig.preset("b5")
-    num_classes: int = 21
-    allspark_heads: int = 2
-    decoder_dim: int = 768
-    head_dropout: float = 0.1
-    attn_drop: float = 0.1
-    proj_drop: float = 0.1
-    # False: plain SegFormer, the stage-4 map goes to the head unchanged (no allspark params, no
-    # memory; `mode` then only switches dropout and BatchNorm statistics).
-    allspark: bool = True
+    `allspark` (the method's `Method.allspark`): False is plain SegFormer, the stage-4 map goes to
+    the head unchanged (no allspark params, no memory; `mode` then only switches dropout and
+    BatchNorm statistics, and `allspark_heads`, `attn_drop`, `proj_drop` are not read).
+    """
+
+    backbone: MiTConfig
+    num_classes: int
+    allspark_heads: int
+    decoder_dim: int
+    head_dropout: float
+    attn_drop: float
+    proj_drop: float
+    allspark: bool
 
 
 class AllSparkSegmentor(nn.Module):
@@ -123,12 +128,14 @@ def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tu
 
 
 def model_config_from(config) -> ModelConfig:
-    """`config.model` (ml_collections / dict) -> ModelConfig.
+    """A run's config (`model.*` and the method) -> ModelConfig.
 
     `config.model.backbone` is a preset name ("b0" ... "b5") or a dict of `MiTConfig` fields;
-    `drop_path_rate` overrides the backbone's stochastic depth; `method` (following `config.method`)
-    other than "allspark" gives the model without AllSpark (the release's baselines).
+    `drop_path_rate` overrides the backbone's stochastic depth; a method without AllSpark (the
+    release's baselines) gives the model without the AllSpark module.
     """
+    method = method_lib.from_config(config)
+    config = config.model
     backbone = config.backbone
     extra = {} if config.get("drop_path_rate") is None else {"drop_path_rate": config.drop_path_rate}
     if isinstance(backbone, str):
@@ -142,8 +149,7 @@ def model_config_from(config) -> ModelConfig:
     return ModelConfig(backbone=mit, num_classes=config.num_classes,
                        allspark_heads=config.allspark_heads, decoder_dim=config.decoder_dim,
                        head_dropout=config.head_dropout, attn_drop=config.attn_drop,
-                       proj_drop=config.proj_drop,
-                       allspark=config.get("method", "allspark") == "allspark")
+                       proj_drop=config.proj_drop, allspark=method.allspark)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -152,7 +158,8 @@ PRECISIONS = ("default", "high", "highest")
 
 
 def build_model(config) -> AllSparkSegmentor:
-    """`config.model` -> the Flax module (architecture, compute dtype, rematerialisation)."""
-    if config.dtype not in DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-    return AllSparkSegmentor(model_config_from(config), DTYPES[config.dtype], bool(config.remat))
+    """A run's config -> the Flax module (architecture, compute dtype, rematerialisation)."""
+    dtype = config.model.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return AllSparkSegmentor(model_config_from(config), DTYPES[dtype], bool(config.model.remat))

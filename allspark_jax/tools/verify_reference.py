@@ -39,6 +39,7 @@ import numpy as np
 
 from allspark_jax.errors import ReferenceFileError
 from allspark_jax import losses, optimizer, state as state_lib, train_step
+from allspark_jax import method as method_lib
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.head import TorchBatchNorm
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
@@ -294,14 +295,16 @@ def kink_positions(ref: Reference, variables, batch: dict, tau_fraction: float,
     """Mask (N, H, W, C) of the head's training-mode BN outputs within `tau_fraction` x RMS of 0,
     in the student pass of a `method` step on `batch`."""
 
+    resolved = release_method(method)
+
     def forward(v):
-        if method == "supervised":
+        if resolved.labeled_only:
             x, teacher = batch["image_l"], None
         else:
             x = np.concatenate([batch["image_l"], batch["image_u_s"]])
             teacher = ref.model.apply(v, batch["image_u_w"], mode="teacher")
         _, state = ref.model.apply(v, x, mode="train", teacher_logits=teacher,
-                                   use_memory=method == "allspark",
+                                   use_memory=resolved.allspark,
                                    mutable=["intermediates"] + [k for k in v if k != "params"])
         sown = flax.traverse_util.flatten_dict(state["intermediates"])
         masks = [value[0] for path, value in sown.items() if path[-1] == "kinks"]  # sow: tuples
@@ -320,11 +323,17 @@ def train_setup(ref: Reference):
     optim = ml_collections.ConfigDict(dict(lr=m["lr"], lr_multi=m["lr_multi"],
                                            momentum=m["momentum"], weight_decay=m["weight_decay"],
                                            poly_power=0.9))
-    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, teacher="online",
+    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1,
                                           ema_decay=0.0, conf_thresh=0.0,
                                           loss_u_ignore_padding=False, key_group_size=None))
     tx, schedules = optimizer.create_optimizer(optim, m["total_iters"])
     return tx, schedules, tcfg
+
+
+def release_method(name: str) -> method_lib.Method:
+    """The release's trainer `name` as recorded: the online teacher, the student on the weak view,
+    no CutMix."""
+    return method_lib.resolve(name, teacher="online", student_view="weak", cutmix_prob=0.0)
 
 
 def reference_batches(ref: Reference, steps: int) -> list[dict]:
@@ -368,7 +377,7 @@ def step_sequence_case(ref: Reference, prefix: str, method: str,
     state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), ref.x_l.shape[1], ema=False,
                                          variables=jax.tree.map(jnp.copy, ref.variables))
     step = train_step.make_train_step(ref.model, tx, tcfg, use_memory=True, with_outputs=True,
-                                      method=method)
+                                      method=release_method(method))
     batches = reference_batches(ref, steps)
     for t, batch in enumerate(batches):
         before = release.to_state_dict(state.variables())
@@ -452,7 +461,7 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
     with nn.intercept_methods(_kink_interceptor(kink_fraction, flip=mask)):
         _, out = jax.jit(lambda s, b: train_step.train_step(
             s, b, model=ref.model, tx=tx, train_config=tcfg, use_memory=True,
-            method=method))(state, batch)
+            method=release_method(method)))(state, batch)
     result = check(out["grads"], f"plain comparison: max rel {plain.max_rel:.2e}")
     if result.ok:
         result.fallback = f"{count} {within} given the other branch, at (n, c, y, x) {where}"

@@ -190,7 +190,8 @@ def model_config_for(config: Mapping[str, Any], **overrides) -> ModelConfig:
                     drop_path_rate=float(config["drop_path_rate"]), norm_eps=TRANSFORMERS_NORM_EPS)
     fields = dict(backbone=mit, num_classes=num_labels(config),
                   decoder_dim=int(config["decoder_hidden_size"]),
-                  head_dropout=float(config["classifier_dropout_prob"]), allspark=False)
+                  head_dropout=float(config["classifier_dropout_prob"]), allspark=False,
+                  allspark_heads=1, attn_drop=0.0, proj_drop=0.0)  # not read without AllSpark
     return ModelConfig(**{**fields, **overrides})
 
 

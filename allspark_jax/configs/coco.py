@@ -12,7 +12,7 @@ A second argument picks the method with the release's hyperparameters for it
 (`configs/coco.py:1_512,semi`, `...:1_512,supervised`): the baselines share AllSpark's except the
 supervised global batch, 32 (8 / GPU x 4 GPUs).
 """
-from configs import default
+from allspark_jax.configs import default
 
 SPLITS = ("1_512", "1_256", "1_128", "1_64", "1_32")
 

@@ -12,7 +12,7 @@ A second argument picks the method with the release's hyperparameters for it
 (AllSpark 0.005), the supervised one at global batch 16 (4 / GPU x 4 GPUs); loss_x is OHEM for all
 three, loss_u CE.
 """
-from configs import default
+from allspark_jax.configs import default
 
 SPLITS = ("1_30", "1_16", "1_8", "1_4", "1_2")
 

@@ -13,7 +13,7 @@ A second argument picks the method with the release's hyperparameters for it
 (`configs/pascal.py:1_16,semi`, `configs/pascal.py:1_16,supervised`): the baselines share AllSpark's
 except the supervised global batch, 16 (4 / GPU x 4 GPUs).
 """
-from configs import default
+from allspark_jax.configs import default
 
 ORIGINAL = ("92", "183", "366", "732", "1464")
 AUGMENTED = ("1_16", "1_8", "1_4", "1_2", "u2pl_1_16", "u2pl_1_8", "u2pl_1_4")

@@ -5,6 +5,8 @@ change what the paper changes. Override anything on the command line:
 
     python main.py --config configs/pascal.py:1_16 --workdir /tmp/voc --config.optim.lr=0.002
 
+(`configs/NAME.py` and `NAME` both name the config shipped here as allspark_jax/configs/NAME.py.)
+
 Batch sizes are GLOBAL (summed over every device of every host). The paper trains on 4 GPUs with
 2 labeled + 2 unlabeled images each (COCO 4 + 4): global `data.batch_size` 8 (COCO 16). With a
 different global batch B, scale the learning rate linearly, `optim.lr = paper_lr * B / paper_B`
@@ -16,17 +18,19 @@ as the release's 4 DDP processes each average over their own pixels; 1 = one ave
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
 'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
 argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer; `--config.method=semi` switches the method and keeps every other key. A key that
+that trainer; `--config.method=semi` switches the method and keeps every other key but those
+the new method does not read, which go back to their values here unless the command line sets
+them too (`allspark_jax.commands.config_flag`). A key that
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
-'supervised': `allspark_jax.config.unread_keys`) must keep its value here, else validation names it.
-So must a key that another key's value leaves unread (`allspark_jax.config.unread_by_setting`:
+'supervised': `allspark_jax.method.unread_keys`) must keep its value here, else validation names it.
+So must a key that another key's value leaves unread (`allspark_jax.config.unread.unread_by_setting`:
 OHEM's keys under loss_x 'ce', profile_* without profile, data.tfds_data_dir without source
 'tfds').
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from allspark_jax.config import METHODS
+from allspark_jax.method import METHODS
 
 
 def split_and_method(arg: str, config_file: str, splits) -> tuple[str, str]:
@@ -99,8 +103,6 @@ def get_config():
     model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
     model.drop_path_rate = placeholder(float)  # Stochastic depth of the encoder; None = the preset's 0.1.
     model.num_classes = data.get_ref("num_classes")  # Output classes (follows data.num_classes).
-    # Follows config.method: the AllSpark module and its Semantic Memory only for 'allspark'.
-    model.method = config.get_ref("method")
     model.allspark_heads = 2  # AllSpark heads H (2 in every paper config; method 'allspark' only).
     model.decoder_dim = 768  # SegFormer head embedding dim E.
     model.head_dropout = 0.1  # Dropout2d before the classifier.
@@ -175,9 +177,9 @@ def get_config():
     config.compilation_cache = False  # Persistent XLA compilation cache in <workdir>/jax_cache.
     # Appended to XLA_FLAGS before JAX starts (flags already in the environment win). XLA:CPU's
     # default concurrency-optimised scheduler runs independent work early, which keeps what the
-    # backward pass needs from every block alive at once; turning it off lowers training memory
-    # (BENCHMARKS.md, change 7). xla_cpu_* flags affect only the CPU compiler and are appended only
-    # where JAX runs on the CPU alone (JAX_PLATFORMS=cpu, or no GPU/TPU plugin installed).
+    # backward pass needs from every block alive at once; turning it off lowers training memory.
+    # xla_cpu_* flags affect only the CPU compiler and are appended only where JAX runs on the CPU
+    # alone (JAX_PLATFORMS=cpu, or no GPU/TPU plugin installed).
     config.xla_flags = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
     # ------------------------------------------------------------------------ learning benchmark

@@ -1,6 +1,6 @@
 """Throughput of the training input pipeline on Pascal-sized synthetic JPEGs, per CPU core.
 
-    python -m allspark_jax.data.benchmark [--crop 513] [--cores 1,2] [--steps 20]
+    python -m allspark_jax.benchmark.pipeline [--crop 513] [--cores 1,2] [--steps 20]
 
 Writes a synthetic dataset of JPEGs whose sides are each in [375, 500] (Pascal VOC is about 500 x 375)
 to a temporary folder, then, for each core count k, runs the training pipeline in a subprocess pinned
@@ -25,7 +25,7 @@ from allspark_jax.data import datasets
 def make_options(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong"):
     """DataOptions of the synthetic dataset at `root` (configs/default.py with these data keys)."""
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    config = config_lib.load_config(os.path.join(config_lib.configs_dir(), "default.py"))
+    config = config_lib.default_config()
     config.data.update(name="synthetic", root=root, split="default", crop_size=crop,
                        batch_size=batch, student_view=student_view, cutmix_prob=0.5,
                        source="files", num_parallel_calls=parallel, prefetch=2)
@@ -78,7 +78,7 @@ def main(argv=None) -> None:
         for k in cores:
             pinned = available[:k]
             out = subprocess.run(
-                [sys.executable, "-m", "allspark_jax.data.benchmark", "--worker", "--root", root,
+                [sys.executable, "-m", "allspark_jax.benchmark.pipeline", "--worker", "--root", root,
                  "--crop", str(args.crop), "--batch", str(args.batch), "--steps", str(args.steps),
                  "--student_view", args.student_view],
                 preexec_fn=lambda p=pinned: os.sched_setaffinity(0, p), capture_output=True, text=True,

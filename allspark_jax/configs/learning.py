@@ -18,7 +18,7 @@ the comparison), shared by every row and seed. `--config.learning.pretrain_steps
 run from scratch instead.
 `--config.KEY=VALUE` overrides any key, as in main.py.
 """
-from configs import demo
+from allspark_jax.configs import demo
 
 
 def get_config():

@@ -7,10 +7,12 @@ background) is written into <workdir>/synthetic_data on the first run. The model
 embed dims (16, 32, 64, 96), one block per stage and a 64-dim decoder, trained from scratch. The run
 trains, evaluates (centre crops, one compiled shape) at the end of every few epochs, checkpoints,
 and resumes if started again with the same workdir. Predicting background everywhere scores an
-mIoU of 15.9 (79% of the labeled validation pixels are background); the demo reaches about 70.
-The optional argument is the method (`configs/demo.py:semi`, `configs/demo.py:supervised`).
+mIoU of 15.9 (79% of the labeled validation pixels are background); README.md gives the demo's.
+The optional argument is the method with its keys (`configs/demo.py:semi`,
+`configs/demo.py:supervised`); `--config.method=...` switches the method of the AllSpark config,
+its AllSpark-only keys back at their defaults.
 """
-from configs import default
+from allspark_jax.configs import default
 
 
 def get_config(method: str = "allspark"):

@@ -19,12 +19,13 @@ from allspark_jax import checkpoints
 from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax.data import datasets
-from allspark_jax.evaluation import bucketing
 from allspark_jax.errors import DataError
+from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 OVERLAY_ALPHA = 0.5
+
 
 def list_images(inputs) -> list[str]:
     """Image files named by `inputs` (files and/or folders, searched non-recursively, sorted)."""
@@ -65,7 +66,7 @@ def load_image(path: str, max_pixels: int | None = None) -> tuple[np.ndarray, np
         # PIL's format plugins report corrupt data with many types (OSError, SyntaxError,
         # ValueError, struct.error, EOFError, DecompressionBombError, ...).
         raise DataError(f"cannot read image {path!r} ({type(e).__name__}: {e}); expected "
-                                 f"an intact image file ({', '.join(IMAGE_EXTENSIONS)})") from None
+                        f"an intact image file ({', '.join(IMAGE_EXTENSIONS)})") from None
     return rgb, normalize(rgb)
 
 
@@ -77,6 +78,7 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 
 
 def save_outputs(rgb: np.ndarray, pred: np.ndarray, pal: np.ndarray, out_dir: str, name: str):
+    """Writes <out_dir>/<name>.png (palette mask of `pred`) and <name>_overlay.jpg; their paths."""
     mask = Image.fromarray(pred.astype(np.uint8), mode="P")
     mask.putpalette(pal.reshape(-1).tolist())
     mask_path = os.path.join(out_dir, name + ".png")

@@ -14,7 +14,7 @@ Masks are grayscale PNGs of class ids 0..num_classes-1 (or palette PNGs, decoded
 smallest of `eval.buckets` that holds them: set the buckets to your largest validation image size.
 `python -m allspark_jax.data.synthetic --layout custom --root DIR` writes a small dataset like this.
 """
-from configs import default
+from allspark_jax.configs import default
 
 
 def get_config():

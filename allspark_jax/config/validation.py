@@ -1,0 +1,159 @@
+"""`validate(config)`: every key a run reads, checked once before anything starts.
+
+Each check raises a one-line ConfigError (a DataError for `data.*` keys) naming the key, its value
+and what is allowed (`checks.error`). Reads no data: data roots and lists are checked when the data
+options are resolved (`config.options.data_options`). The keys of `learning.*` are the learning
+experiment's, which validates them (`allspark_jax.experiments.learning`).
+"""
+from __future__ import annotations
+
+from allspark_jax import method as method_lib
+from allspark_jax.config import unread
+from allspark_jax.config.checks import error, get, in_range, one_of
+from allspark_jax.data import datasets
+from allspark_jax.errors import ConfigError, UserError
+
+LOSSES_X = ("ce", "ohem")
+SOURCES = ("files", "tfds")
+CHECK_FILES = ("none", "exist", "decode")
+BEST_OF = ("student", "ema")
+
+BOOL_KEYS = ("data.labeled_strong", "model.remat", "train.loss_u_ignore_padding",
+             "train.progress_bar", "train.stop_on_nan", "eval.progress_bar", "profile",
+             "compilation_cache", "shard_params", "distributed.auto")
+
+
+def _validate_custom(config) -> None:
+    """data.custom.*: required for data.name 'custom', and left at their defaults otherwise."""
+    custom = config.data.custom
+    if config.data.name != "custom":
+        defaults = unread.defaults().data.custom
+        for key in ("class_names", "palette", "ignore_index"):
+            if custom[key] != defaults[key]:
+                raise error(f"data.custom.{key}", custom[key],
+                            f"{defaults[key]!r}: it is read only when data.name == 'custom' "
+                            f"(data.name={config.data.name!r})")
+        return
+    if config.data.source != "files":
+        raise error("data.source", config.data.source, "'files' for data.name == 'custom'")
+    if not custom.class_names:
+        raise error("data.custom.class_names", custom.class_names,
+                    "the path of a file with one class name per line (absolute or relative to "
+                    "data.root)")
+    in_range(config, "data.custom.ignore_index", 0, 255, integer=True)
+    if int(custom.ignore_index) < int(config.data.num_classes):
+        raise error("data.custom.ignore_index", custom.ignore_index,
+                    f"a mask value no class uses (>= data.num_classes = {config.data.num_classes})")
+
+
+def validate_data(config) -> None:
+    """The `data.*` keys (raises DataError)."""
+    datasets.layout(config.data.name)
+    if not config.data.split:
+        raise error("data.split", config.data.split, "a split name or the path of a labeled list")
+    in_range(config, "data.num_classes", 2, 255, integer=True)
+    in_range(config, "data.crop_size", 1, integer=True)
+    in_range(config, "data.batch_size", 1, integer=True)
+    one_of(config, "data.source", SOURCES)
+    one_of(config, "data.student_view", method_lib.STUDENT_VIEWS)
+    one_of(config, "data.check_files", CHECK_FILES)
+    in_range(config, "data.cutmix_prob", 0.0, 1.0)
+    scale = tuple(config.data.scale_range)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
+        raise error("data.scale_range", config.data.scale_range, "(low, high) with 0 < low <= high")
+    if not (config.data.num_parallel_calls == -1 or config.data.num_parallel_calls >= 1):
+        raise error("data.num_parallel_calls", config.data.num_parallel_calls,
+                    "-1 (AUTOTUNE) or >= 1")
+    in_range(config, "data.prefetch", 1, integer=True)
+    in_range(config, "data.max_image_pixels", 1, integer=True)
+    _validate_custom(config)
+
+
+def _validate_model(config) -> None:
+    from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
+    try:
+        segmentor.model_config_from(config)
+    except UserError:  # the method's keys
+        raise
+    except ValueError as e:
+        backbone = config.model.backbone
+        shown = repr(backbone) if isinstance(backbone, str) else "a dict of MiT fields"
+        raise ConfigError(f"config.model.backbone={shown}: {e}") from None
+    if config.model.num_classes != config.data.num_classes:
+        raise error("model.num_classes", config.model.num_classes,
+                    f"data.num_classes ({config.data.num_classes})")
+    in_range(config, "model.drop_path_rate", 0.0, 1.0, hi_open=True, optional=True)
+    in_range(config, "model.allspark_heads", 1, integer=True)
+    in_range(config, "model.decoder_dim", 1, integer=True)
+    for key in ("head_dropout", "attn_drop", "proj_drop"):
+        in_range(config, f"model.{key}", 0.0, 1.0, hi_open=True)
+    one_of(config, "model.dtype", tuple(segmentor.DTYPES))
+    one_of(config, "model.precision", segmentor.PRECISIONS)
+
+
+def _validate_train(config) -> None:
+    batch = int(config.data.batch_size)
+    in_range(config, "train.epochs", 1, integer=True)
+    in_range(config, "train.num_train_steps", integer=True)
+    in_range(config, "train.warmup_epoch", 0, integer=True)
+    one_of(config, "train.loss_x", LOSSES_X)
+    in_range(config, "train.ohem_thresh", 0.0, 1.0)
+    in_range(config, "train.ohem_min_kept", 0, integer=True)
+    in_range(config, "train.loss_groups", 1, integer=True)
+    if batch % int(config.train.loss_groups):
+        raise error("train.loss_groups", config.train.loss_groups,
+                    f"a divisor of data.batch_size ({batch})")
+    one_of(config, "train.teacher", method_lib.TEACHERS)
+    in_range(config, "train.ema_decay", 0.0, 1.0)
+    in_range(config, "train.conf_thresh", 0.0, 1.0)
+    in_range(config, "train.key_group_size", 1, integer=True, optional=True)
+    if config.train.key_group_size is not None and batch % int(config.train.key_group_size):
+        raise error("train.key_group_size", config.train.key_group_size,
+                    f"None or a divisor of data.batch_size ({batch})")
+
+
+def _validate_eval(config) -> None:
+    from allspark_jax.evaluation import bucketing  # pylint: disable=g-import-not-at-top
+    from allspark_jax.evaluation.predictor import EVAL_MODES  # pylint: disable=g-import-not-at-top
+    one_of(config, "eval.mode", EVAL_MODES)
+    in_range(config, "eval.crop_size", 1, integer=True, optional=True)
+    try:
+        bucketing.as_buckets(config.eval.buckets)
+    except (ValueError, TypeError):
+        raise error("eval.buckets", config.eval.buckets,
+                    "positive sides or (height, width) pairs") from None
+    in_range(config, "eval.batch_size", 1, integer=True)
+    one_of(config, "eval.best_of", BEST_OF)
+    if config.eval.best_of == "ema" and config.train.teacher != "ema":
+        raise error("eval.best_of", "ema", "'student' unless config.train.teacher == 'ema'")
+    in_range(config, "eval.max_images", integer=True)
+
+
+def validate(config) -> None:
+    """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
+
+    Order: the data keys, the method and the keys it (or another key's value) leaves unread, which
+    must keep their configs/default.py values (`unread.check`), then model, optimiser, training,
+    evaluation and run loop.
+    """
+    validate_data(config)
+    one_of(config, "method", method_lib.METHODS)
+    unread.check(config)
+    _validate_model(config)
+    in_range(config, "optim.lr", 0.0, lo_open=True)
+    in_range(config, "optim.lr_multi", 0.0, lo_open=True)
+    in_range(config, "optim.momentum", 0.0, 1.0, hi_open=True)
+    in_range(config, "optim.weight_decay", 0.0)
+    in_range(config, "optim.poly_power", 0.0)
+    _validate_train(config)
+    _validate_eval(config)
+    for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+        in_range(config, key, integer=True)
+    in_range(config, "keep_checkpoints", 1, integer=True)
+    in_range(config, "profile_first_step", 0, integer=True)
+    in_range(config, "profile_num_steps", 1, integer=True)
+    for key in ("heartbeat_timeout_seconds", "shutdown_timeout_seconds"):
+        in_range(config, f"distributed.{key}", 1, integer=True)
+    for key in BOOL_KEYS:
+        if not isinstance(get(config, key), bool):
+            raise error(key, get(config, key), "True or False")
