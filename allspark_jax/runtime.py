@@ -1,7 +1,7 @@
 """Process start-up: XLA flags, the float32 matmul precision, multi-host initialisation, the
-persistent compilation cache, the config check with a one-line error (`validate_or_exit`), and
-TensorFlow kept off the accelerators (`hide_accelerators_from_tensorflow`); `validated_start` runs
-them in order for a command line.
+persistent compilation cache, and TensorFlow kept off the accelerators
+(`hide_accelerators_from_tensorflow`); `commands.startup.validated_start` runs them, after the config
+check, for a command line.
 
 Everything here runs once per process, before the first computation (`main.py` and the learning
 benchmark start with it, the speed benchmark with `set_xla_flags` and `apply_precision`), because
@@ -14,7 +14,7 @@ import os
 
 import jax
 
-from allspark_jax.errors import ConfigError, UserError
+from allspark_jax.errors import ConfigError
 from allspark_jax.models.segmentor import PRECISIONS
 from allspark_jax.workdir import COMPILATION_CACHE_DIR
 
@@ -145,36 +145,11 @@ def setup_compilation_cache(config, workdir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def validate_or_exit(config) -> None:
-    """`config.validate`; a bad key prints its one-line error and exits with status 2."""
-    import sys  # pylint: disable=g-import-not-at-top
-
-    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-    try:
-        config_lib.validate(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """What a command line reports as one line `error: ...` with exit status 2: a bad config,
-    data, checkpoint or weight file, or a missing file. Anything else keeps its traceback."""
-    return (UserError, FileNotFoundError)
-
-
 def hide_accelerators_from_tensorflow() -> None:
     """tf.data runs on the host: TensorFlow must not take GPU or TPU memory from JAX, so it sees
     neither (`data.host_tensorflow`; importing it does this, for every user of the pipelines)."""
     from allspark_jax.data import host_tensorflow  # pylint: disable=g-import-not-at-top
     host_tensorflow.keep_off_accelerators()
-
-
-def validated_start(config) -> None:
-    """A command line's start-up: `validate_or_exit`, `hide_accelerators_from_tensorflow`, `start`."""
-    validate_or_exit(config)
-    hide_accelerators_from_tensorflow()
-    start(config)
 
 
 def start(config) -> None:

@@ -138,7 +138,7 @@ def _highest_ops(config) -> int:
     from allspark_jax.models.segmentor import build_model, init_variables
     from run_config import tiny_config
     base = tiny_config()
-    model = build_model(base.model)
+    model = build_model(base)
     variables = jax.eval_shape(lambda r: init_variables(model, r, 32), jax.random.key(0))
     runtime.apply_precision(config)
     try:

@@ -21,7 +21,7 @@ import safetensors.numpy
 
 from allspark_jax import errors
 from allspark_jax import method as method_lib
-from allspark_jax.weights import huggingface, huggingface_config, loader
+from allspark_jax.weights import huggingface, loader
 from allspark_jax.weights.pth_writer import save_pth
 from allspark_jax.models.mit import MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
@@ -88,7 +88,7 @@ def seg():
 def mit():
     """hf_mit_tiny's encoder as the MiT that transformers computes, and its recorded outputs."""
     _, config, _ = huggingface.read_checkpoint(MIT_DIR)
-    return types.SimpleNamespace(backbone=huggingface_config.model_config_for(config).backbone,
+    return types.SimpleNamespace(backbone=huggingface.model_config_for(config).backbone,
                                  ref=np.load(os.path.join(MIT_DIR, "outputs.npz")))
 
 

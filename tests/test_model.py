@@ -209,7 +209,7 @@ def test_resize_by_taps_and_its_vjp_match_dense_resize(hw, out):
 def test_one_pass_batch_norm_and_its_vjp_match_the_two_pass_form():
     """batch_norm_train (one-pass shifted sums, closed-form VJP) against autodiff of the textbook
     two-pass form, on a map whose mean is far from 0, with cotangents on the statistics too."""
-    from allspark_jax.models.head import batch_norm_train
+    from allspark_jax.models.layers import batch_norm_train
 
     def two_pass(x, scale, bias):
         mean = jnp.mean(x, 0)
@@ -284,7 +284,8 @@ def test_dropout2d_folded_into_the_classifier():
     gives the logits of nn.Dropout on the map (same module path, so the same PRNG draws) followed
     by the 1x1 classifier."""
     import flax.linen as nn
-    from allspark_jax.models.head import Conv1x1, SegFormerHead
+    from allspark_jax.models.head import SegFormerHead
+    from allspark_jax.models.layers import Conv1x1
 
     class MapDropout(nn.Module):  # the unfolded form, named as in the head
         @nn.compact

@@ -156,9 +156,10 @@ def main(argv):
     check_flags()
     from allspark_jax import errors  # pylint: disable=g-import-not-at-top
     from allspark_jax import runtime  # pylint: disable=g-import-not-at-top
+    from allspark_jax.commands import startup  # pylint: disable=g-import-not-at-top
 
     config = FLAGS.config
-    runtime.validate_or_exit(config)
+    startup.validate_or_exit(config)
     try:
         log_to_workdir(FLAGS.workdir, FLAGS.verbose)
     except errors.UserError as e:
@@ -188,7 +189,7 @@ def main(argv):
         else:
             out = FLAGS.output_dir or os.path.join(FLAGS.workdir, workdir_lib.PREDICTIONS_DIR)
             predict.run_predict(config, FLAGS.workdir, FLAGS.checkpoint, FLAGS.inputs, out)
-    except runtime.user_errors() as e:
+    except startup.user_errors() as e:
         _exit_with(str(e), 2)
     except errors.NonFiniteError as e:
         _exit_with(str(e), 1)

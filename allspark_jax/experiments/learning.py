@@ -378,7 +378,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None:
         raise app.UsageError("--config is required, e.g. --config configs/learning.py")
-    from allspark_jax import runtime  # pylint: disable=g-import-not-at-top
+    from allspark_jax.commands import startup  # pylint: disable=g-import-not-at-top
 
     try:
         seeds = [int(s) for s in FLAGS.seeds]
@@ -392,17 +392,17 @@ def main(argv):
         check_branches(base)
     try:
         validate_learning(base)
-    except runtime.user_errors() as e:
+    except startup.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    runtime.validated_start(base)
+    startup.validated_start(base)
     logging.set_verbosity(logging.WARNING)
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="allspark_learning_")
     t0, c0 = time.time(), time.process_time()
     try:
         ran = run_benchmark(base, seeds=seeds, rows=rows, workdir=workdir,
                             branches=FLAGS.branches)
-    except runtime.user_errors() as e:
+    except startup.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allspark_jax.models.head import Conv1x1
+from allspark_jax.models.layers import Conv1x1
 from allspark_jax.models.resize import resize_bilinear
 
 Dtype = Any

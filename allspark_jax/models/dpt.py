@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map, token_grid
-from allspark_jax.models.head import Conv1x1, torch_default_init
+from allspark_jax.models.layers import Conv1x1, torch_default_init
 from allspark_jax.models.resize import resize_bilinear_align_corners
 
 Dtype = Any

@@ -44,7 +44,7 @@ class MiTConfig:
     patch_strides: tuple[int, ...] = (4, 2, 2, 2)
     # Epsilon of the blocks' (norm1, norm2) and stages' (norm1..4) LayerNorms: 1e-6 in the release;
     # transformers' SegFormer uses torch's default 1e-5 there (allspark_jax.weights
-    # .huggingface_config). The patch-embedding and spatial-reduction norms use 1e-5 in both.
+    # .huggingface). The patch-embedding and spatial-reduction norms use 1e-5 in both.
     norm_eps: float = 1e-6
 
     @classmethod

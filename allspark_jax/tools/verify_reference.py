@@ -41,7 +41,7 @@ from allspark_jax.errors import ReferenceFileError
 from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax import method as method_lib
 from allspark_jax.evaluation import bucketing, metrics
-from allspark_jax.models.head import TorchBatchNorm
+from allspark_jax.models.layers import TorchBatchNorm
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import PRECISIONS, AllSparkSegmentor, ModelConfig, init_variables
 from allspark_jax.weights import release

@@ -11,8 +11,8 @@ Modules, each importing only those listed before it (and `allspark_jax.errors`,
   release_files       the release's files: `.npz` / `.pth` state dicts, official checkpoints,
                       `mit_bX.pth` encoders
   huggingface_keys    transformers' SegFormer key names <-> the release's
-  huggingface_config  transformers' config.json <-> the model's configuration
-  huggingface         transformers' checkpoints: files, hub downloads, import and export
+  huggingface         transformers' checkpoints: config.json <-> the model's configuration,
+                      files, hub downloads, import and export
   loader              the one place deciding a weight spec's source, and loading it
 
 The package imports nothing of the run loop, the config, the checkpoints or the commands.

@@ -7,9 +7,39 @@ file with ``config.json`` beside it; or a hub id (``nvidia/mit-b5``,
 ``nvidia/segformer-b2-finetuned-ade-512-512``) fetched by `download` with
 `huggingface_hub.snapshot_download` when that package is installed. No torch is needed.
 
-The key layout is `allspark_jax.weights.huggingface_keys`'s, the config.json fields
-`allspark_jax.weights.huggingface_config`'s. `allspark_jax.weights.loader` decides that a weight
-spec is such a checkpoint (and downloads a hub id with `download`).
+The key layout is `allspark_jax.weights.huggingface_keys`'s. `allspark_jax.weights.loader`
+decides that a weight spec is such a checkpoint (and downloads a hub id with `download`).
+
+config.json is read as transformers builds the network from it (`model_config_for`), compared with
+a model (`check_config`) and written for a model (`to_config`).
+
+Semantics (transformers' modeling_segformer.py, 4.x and 5.x), and what is checked:
+  * LayerNorm eps: transformers builds every LayerNorm with torch's default eps 1e-5 and never reads
+    ``config.layer_norm_eps``; the release uses 1e-6 in the blocks and stage norms
+    (`MiTConfig.norm_eps`). Importing or exporting a whole network requires the model's
+    ``norm_eps`` to be 1e-5 (`model_config_for` builds such a model); the encoder import does not:
+    it is an initialisation (the release fine-tunes NVIDIA's ImageNet weights, the same as in
+    ``mit_bX.pth``, with 1e-6).
+  * ``hidden_act`` must be ``gelu`` (exact erf GELU, as the release); ``hidden_dropout_prob`` and
+    ``attention_probs_dropout_prob`` must be 0 (the MiT here has no such dropout); ``model_type``
+    must be ``segformer``. Anything else is rejected.
+  * ``reshape_last_stage`` only changes the layout transformers returns the stage-4 map in (and, if
+    false, makes its decode head assume a square map); weights and values for square inputs are
+    the same, so either value is accepted.
+  * Logits: transformers' ``SegformerForSemanticSegmentation`` returns the head's output at the
+    stage-1 (1/4) resolution; `AllSparkSegmentor` returns it upsampled to the input size
+    (bilinear, align_corners=False), as transformers' loss does.
+  * Training-only fields (``drop_path_rate``, ``classifier_dropout_prob`` - transformers drops
+    elementwise there, the release whole channels -, ``semantic_loss_ignore_index``) are not
+    compared; export writes the model's.
+  * Architecture: ``hidden_sizes``, ``depths``, ``num_attention_heads``, ``sr_ratios``,
+    ``mlp_ratios``, ``patch_sizes``, ``strides``, ``num_encoder_blocks``, ``num_channels`` and, for a
+    whole network, ``decoder_hidden_size`` and the class count (``num_labels`` or
+    ``len(id2label)``) are compared with the model, each mismatch named. Given only variables,
+    the fields their shapes determine are compared (all but heads, strides and the LayerNorm
+    eps); pass a `ModelConfig` to compare all. Then the keys: every missing, unexpected or
+    mis-shaped key is listed, in the file's names, when the weights are imported. Absent config fields
+    take `SegformerConfig`'s defaults, as in transformers.
 """
 from __future__ import annotations
 
@@ -28,11 +58,201 @@ from allspark_jax.errors import WeightImportError
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 from allspark_jax.weights import release
-from allspark_jax.weights.huggingface_config import (CONFIG_DEFAULTS, CONFIG_NAME, check_config,
-                                                     model_config_for, to_config)
 from allspark_jax.weights.huggingface_keys import (ENCODER_PREFIX, from_release_state_dict,
                                                    to_release_state_dict)
 from allspark_jax.weights.pth_reader import load_pth
+
+# ------------------------------------------------------------------------------- config.json
+
+CONFIG_NAME = "config.json"
+# LayerNorm eps of transformers' blocks and stage norms (torch's default; config ignored).
+TRANSFORMERS_NORM_EPS = 1e-5
+# SegformerConfig's defaults (identical in transformers 4.x and 5.x): absent fields take these.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "num_channels": 3, "num_encoder_blocks": 4, "depths": [2, 2, 2, 2], "sr_ratios": [8, 4, 2, 1],
+    "hidden_sizes": [32, 64, 160, 256], "patch_sizes": [7, 3, 3, 3], "strides": [4, 2, 2, 2],
+    "num_attention_heads": [1, 2, 5, 8], "mlp_ratios": [4, 4, 4, 4], "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout_prob": 0.1,
+    "initializer_range": 0.02, "drop_path_rate": 0.1, "layer_norm_eps": 1e-6,
+    "decoder_hidden_size": 256, "semantic_loss_ignore_index": 255, "reshape_last_stage": True,
+}
+STAGE_FIELDS = ("hidden_sizes", "depths", "num_attention_heads", "sr_ratios", "mlp_ratios",
+                "patch_sizes", "strides")
+
+
+def num_labels(config: Mapping[str, Any], source: str = CONFIG_NAME) -> int:
+    """The class count as transformers derives it: `num_labels`, else len(id2label), else 2."""
+    id2label = config.get("id2label")
+    n = config.get("num_labels")
+    if n is not None and id2label and len(id2label) != n:
+        raise WeightImportError(f"{source}: num_labels = {n} but id2label has {len(id2label)} entries")
+    return int(n) if n is not None else (len(id2label) if id2label else 2)
+
+
+def _check_semantics(config: Mapping[str, Any], source: str) -> list[str]:
+    """What transformers would compute differently from our modules, one line per field."""
+    errors = []
+    if config.get("model_type") != "segformer":
+        errors.append(f"model_type = {config.get('model_type')!r}, expected 'segformer'")
+    if config["hidden_act"] != "gelu":
+        errors.append(f"hidden_act = {config['hidden_act']!r}: only 'gelu' (exact, erf) is "
+                      f"implemented, as in the release")
+    for field in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if config[field] != 0:
+            errors.append(f"{field} = {config[field]}: the MiT here has no such dropout (0 in "
+                          f"SegFormer and the release)")
+    n = config["num_encoder_blocks"]
+    for field in STAGE_FIELDS:
+        v = config[field]
+        if not (isinstance(v, (list, tuple)) and len(v) == n
+                and all(isinstance(x, (int, float)) and x == int(x) for x in v)):
+            errors.append(f"{field} = {v!r}: expected {n} integers (num_encoder_blocks)")
+    return errors
+
+
+def _model_fields(model: ModelConfig | MiTConfig, encoder_only: bool) -> dict[str, Any]:
+    """{config.json field: the model's value} for a ModelConfig / MiTConfig."""
+    if isinstance(model, MiTConfig):
+        if not encoder_only:
+            raise TypeError("a whole-network check needs a ModelConfig, got a MiTConfig")
+        mit = model
+    else:
+        mit = model.backbone
+    fields = {
+        "num_encoder_blocks": len(mit.embed_dims), "hidden_sizes": tuple(mit.embed_dims),
+        "depths": tuple(mit.depths), "num_attention_heads": tuple(mit.num_heads),
+        "sr_ratios": tuple(mit.sr_ratios), "mlp_ratios": tuple(mit.mlp_ratios),
+        "patch_sizes": tuple(mit.patch_kernels), "strides": tuple(mit.patch_strides),
+        "num_channels": 3,
+        # Not config.json fields: properties transformers' SegFormer always has.
+        "query/key/value biases": mit.qkv_bias,
+    }
+    if not encoder_only:
+        fields.update({
+            "decoder_hidden_size": model.decoder_dim, "num_labels": model.num_classes,
+            "AllSpark module": model.allspark,
+            "LayerNorm eps of blocks and stages": mit.norm_eps,
+        })
+    return fields
+
+
+def _variables_fields(variables: Mapping, encoder_only: bool) -> dict[str, Any]:
+    """{config.json field: value} for what the variables' shapes determine (not heads, strides)."""
+    params = variables["params"]
+    enc = params["backbone"]
+    n = sum(1 for k in enc if re.fullmatch(r"patch_embed\d+", k))
+    hidden, depths, sr, mlp, patch = [], [], [], [], []
+    for s in range(1, n + 1):
+        kernel = enc[f"patch_embed{s}"]["proj"]["kernel"]  # (k, k, in, out)
+        hidden.append(int(kernel.shape[3]))
+        patch.append(int(kernel.shape[0]))
+        depths.append(sum(1 for k in enc if re.fullmatch(rf"block{s}_\d+", k)))
+        if depths[-1]:
+            attn = enc[f"block{s}_0"]["attn"]
+            sr.append(int(attn["sr"]["kernel"].shape[0]) if "sr" in attn else 1)
+            mlp.append(int(enc[f"block{s}_0"]["mlp"]["fc1"]["kernel"].shape[1]) // hidden[-1])
+    fields = {"num_encoder_blocks": n, "hidden_sizes": tuple(hidden), "depths": tuple(depths),
+              "patch_sizes": tuple(patch),
+              "num_channels": int(enc["patch_embed1"]["proj"]["kernel"].shape[2])}
+    if all(depths):
+        fields.update(sr_ratios=tuple(sr), mlp_ratios=tuple(mlp),
+                      **{"query/key/value biases": "bias" in enc["block1_0"]["attn"]["q"]})
+    if not encoder_only:
+        fields["AllSpark module"] = "allspark" in params
+        if "head" in params:
+            fields["decoder_hidden_size"] = int(params["head"]["linear_c1"]["proj"]["kernel"].shape[1])
+            fields["num_labels"] = int(params["head"]["linear_pred"]["kernel"].shape[3])
+    return fields
+
+
+def _file_fields(config: Mapping[str, Any], source: str, encoder_only: bool) -> dict[str, Any]:
+    """{field: value} as transformers builds the network from `config`."""
+    fields = {f: tuple(int(x) for x in config[f]) for f in STAGE_FIELDS}
+    fields.update({"num_encoder_blocks": config["num_encoder_blocks"],
+                   "num_channels": config["num_channels"], "query/key/value biases": True})
+    if not encoder_only:
+        fields.update({"decoder_hidden_size": config["decoder_hidden_size"],
+                       "num_labels": num_labels(config, source), "AllSpark module": False,
+                       "LayerNorm eps of blocks and stages": TRANSFORMERS_NORM_EPS})
+    return fields
+
+
+def check_config(config: Mapping[str, Any], model: ModelConfig | MiTConfig | Mapping,
+                 source: str = CONFIG_NAME, *, encoder_only: bool = False) -> None:
+    """Checks a transformers config (with defaults filled, as `read_checkpoint` returns it).
+
+    `model` is the model loaded into or exported from: a ModelConfig (every field compared), a
+    MiTConfig (encoder only), or Flax variables (the fields their shapes determine). With
+    `encoder_only` the decoder, class count and LayerNorm eps are not compared.
+    Raises WeightImportError with one line per problem: unsupported semantics, and each mismatch
+    as "field: FILE in the file, MODEL in the model".
+    """
+    errors = _check_semantics(config, source)
+    if not errors:
+        if isinstance(model, (ModelConfig, MiTConfig)):
+            theirs = _model_fields(model, encoder_only)
+        else:
+            theirs = _variables_fields(model, encoder_only)
+        ours = _file_fields(config, source, encoder_only)
+        for field, value in theirs.items():
+            if ours[field] != value:
+                errors.append(f"{field}: {ours[field]} in the file, {value} in the model")
+    if errors:
+        raise WeightImportError(f"{source} does not fit the model:\n  " + "\n  ".join(errors))
+
+
+def model_config_for(config: Mapping[str, Any], **overrides) -> ModelConfig:
+    """The ModelConfig that computes what transformers computes for `config` (SegFormer, no AllSpark,
+    LayerNorm eps 1e-5); `overrides` replace ModelConfig fields (e.g. head_dropout)."""
+    config = {**CONFIG_DEFAULTS, **config}
+    errors = _check_semantics(config, CONFIG_NAME)
+    if errors:
+        raise WeightImportError(f"{CONFIG_NAME}: " + "; ".join(errors))
+    stages = {f: tuple(int(x) for x in config[f]) for f in STAGE_FIELDS}
+    mit = MiTConfig(embed_dims=stages["hidden_sizes"], depths=stages["depths"],
+                    num_heads=stages["num_attention_heads"], sr_ratios=stages["sr_ratios"],
+                    mlp_ratios=stages["mlp_ratios"], patch_kernels=stages["patch_sizes"],
+                    patch_strides=stages["strides"], qkv_bias=True,
+                    drop_path_rate=float(config["drop_path_rate"]), norm_eps=TRANSFORMERS_NORM_EPS)
+    fields = dict(backbone=mit, num_classes=num_labels(config),
+                  decoder_dim=int(config["decoder_hidden_size"]),
+                  head_dropout=float(config["classifier_dropout_prob"]), allspark=False,
+                  allspark_heads=1, attn_drop=0.0, proj_drop=0.0)  # not read without AllSpark
+    return ModelConfig(**{**fields, **overrides})
+
+
+def to_config(model: ModelConfig | MiTConfig, *, encoder_only: bool = False,
+              id2label: Mapping[int | str, str] | None = None) -> dict[str, Any]:
+    """config.json for `model` as transformers writes it: `SegformerModel` (encoder_only) or
+    `SegformerForSemanticSegmentation`; labels `LABEL_i` unless `id2label` names them."""
+    mit = model if isinstance(model, MiTConfig) else model.backbone
+    config = {
+        **CONFIG_DEFAULTS,
+        "architectures": ["SegformerModel" if encoder_only else "SegformerForSemanticSegmentation"],
+        "model_type": "segformer", "num_encoder_blocks": len(mit.embed_dims),
+        "hidden_sizes": list(mit.embed_dims), "depths": list(mit.depths),
+        "num_attention_heads": list(mit.num_heads), "sr_ratios": list(mit.sr_ratios),
+        "mlp_ratios": list(mit.mlp_ratios), "patch_sizes": list(mit.patch_kernels),
+        "strides": list(mit.patch_strides), "drop_path_rate": mit.drop_path_rate,
+    }
+    if isinstance(model, ModelConfig):
+        config.update(decoder_hidden_size=model.decoder_dim,
+                      classifier_dropout_prob=model.head_dropout)
+    if not encoder_only:
+        if not isinstance(model, ModelConfig):
+            raise TypeError("a whole-network config needs a ModelConfig, got a MiTConfig")
+        names = ({int(k): str(v) for k, v in id2label.items()} if id2label is not None
+                 else {i: f"LABEL_{i}" for i in range(model.num_classes)})
+        if sorted(names) != list(range(model.num_classes)):
+            raise ValueError(f"id2label must name classes 0..{model.num_classes - 1}, got "
+                             f"{sorted(names)}")
+        config["id2label"] = {str(i): names[i] for i in range(model.num_classes)}
+        config["label2id"] = {names[i]: i for i in range(model.num_classes)}
+    return config
+
+
+# ------------------------------------------------------------------------- files and weights
+
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

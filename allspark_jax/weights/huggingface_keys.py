@@ -27,7 +27,7 @@ conv weights (out, in, kh, kw) in both layouts, so only names change, except for
                                                 decoder.decoder.linear_fuse.bn     BN eps 1e-5
   decode_head.classifier (1x1 conv)             decoder.decoder.linear_pred        (K, D, 1, 1)
   classifier (Linear, ImageNet classes)         backbone.head (the release MiT's classifier)
-  (*) 1e-5 in transformers, 1e-6 in the release: `huggingface_config` says what is checked.
+  (*) 1e-5 in transformers, 1e-6 in the release: `huggingface` says what is checked.
 
 The release's fused ``kv`` Linear splits its output axis as (2, heads, head_dim), keys first;
 transformers' ``key`` and ``value`` split theirs as (heads, head_dim) each, so ``kv`` is key's rows

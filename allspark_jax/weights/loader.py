@@ -42,7 +42,6 @@ from allspark_jax.errors import WeightImportError
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
 from allspark_jax.weights import huggingface, release, release_files
-from allspark_jax.weights.huggingface_config import CONFIG_NAME
 from allspark_jax.weights.huggingface_keys import to_release_state_dict
 
 HUGGINGFACE, NPZ, PTH, HUB = "huggingface", "npz", "pth", "hub"
@@ -101,9 +100,9 @@ def source_of(spec: str | os.PathLike | WeightSource) -> WeightSource:
         return spec
     s = os.fspath(spec)
     if os.path.isdir(s):
-        if os.path.isfile(os.path.join(s, CONFIG_NAME)) and huggingface.weight_files(s):
+        if os.path.isfile(os.path.join(s, huggingface.CONFIG_NAME)) and huggingface.weight_files(s):
             return WeightSource(HUGGINGFACE, s)
-        raise _unknown(s, f"a directory without {CONFIG_NAME} and model weights")
+        raise _unknown(s, f"a directory without {huggingface.CONFIG_NAME} and model weights")
     kind = next((k for suffix, k in SUFFIXES.items() if s.endswith(suffix)), None)
     if kind is not None:
         if not os.path.isfile(s):
@@ -184,7 +183,7 @@ def load_segformer(spec: str | os.PathLike | WeightSource, **overrides
     """A Hugging Face SegFormer checkpoint (directory, .safetensors or hub id) -> (model, variables,
     config.json dict with SegformerConfig's defaults filled in).
 
-    The model reproduces transformers' (`huggingface_config.model_config_for`; `overrides` replace
+    The model reproduces transformers' (`huggingface.model_config_for`; `overrides` replace
     ModelConfig fields); `model.apply(variables, x, mode="eval")` maps (B, H, W, 3) normalised
     images to (B, H, W, num_labels) logits.
     """
