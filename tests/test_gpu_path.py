@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from allspark_jax import errors
 from allspark_jax import config as config_lib
 from allspark_jax import runtime
 from allspark_jax.benchmark import versus_release
@@ -129,7 +130,7 @@ def test_precision_key_is_validated():
     assert config.model.precision == "default"
     config_lib.validate(config)
     config.model.precision = "tf32"
-    with pytest.raises(config_lib.ConfigError, match="model.precision.*'default', 'high', 'highest'"):
+    with pytest.raises(errors.ConfigError, match="model.precision.*'default', 'high', 'highest'"):
         config_lib.validate(config)
 
 
