@@ -11,8 +11,6 @@ import run_config
 from allspark_jax import checkpoints
 from allspark_jax import train
 
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
