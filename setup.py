@@ -28,6 +28,6 @@ setuptools.setup(
         "tqdm",  # console progress bars
     ],
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "matplotlib"],
     },
 )

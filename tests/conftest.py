@@ -8,9 +8,24 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import pytest  # noqa: E402
 
+import run_config  # first: the session's compilation cache goes into the environment before JAX starts
+
 from allspark_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# The modules that take longest (subprocess runs, notebooks, multi-process runs), run first, so that
+# pytest-xdist's workers (pytest.ini: whole modules per worker) end together; the others keep their
+# order. A module missing here only starts later.
+SLOW_MODULES = ("test_faults.py", "test_notebooks.py", "test_main.py", "test_learning.py",
+                "test_topology.py", "test_distributed.py", "test_verify_reference.py",
+                "test_train.py", "test_methods.py", "test_checkpoints.py", "test_bucketed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module
 
 
 def make_config(seed=0, **data):
@@ -27,12 +42,10 @@ def make_options(seed=0, **data):
 
 
 @pytest.fixture(scope="module")
-def persistent_compilation_cache():
-    """run_config's persistent XLA cache on for a module (shared with its main.py subprocesses)."""
-    import run_config
-    restore = run_config.enable_cache()
-    yield
-    restore()
+def no_compilation_cache():
+    """The persistent compilation cache off for a module whose tests count XLA compilations."""
+    with run_config.compilation_cache_off():
+        yield
 
 
 @pytest.fixture(scope="session")

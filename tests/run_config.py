@@ -1,18 +1,42 @@
-"""The tiny run shared by test_checkpoints.py and test_main.py, and a compilation cache for them.
+"""The tiny run shared by test_checkpoints.py and test_main.py, and the session's compilation cache.
 
 The demo config shortened by overrides: a 4-stage MiT with 8..32 channels, 32 px crops, 4 + 4 images a
 step, 2 epochs of 4 steps (warm-up 1 epoch, so both train steps compile), centre-crop evaluation.
-In-process runs and `main.py` subprocesses use the same overrides, so they compile the same programs
-and share them through a persistent XLA compilation cache (one per test session).
+In-process runs and `main.py` subprocesses use the same overrides, so they compile the same programs.
+
+Compiled programs are shared by every process of a test session (the pytest process, its
+pytest-xdist workers and every subprocess they start) through one persistent XLA compilation cache:
+importing this module (conftest.py does, before JAX is imported) puts it in the environment, where
+JAX reads it when it is imported. A cache directory given in the environment is used as it is (a
+worker or subprocess of the session, or a user's own, kept between sessions); otherwise a temporary
+one is made, removed when the process that made it ends.
 """
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CACHE_DIR = tempfile.mkdtemp(prefix="allspark_test_jax_cache_")
-atexit.register(shutil.rmtree, CACHE_DIR, True)
+# Only programs that take a while to compile are written: the runs of the tiny config (train and
+# eval steps) that many processes compile again. Writing every small program too costs about what
+# it saves in this suite (measured: in-process test modules, 0 vs no cache).
+CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+def _session_cache_dir() -> str:
+    given = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if given:
+        return given
+    made = tempfile.mkdtemp(prefix="allspark_test_jax_cache_")
+    atexit.register(shutil.rmtree, made, True)
+    return made
+
+
+CACHE_DIR = _session_cache_dir()
+os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+for _key, _value in CACHE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 OVERRIDES = {
     "data.synthetic.num_train": 22,
@@ -80,24 +104,25 @@ def cli_flags(**extra) -> list[str]:
 
 
 def subprocess_env() -> dict:
+    """This process's environment (the session's compilation cache included) for a subprocess that
+    runs the project on the CPU: tests/ and the checkout on its path, TensorFlow's C++ logs off."""
     env = dict(os.environ)
-    env.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 
-def enable_cache():
-    """Turns the persistent cache on in this process; returns a function that turns it off."""
+@contextlib.contextmanager
+def compilation_cache_off():
+    """This process's persistent compilation cache off inside (for what counts XLA compilations: a
+    program loaded from the cache is not compiled)."""
     import jax
     from jax._src import compilation_cache
-    old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()
-
-    def restore():
-        jax.config.update("jax_compilation_cache_dir", old[0])
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
         compilation_cache.reset_cache()
-    return restore

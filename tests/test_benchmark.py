@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from allspark_jax.benchmark import measure, profile, report
-from run_config import ROOT, cli_flags, subprocess_env, tiny_config
+from run_config import ROOT, cli_flags, compilation_cache_off, subprocess_env, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,9 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 def test_eval_and_predict_speed_measurements():
     """Per-size programs compile once per size, buckets once; both predict the same pixels."""
     config = tiny_config(**{"eval.buckets": (48,), "eval.batch_size": 2})
-    r = measure.run(config, what=["eval", "predict"], eval_images=6, eval_sizes=3,
-                    eval_sides=(20, 40), log=lambda s: None)
+    with compilation_cache_off():  # counts XLA compilations
+        r = measure.run(config, what=["eval", "predict"], eval_images=6, eval_sizes=3,
+                        eval_sides=(20, 40), log=lambda s: None)
     e = r["eval"]
     assert e["per_size"]["programs"] == 3 and e["bucketed"]["programs"] == 1
     # Tracing a new size compiles nothing else (static resize taps are computed in numpy).

@@ -3,7 +3,8 @@ program the release's evaluation corresponds to: every image alone at its own si
 
 The model is the tiny official-architecture reference (tests/data/allspark_tiny.npz: 4 stages with
 spatial-reduction ratios 8, 4, 2, 1, an AllSpark module, 5 classes, the release's weights and
-non-trivial BatchNorm statistics). Compiled programs are shared through module-scoped fixtures.
+non-trivial BatchNorm statistics). Compiled programs are shared through module-scoped fixtures;
+the session's persistent compilation cache is off here, as the tests count XLA compilations.
 """
 import concurrent.futures
 import os
@@ -19,6 +20,8 @@ from allspark_jax.evaluation import bucketing, evaluator, metrics, predictor as 
 from allspark_jax.models.mit import OverlapPatchEmbed, token_grid, token_grid_sizes
 from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
 from reference_model import reference
+
+pytestmark = pytest.mark.usefixtures("no_compilation_cache")
 
 BUCKETS = (64, 96)
 BATCH = 4

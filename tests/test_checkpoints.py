@@ -12,8 +12,6 @@ from allspark_jax import errors
 from allspark_jax import checkpoints
 from allspark_jax import train
 
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
-
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):

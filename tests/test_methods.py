@@ -26,13 +26,6 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache():
-    restore = run_config.enable_cache()
-    yield
-    restore()
-
-
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def run(request, tmp_path_factory):
     config = run_config.tiny_config(**RUNS[request.param])

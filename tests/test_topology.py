@@ -24,8 +24,6 @@ from allspark_jax import checkpoints
 from allspark_jax import train
 from allspark_jax.commands import evaluate
 
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
-
 MAIN = os.path.join(run_config.ROOT, "main.py")
 DEMO = "configs/demo.py"
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "topology_worker.py")
