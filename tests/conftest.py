@@ -18,8 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The modules that take longest (subprocess runs, notebooks, multi-process runs), run first, so that
 # pytest-xdist's workers (pytest.ini: whole modules per worker) end together; the others keep their
 # order. A module missing here only starts later.
-SLOW_MODULES = ("test_faults.py", "test_notebooks.py", "test_main.py", "test_learning.py",
-                "test_topology.py", "test_distributed.py", "test_verify_reference.py",
+SLOW_MODULES = ("test_faults.py", "test_notebooks.py", "test_gpu_path.py", "test_main.py",
+                "test_learning.py", "test_topology.py", "test_distributed.py", "test_verify_reference.py",
                 "test_train.py", "test_methods.py", "test_checkpoints.py", "test_bucketed.py")
 
 
