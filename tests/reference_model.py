@@ -27,3 +27,18 @@ def assert_trees_equal(a, b, rtol=0.0, atol=0.0):
         x, y = np.asarray(x), np.asarray(y)
         assert x.shape == y.shape and x.dtype == y.dtype, (path, x.shape, y.shape, x.dtype, y.dtype)
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def rel_err(out, ref) -> float:
+    """The relative error of `out` against `ref` (Frobenius norms, float64)."""
+    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def nhwc(x):
+    """NCHW (PyTorch) -> NHWC."""
+    return np.transpose(x, (0, 2, 3, 1))
+
+
+def shapes(tree):
+    """The tree's arrays as ShapeDtypeStructs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)

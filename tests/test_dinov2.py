@@ -21,8 +21,8 @@ from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, interpolate_pos_emb
 from allspark_jax.models.dpt import (DPTConfig, DPTSegmentor, complementary_dropout_scale,
                                      dpt_preset)
 from allspark_jax.weights import dinov2 as weights
+from reference_model import DATA, nhwc, rel_err
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 RTOL = 2e-6  # per tensor ||out - ref|| / ||ref||
 REC = np.load(os.path.join(DATA, "dpt_tiny.npz"))
 META = json.loads(str(REC["meta_json"]))
@@ -30,18 +30,6 @@ DPT_CASES = [(m, k[len(m) + 1:-2]) for m in META["models"] for k in REC.files
              if k.startswith(m + "_") and k.endswith("_x") and "_swiglu_" not in k[len(m):]]
 HF_DIRS = ("hf_dinov2_tiny", "hf_dinov2_tiny_swiglu")
 HF_CASES = ("rect", "up", "masked")
-
-
-def rel_err(out, ref) -> float:
-    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
-
-
-def nhwc(x):
-    return np.transpose(x, (0, 2, 3, 1))
-
-
-def shapes(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def unimatch_model(name):

@@ -77,11 +77,12 @@ class MainProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=60)
 
-    def drain(self) -> str:
-        """The output so far: the lines read without waiting for more."""
+    def _read_queued(self, timeout: float | None) -> str:
+        """Moves the reader's lines into the log until the queue is empty (after waiting up to
+        `timeout` seconds for each line; None: not at all) or the process's output ended."""
         while not self._ended:
             try:
-                line = self._lines.get_nowait()
+                line = self._lines.get(timeout=timeout) if timeout else self._lines.get_nowait()
             except queue.Empty:
                 break
             if line is None:
@@ -89,6 +90,10 @@ class MainProcess:
             else:
                 self.log.append(line)
         return self.output()
+
+    def drain(self) -> str:
+        """The output so far: the lines read without waiting for more."""
+        return self._read_queued(None)
 
     def finish(self, timeout: float = LINE_TIMEOUT) -> tuple[int, str]:
         """(exit status, whole output) once the process ends by itself."""
@@ -100,16 +105,7 @@ class MainProcess:
 
     def rest_of_output(self) -> str:
         """The whole output of a process that has ended (the lines not read yet included)."""
-        while not self._ended:
-            try:
-                line = self._lines.get(timeout=10)
-            except queue.Empty:
-                break
-            if line is None:
-                self._ended = True
-            else:
-                self.log.append(line)
-        return self.output()
+        return self._read_queued(10)
 
 
 def restore(workdir, spec="latest"):

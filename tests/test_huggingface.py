@@ -25,24 +25,12 @@ from allspark_jax.weights import huggingface, loader
 from allspark_jax.weights.pth_writer import save_pth
 from allspark_jax.models.mit import MixVisionTransformer
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
-from reference_model import DATA, assert_trees_equal
+from reference_model import DATA, assert_trees_equal, nhwc, rel_err, shapes
 
 SEG_DIR = os.path.join(DATA, "hf_segformer_tiny")
 MIT_DIR = os.path.join(DATA, "hf_mit_tiny")
 CASES = ("square", "rect")  # (2, 65, 65) and (1, 65, 97) inputs
 RTOL = 2e-6  # per tensor ||out - ref|| / ||ref||
-
-
-def rel_err(out, ref) -> float:
-    return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
-
-
-def nhwc(x):
-    return np.transpose(x, (0, 2, 3, 1))
-
-
-def shapes(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def copy_checkpoint(tmp_path, src, state=None, config=None, name="ckpt"):
