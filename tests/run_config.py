@@ -10,6 +10,13 @@ importing this module (conftest.py does, before JAX is imported) puts it in the 
 JAX reads it when it is imported. A cache directory given in the environment is used as it is (a
 worker or subprocess of the session, or a user's own, kept between sessions); otherwise a temporary
 one is made, removed when the process that made it ends.
+
+The session also compiles with cheaper XLA:CPU settings (TEST_XLA_FLAGS, put into XLA_FLAGS the
+same way): LLVM's optimisation level 0 and XLA's older fusion emitters. The suite compiles many
+programs and runs each a few steps, so compiling is most of its time. The programs JAX hands to XLA
+are the same; results differ from a user's build by float32 rounding only, and every tolerance is kept.
+A flag given in XLA_FLAGS wins: `XLA_FLAGS="--xla_backend_optimization_level=2
+--xla_cpu_use_fusion_emitters=true" python -m pytest` runs the suite as a user's run compiles.
 """
 import atexit
 import contextlib
@@ -37,6 +44,19 @@ CACHE_DIR = _session_cache_dir()
 os.environ["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
 for _key, _value in CACHE_ENV.items():
     os.environ.setdefault(_key, _value)
+
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(*flags: str, current: str | None = None) -> str:
+    """XLA_FLAGS (`current`, default this process's) with `flags` appended, except those whose
+    name it sets already."""
+    now = (os.environ.get("XLA_FLAGS", "") if current is None else current).split()
+    names = {f.split("=")[0] for f in now}
+    return " ".join(now + [f for f in flags if f.split("=")[0] not in names])
+
+
+os.environ["XLA_FLAGS"] = xla_flags(*TEST_XLA_FLAGS)
 
 OVERRIDES = {
     "data.synthetic.num_train": 22,

@@ -74,7 +74,8 @@ def copy_run(workdir: str, step: int, dest) -> str:
 def two_process_run(tmp_path_factory):
     """main.py trained by two processes (2 simulated devices each, gloo on 127.0.0.1)."""
     workdir = str(tmp_path_factory.mktemp("two_processes"))
-    env = {**run_config.subprocess_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**run_config.subprocess_env(),
+           "XLA_FLAGS": run_config.xla_flags("--xla_force_host_platform_device_count=2"),
            "ALLSPARK_COORDINATOR": f"127.0.0.1:{free_port()}", "ALLSPARK_NUM_PROCESSES": "2"}
     cmd = [sys.executable, MAIN, "--config", DEMO, "--workdir", workdir,
            *run_config.cli_flags(**run_config.TOPOLOGY)]

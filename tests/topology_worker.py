@@ -17,7 +17,9 @@ parser.add_argument("out")
 parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
 parser.add_argument("--shard_params", action="store_true")
 args = parser.parse_args()
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+# the session's XLA flags (run_config, in the inherited environment) stay
+os.environ["XLA_FLAGS"] = " ".join(os.environ.get("XLA_FLAGS", "").split() + [
+    f"--xla_force_host_platform_device_count={args.devices}"])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
