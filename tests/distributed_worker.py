@@ -19,9 +19,10 @@ parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--shard_params", action="store_true")
 parser.add_argument("--teacher", default="online")
 args = parser.parse_args()
-# the session's XLA flags (run_config, in the inherited environment) stay
-os.environ["XLA_FLAGS"] = " ".join(os.environ.get("XLA_FLAGS", "").split() + [
-    f"--xla_force_host_platform_device_count={args.devices}"])
+import run_config  # noqa: E402  (the session's XLA flags, in the inherited environment, stay)
+
+os.environ["XLA_FLAGS"] = run_config.xla_flags(
+    f"--xla_force_host_platform_device_count={args.devices}")
 
 import jax  # noqa: E402
 

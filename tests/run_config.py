@@ -14,7 +14,7 @@ one is made, removed when the process that made it ends.
 The session also compiles with cheaper XLA:CPU settings (TEST_XLA_FLAGS, put into XLA_FLAGS the
 same way): LLVM's optimisation level 0 and XLA's older fusion emitters. The suite compiles many
 programs and runs each a few steps, so compiling is most of its time. The programs JAX hands to XLA
-are the same; results differ from a user's build by float32 rounding only, and every tolerance is kept.
+are the same; results differ from a user's build by float32 rounding only.
 A flag given in XLA_FLAGS wins: `XLA_FLAGS="--xla_backend_optimization_level=2
 --xla_cpu_use_fusion_emitters=true" python -m pytest` runs the suite as a user's run compiles.
 """
@@ -48,10 +48,9 @@ for _key, _value in CACHE_ENV.items():
 TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
-def xla_flags(*flags: str, current: str | None = None) -> str:
-    """XLA_FLAGS (`current`, default this process's) with `flags` appended, except those whose
-    name it sets already."""
-    now = (os.environ.get("XLA_FLAGS", "") if current is None else current).split()
+def xla_flags(*flags: str) -> str:
+    """This process's XLA_FLAGS with `flags` appended, except those whose name it sets already."""
+    now = os.environ.get("XLA_FLAGS", "").split()
     names = {f.split("=")[0] for f in now}
     return " ".join(now + [f for f in flags if f.split("=")[0] not in names])
 

@@ -17,14 +17,14 @@ parser.add_argument("out")
 parser.add_argument("--devices", type=int, default=1, help="simulated CPU devices")
 parser.add_argument("--shard_params", action="store_true")
 args = parser.parse_args()
-# the session's XLA flags (run_config, in the inherited environment) stay
-os.environ["XLA_FLAGS"] = " ".join(os.environ.get("XLA_FLAGS", "").split() + [
-    f"--xla_force_host_platform_device_count={args.devices}"])
+import run_config  # noqa: E402  (the session's XLA flags, in the inherited environment, stay)
+
+os.environ["XLA_FLAGS"] = run_config.xla_flags(
+    f"--xla_force_host_platform_device_count={args.devices}")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import run_config  # noqa: E402
 from allspark_jax import checkpoints, sharding, train  # noqa: E402
 
 
