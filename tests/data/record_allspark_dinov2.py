@@ -113,7 +113,6 @@ def import_modules(release: str, unimatch: str):
 
 def build(modules, with_allspark: bool):
     import functools
-    import torch
     import torch.nn.functional as F
     from torch import nn
     DinoVisionTransformer, NestedTensorBlock, MemEffAttention, DPTHead, AllSpark = modules
