@@ -15,7 +15,10 @@ Layouts (dicts of numpy arrays in PyTorch layout, as `pth.load_pth` or `safetens
   * UniMatch V2's `DPT` state dict: `backbone.*` in the 'dinov2' layout and `head.*`
     (`projects.{i}`, `resize_layers.{0,1,3}`, `scratch.layer{k}_rn`, `scratch.refinenet{k}.
     {out_conv,resConfUnit{1,2}.conv{1,2}}`, `scratch.output_conv.{0,2}`); a `module.` prefix (its
-    DistributedDataParallel training) is dropped when every key has it.
+    DistributedDataParallel training) is dropped when every key has it;
+  * the AllSpark segmentor on DINOv2 (`segmentor_from_state_dict`): the DPT's keys plus
+    `allspark.*`, the release's AllSpark module (`allspark_jax.weights.release`'s names without its
+    `decoder.` prefix), Semantic Memory included.
 
 Layouts: Dense kernels (in, out) <-> Linear weights (out, in); convolution kernels (kh, kw, in, out)
 <-> (out, in, kh, kw); the DPT's transposed-convolution kernels (k, k, in, out) <-> ConvTranspose2d
@@ -36,6 +39,7 @@ import numpy as np
 
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models.dinov2 import DINOv2Config
+from allspark_jax.weights import release
 from allspark_jax.weights.release import key_mismatch_lines, strip_prefix
 
 LAYOUTS = ("dinov2", "transformers")
@@ -150,7 +154,7 @@ def _export(params: Mapping, rule: Callable[[Path, int], Rule]) -> dict[str, np.
 
 
 def _import(state: Mapping[str, Any], template: Mapping, rule: Callable[[Path, int], Rule],
-            source: str) -> dict:
+            source: str, hint: Callable[[list[str], list[str]], list[str]] | None = None) -> dict:
     expected: dict[str, tuple[Path, int, tuple[int, ...]]] = {}
     rules = {}
     for path, like in _flat(template).items():
@@ -165,7 +169,8 @@ def _import(state: Mapping[str, Any], template: Mapping, rule: Callable[[Path, i
              for k in sorted(set(expected) & set(state)) if tuple(np.shape(state[k])) != expected[k]]
     if missing or unexpected or wrong:
         raise WeightImportError("\n".join([f"{source} does not fit the model:",
-                                            *key_mismatch_lines(missing, unexpected, wrong)]))
+                                            *key_mismatch_lines(missing, unexpected, wrong),
+                                            *(hint(missing, unexpected) if hint else [])]))
     flat = {}
     for path, (keys, to_flax, like) in rules.items():
         value = to_flax([np.asarray(state[k]) for k in keys])
@@ -202,6 +207,50 @@ def dpt_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
 def dpt_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
     """`DPTSegmentor` params -> UniMatch V2's DPT state dict (numpy, PyTorch layout)."""
     return _export(params, _dpt_rule)
+
+
+# The AllSpark segmentor on DINOv2 (`models.segmentor`, model.encoder 'dinov2'): UniMatch V2's DPT
+# names for `backbone.*` / `head.*`, the release's AllSpark module under this prefix.
+ALLSPARK_PREFIX = "allspark"
+
+
+def _segmentor_rule(path: Path, ndim: int) -> Rule:
+    """The rule of one segmentor leaf; path = (collection, top module, ..., leaf)."""
+    collection, top, leaf = path[0], path[1], path[-1]
+    if top == "allspark":  # params and the memory collection, the release's module names
+        return ([release.torch_name(path[1:], prefix=ALLSPARK_PREFIX)],
+                lambda v: [release.torch_layout(v, leaf)],
+                lambda vs: release.flax_layout(vs[0], leaf))
+    if collection == "params":
+        return _dpt_rule(path[1:], ndim)
+    raise _bad_path(path, "AllSpark-on-DINOv2 layout")
+
+
+def _segmentor_hint(missing: list[str], unexpected: list[str]) -> list[str]:
+    return release.method_hint(missing, unexpected, prefix=ALLSPARK_PREFIX + ".",
+                               without="UniMatch V2's DPT layout")
+
+
+def segmentor_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
+                              source: str = "state dict") -> dict:
+    """The DINOv2 segmentor's state dict -> its variables shaped like `template` (`params` and,
+    with AllSpark, `memory`; arrays or ShapeDtypeStructs).
+
+    Keys: `backbone.*` and `head.*` as UniMatch V2's DPT (`dpt_from_state_dict`); `allspark.*` the
+    release's AllSpark module's own names (those of its `decoder.allspark.*`), the Semantic Memory
+    `allspark.attn.kv_queue` (K, C, n) and `allspark.attn.queue_ptr` (K,) included. A `module.`
+    prefix is dropped when every key has it. Strict (module docstring); a mismatch of exactly the
+    `allspark.*` keys names the config.method that fits.
+    """
+    template = {k: v for k, v in template.items() if k != "intermediates"}
+    return _import(strip_prefix(state, "module."), template, _segmentor_rule, source,
+                   _segmentor_hint)
+
+
+def segmentor_to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """The DINOv2 segmentor's variables (params, memory) -> its state dict (numpy, PyTorch layout;
+    write pointers int64)."""
+    return _export({k: v for k, v in variables.items() if k != "intermediates"}, _segmentor_rule)
 
 
 # transformers' Dinov2Config fields that fix the architecture, and the DINOv2Config field each is.

@@ -40,10 +40,13 @@ def key_mismatch_lines(missing, unexpected, wrong) -> list[str]:
                                  ("shape mismatches", wrong)) if items]
 
 
-def torch_name(path: tuple[str, ...]) -> str:
-    """('backbone', 'block1_0', 'attn', 'q', 'kernel') -> 'backbone.block1.0.attn.q.weight'."""
+def torch_name(path: tuple[str, ...], prefix: str | None = None) -> str:
+    """('backbone', 'block1_0', 'attn', 'q', 'kernel') -> 'backbone.block1.0.attn.q.weight'.
+
+    `prefix` replaces the release's prefix of the top-level module (`decoder.allspark` for
+    'allspark'): the same module's names under another model's prefix."""
     top, *middle, leaf = path
-    parts = [_TOP[top]]
+    parts = [_TOP[top] if prefix is None else prefix]
     for seg in middle:
         seg = _SEGMENT_RENAMES.get(seg, seg)
         parts.append(re.sub(r"^(block\d+)_(\d+)$", r"\1.\2", seg))
@@ -51,7 +54,8 @@ def torch_name(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+def torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    """A Flax leaf named `leaf` -> its PyTorch layout (and int64 for counters and pointers)."""
     if leaf == "kernel" and value.ndim == 2:
         return value.T
     if leaf == "kernel" and value.ndim == 4:
@@ -61,15 +65,20 @@ def _to_torch_layout(value: np.ndarray, leaf: str) -> np.ndarray:
     return value
 
 
-def _to_flax_layout(value: np.ndarray, leaf: str, like: Any) -> np.ndarray:
+def flax_layout(value: np.ndarray, leaf: str) -> np.ndarray:
+    """A PyTorch tensor -> the Flax layout of the leaf `leaf` (dtype unchanged)."""
     if leaf == "kernel" and value.ndim == 2:
-        value = value.T
-    elif leaf == "kernel" and value.ndim == 4:
-        value = value.transpose(2, 3, 1, 0)
-    return np.array(value, dtype=like.dtype, order="C")
+        return value.T
+    if leaf == "kernel" and value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    return value
 
 
-def _flat_leaves(variables: Mapping) -> dict[tuple[str, ...], Any]:
+def _to_flax_layout(value: np.ndarray, leaf: str, like: Any) -> np.ndarray:
+    return np.array(flax_layout(value, leaf), dtype=like.dtype, order="C")
+
+
+def flat_leaves(variables: Mapping) -> dict[tuple[str, ...], Any]:
     """{(collection, module..., leaf): array} over params, batch_stats and memory."""
     return {k: v for k, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(variables)).items()
             if k[0] != "intermediates"}
@@ -77,8 +86,8 @@ def _flat_leaves(variables: Mapping) -> dict[tuple[str, ...], Any]:
 
 def to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
     """Flax variables (params, batch_stats, memory) -> the release's state dict (numpy)."""
-    return {torch_name(path[1:]): _to_torch_layout(np.asarray(v), path[-1])
-            for path, v in _flat_leaves(variables).items()}
+    return {torch_name(path[1:]): torch_layout(np.asarray(v), path[-1])
+            for path, v in flat_leaves(variables).items()}
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -102,7 +111,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
     """
     state = strip_prefix(state, "module.")
     expected = {}
-    for path, like in _flat_leaves(template).items():
+    for path, like in flat_leaves(template).items():
         name = torch_name(path[1:])
         if not name.startswith(name_prefix):
             raise WeightImportError(f"{source}: template leaf {'/'.join(path)} lies outside "
@@ -117,23 +126,26 @@ def from_state_dict(state: Mapping[str, np.ndarray], template: Mapping, *, sourc
         value = _to_flax_layout(np.asarray(given[name]), path[-1], like)
         if value.shape != tuple(like.shape):
             wrong.append(f"{name}: file {tuple(np.shape(given[name]))}, model expects "
-                         f"{tuple(_to_torch_layout(np.zeros(like.shape), path[-1]).shape)}")
+                         f"{tuple(torch_layout(np.zeros(like.shape), path[-1]).shape)}")
         flat[path] = value
     if missing or unexpected or wrong:
         raise WeightImportError("\n".join([f"{source} does not fit the model:",
                                             *key_mismatch_lines(missing, unexpected, wrong),
-                                            *_method_hint(missing, unexpected)]))
+                                            *method_hint(missing, unexpected)]))
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def _method_hint(missing: list[str], unexpected: list[str]) -> list[str]:
-    """A line naming config.method when the mismatch is exactly the AllSpark module's keys."""
-    prefix = _TOP["allspark"] + "."
+def method_hint(missing: list[str], unexpected: list[str],
+                prefix: str = _TOP["allspark"] + ".",
+                without: str = "the release's semi / supervised baselines, "
+                               "semidec_base.SemiDecoder") -> list[str]:
+    """A line naming config.method when the mismatch is exactly the AllSpark module's keys (those
+    starting with `prefix`); `without` names the layout of the model without them."""
     if unexpected and all(k.startswith(prefix) for k in unexpected) and not missing:
         return ["  the file holds an AllSpark model: use config.method='allspark'"]
     if missing and all(k.startswith(prefix) for k in missing) and not unexpected:
-        return ["  the file holds a model without AllSpark (the release's semi / supervised "
-                "baselines, semidec_base.SemiDecoder): use config.method='semi' or 'supervised'"]
+        return [f"  the file holds a model without AllSpark ({without}): use config.method='semi' "
+                "or 'supervised'"]
     return []
 
 
