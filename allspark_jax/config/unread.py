@@ -37,6 +37,15 @@ def unread_by_setting(config) -> dict[str, str]:
     if not config.profile:
         out.update(dict.fromkeys(("profile_first_step", "profile_num_steps"),
                                  "only profile=True reads it (profile=False)"))
+    encoder = config.model.encoder
+    if encoder == "mit":
+        out.update(dict.fromkeys(("model.dpt.features", "model.dpt.out_channels",
+                                  "model.dpt.layers"),
+                                 "only model.encoder 'dinov2' reads it (model.encoder='mit')"))
+    else:
+        out.update(dict.fromkeys(("model.decoder_dim", "model.head_dropout",
+                                  "model.drop_path_rate", "model.remat"),
+                                 f"only model.encoder 'mit' reads it (model.encoder={encoder!r})"))
     if config.data.source != "tfds":
         out["data.tfds_data_dir"] = (f"only data.source 'tfds' reads it (data.source="
                                      f"{config.data.source!r})")

@@ -71,14 +71,21 @@ def validate_data(config) -> None:
 
 def _validate_model(config) -> None:
     from allspark_jax.models import segmentor  # pylint: disable=g-import-not-at-top
+    one_of(config, "model.encoder", segmentor.ENCODERS)
     try:
-        segmentor.model_config_from(config)
+        model = segmentor.model_config_from(config)
     except UserError:  # the method's keys
         raise
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         backbone = config.model.backbone
-        shown = repr(backbone) if isinstance(backbone, str) else "a dict of MiT fields"
-        raise ConfigError(f"config.model.backbone={shown}: {e}") from None
+        family = {"mit": "MiT", "dinov2": "DINOv2"}[config.model.encoder]
+        shown = repr(backbone) if isinstance(backbone, str) else f"a dict of {family} fields"
+        raise ConfigError(f"config.model.backbone={shown} (model.encoder="
+                          f"{config.model.encoder!r}): {e}") from None
+    if config.data.crop_size % model.patch_multiple:
+        raise error("data.crop_size", config.data.crop_size,
+                    f"a multiple of {model.patch_multiple} (the {config.model.encoder} encoder's "
+                    f"patch: UniMatch V2 trains on 518 and 798 px crops)")
     if config.model.num_classes != config.data.num_classes:
         raise error("model.num_classes", config.model.num_classes,
                     f"data.num_classes ({config.data.num_classes})")

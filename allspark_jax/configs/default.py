@@ -100,12 +100,24 @@ def get_config():
 
     # ------------------------------------------------------------------------------------ model
     config.model = model = ml_collections.ConfigDict()
-    model.backbone = "b5"  # MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
-    model.drop_path_rate = placeholder(float)  # Stochastic depth of the encoder; None = the preset's 0.1.
+    # Encoder family: 'mit' (the release's MiT with the SegFormer head) | 'dinov2' (DINOv2 with
+    # UniMatch V2's DPT head; AllSpark on the last map the head reads; training crops multiples of
+    # 14; evaluation as UniMatch V2's: images resized to multiples of 14 and the logits back).
+    model.encoder = "mit"
+    # 'mit': a MiT preset 'b0'..'b5' or a dict of MiTConfig fields (embed_dims, depths, ...).
+    # 'dinov2': a DINOv2 size 'small' | 'base' | 'large' | 'giant' or a dict of DINOv2Config fields.
+    model.backbone = "b5"
+    # The DPT head (encoder 'dinov2'): None = UniMatch V2's head of the backbone's size; required
+    # for a backbone given by its fields. features: the fusion width; out_channels: the four maps'
+    # projection widths; layers: the four encoder blocks read (increasing).
+    model.dpt = ml_collections.ConfigDict(dict(
+        features=placeholder(int), out_channels=placeholder(tuple), layers=placeholder(tuple)))
+    # Stochastic depth of the MiT encoder; None = the preset's 0.1. (encoder 'mit')
+    model.drop_path_rate = placeholder(float)
     model.num_classes = data.get_ref("num_classes")  # Output classes (follows data.num_classes).
     model.allspark_heads = 2  # AllSpark heads H (2 in every paper config; method 'allspark' only).
-    model.decoder_dim = 768  # SegFormer head embedding dim E.
-    model.head_dropout = 0.1  # Dropout2d before the classifier.
+    model.decoder_dim = 768  # SegFormer head embedding dim E (encoder 'mit').
+    model.head_dropout = 0.1  # Dropout2d before the SegFormer classifier (encoder 'mit').
     model.attn_drop = 0.1  # AllSpark attention dropout.
     model.proj_drop = 0.1  # AllSpark output projection dropout.
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
@@ -117,7 +129,7 @@ def get_config():
     # 'highest': full float32 everywhere (the release's matrix products; the verifier's tolerances).
     # bfloat16 operands (model.dtype='bfloat16') run in bfloat16 whatever this says.
     model.precision = "default"
-    model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute).
+    model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute; 'mit').
     model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
     # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
 

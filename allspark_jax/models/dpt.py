@@ -8,10 +8,11 @@ to `features` channels; four fusion blocks (`refinenet4` .. `refinenet1`) merge 
 (residual conv units, bilinear upsampling with align_corners=True to the next scale, 1x1 `out_conv`);
 `output_conv` (3x3 conv, ReLU, 1x1 conv) gives the logits at 8x the token grid.
 
-`DPTSegmentor` (UniMatch V2's `DPT` model): encoder + head, the logits resized (bilinear,
-align_corners=True) to the 14-multiple grid (14 h, 14 w). Its complementary channel dropout
-(`comp_drop`, training only) is a per-(image, channel) scale of the encoder maps, passed in
-(`feature_scale`, drawn by `complementary_dropout_scale`) so that the forward stays a pure function.
+UniMatch V2's `DPT` model (DINOv2 encoder + this head, the logits resized to the 14-multiple grid)
+is `allspark_jax.models.segmentor.AllSparkSegmentor` with a DINOv2 backbone (`dpt_model`). Its
+complementary channel dropout (`comp_drop`, training only) is a per-(image, channel) scale of the
+encoder maps, passed in (drawn by `complementary_dropout_scale`) so that the forward stays a pure
+function.
 
 Parameter names follow UniMatch V2's state dict (`backbone` = the encoder, `head/projects_{i}`,
 `head/resize_layers_{i}`, `head/layer{i}_rn` for `head.scratch.layer{i}_rn`, `refinenet{i}`,
@@ -26,7 +27,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map, token_grid
 from allspark_jax.models.layers import Conv1x1, torch_default_init
 from allspark_jax.models.resize import resize_bilinear_align_corners
 
@@ -188,36 +188,3 @@ def complementary_dropout_scale(key: jax.Array, batch: int, dim: int) -> jax.Arr
     first = jnp.where(kept, 1.0, first)
     second = jnp.where(kept, 1.0, 2.0 - first)
     return jnp.concatenate([first, second], axis=0)
-
-
-class DPTSegmentor(nn.Module):
-    """UniMatch V2's DPT model. (B, H, W, C) -> logits (B, 14 h, 14 w, num_classes), (h, w) the
-    token grid floor((H, W) / 14).
-
-    `feature_scale` (B, D) or None: the complementary-dropout scale of the encoder maps
-    (`complementary_dropout_scale`; UniMatch V2's `comp_drop=True`); None is its eval forward.
-    `dtype`: the computation dtype of encoder and head (parameters stay float32; the attention
-    softmax runs in float32).
-    """
-
-    encoder: DINOv2Config
-    head: DPTConfig
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, feature_scale=None):
-        if self.head.layers[-1] >= self.encoder.depth:
-            raise ValueError(f"DPT: layers {self.head.layers} read blocks beyond the encoder's "
-                             f"depth {self.encoder.depth}")
-        grid = token_grid(x.shape[1:3], self.encoder.patch_size)
-        tokens = DINOv2(self.encoder, self.dtype, name="backbone")(x, self.head.layers)
-        logits = DPTHead(self.head, self.dtype, name="head")([patch_map(t, grid) for t in tokens],
-                                                 feature_scale)
-        p = self.encoder.patch_size
-        return resize_bilinear_align_corners(logits, (grid[0] * p, grid[1] * p))
-
-
-def dpt_preset(size: str, num_classes: int, **encoder_overrides) -> tuple[DINOv2Config, DPTConfig]:
-    """UniMatch V2's (encoder, head) configs for a DINOv2 size ('small' ... 'giant')."""
-    return (DINOv2Config.preset(size, **encoder_overrides),
-            DPTConfig.preset(size, num_classes=num_classes))

@@ -1,9 +1,20 @@
-"""The AllSpark segmentor: MiT encoder -> AllSpark on the stage-4 map -> SegFormer head.
+"""The AllSpark segmentor on either encoder family (`ModelConfig.encoder`):
 
-Variables: ``params``; ``batch_stats`` (the head's BatchNorm); ``memory`` (the Semantic Memory and
-its write pointers). All three are produced by `init_variables` and consumed by `apply`.
-With ``ModelConfig.allspark=False`` the network is plain SegFormer (MiT encoder -> SegFormer head):
-no ``allspark`` params and no ``memory`` collection.
+  * ``"mit"``    (the release's): MiT encoder -> AllSpark on the stage-4 map -> SegFormer head.
+  * ``"dinov2"`` (UniMatch V2's model with AllSpark inside): DINOv2 encoder -> its four
+    intermediate layers (`DPTConfig.layers`, final-normed, class token dropped, (B, h, w, D) on the
+    14-px token grid) -> AllSpark on the last of them -> UniMatch V2's DPT head -> logits resized
+    (bilinear, align_corners=True) to (14 h, 14 w). The release puts AllSpark between the encoder
+    and the head, on the deepest map the head reads (MiT's stage 4, the coarsest and most semantic);
+    DINOv2's maps all share one grid, and the deepest read block is the most semantic, so AllSpark
+    takes that one and the Semantic Memory holds h * w tokens per channel of the training crop's
+    14-px grid (37 x 37 = 1369 at 518 px).
+
+Variables: ``params``; ``batch_stats`` (the SegFormer head's BatchNorm; an empty collection for
+DINOv2, whose DPT head has none); ``memory`` (the Semantic Memory and its write pointers). All
+three are produced by `init_variables` and consumed by `apply`. With ``ModelConfig.allspark=False``
+the network is the plain baseline (SegFormer, or UniMatch V2's DPT model): no ``allspark`` params
+and no ``memory`` collection.
 """
 from __future__ import annotations
 
@@ -16,11 +27,15 @@ import jax.numpy as jnp
 
 from allspark_jax import method as method_lib
 from allspark_jax.models.allspark import AllSpark
+from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map
+from allspark_jax.models.dpt import DPTConfig, DPTHead
 from allspark_jax.models.head import SegFormerHead
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
-from allspark_jax.models.resize import resize_bilinear, resize_bilinear_valid
+from allspark_jax.models.resize import (resize_bilinear, resize_bilinear_align_corners,
+                                        resize_bilinear_valid)
 
 Dtype = Any
+ENCODERS = ("mit", "dinov2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +43,15 @@ class ModelConfig:
     """Everything that fixes the network's architecture; `model_config_from` builds it from a run's
     config (values and meanings: allspark_jax/configs/default.py, `model.*`).
 
-    `allspark` (the method's `Method.allspark`): False is plain SegFormer, the stage-4 map goes to
-    the head unchanged (no allspark params, no memory; `mode` then only switches dropout and
+    The encoder family (`encoder`) follows the backbone's type: a MiTConfig is "mit" (the SegFormer
+    head: `decoder_dim`, `head_dropout`; `dpt` None), a DINOv2Config "dinov2" (`dpt` the DPT head;
+    `decoder_dim` and `head_dropout` are not read).
+    `allspark` (the method's `Method.allspark`): False is the plain baseline, the map goes to the
+    head unchanged (no allspark params, no memory; `mode` then only switches dropout and
     BatchNorm statistics, and `allspark_heads`, `attn_drop`, `proj_drop` are not read).
     """
 
-    backbone: MiTConfig
+    backbone: MiTConfig | DINOv2Config
     num_classes: int
     allspark_heads: int
     decoder_dim: int
@@ -41,10 +59,40 @@ class ModelConfig:
     attn_drop: float
     proj_drop: float
     allspark: bool
+    dpt: DPTConfig | None = None  # the DPT head of a DINOv2 backbone; None for MiT
+
+    def __post_init__(self):
+        if not isinstance(self.backbone, (MiTConfig, DINOv2Config)):
+            raise TypeError(f"backbone must be a MiTConfig or a DINOv2Config, got "
+                            f"{type(self.backbone).__name__}")
+        if (self.dpt is None) != (self.encoder == "mit"):
+            raise ValueError(f"a {type(self.backbone).__name__} backbone needs dpt="
+                             f"{'None' if self.encoder == 'mit' else 'a DPTConfig'}")
+        if self.dpt is not None:
+            if self.dpt.num_classes != self.num_classes:
+                raise ValueError(f"dpt.num_classes {self.dpt.num_classes} != num_classes "
+                                 f"{self.num_classes}")
+            if self.dpt.layers[-1] >= self.backbone.depth:
+                raise ValueError(f"DPT layers {self.dpt.layers} read blocks beyond the encoder's "
+                                 f"depth {self.backbone.depth}")
+
+    @property
+    def encoder(self) -> str:
+        """"mit" or "dinov2" (`ENCODERS`)."""
+        return "dinov2" if isinstance(self.backbone, DINOv2Config) else "mit"
+
+    @property
+    def patch_multiple(self) -> int:
+        """Training crops must be multiples of this (1: any size)."""
+        return self.backbone.patch_size if self.encoder == "dinov2" else 1
 
 
 class AllSparkSegmentor(nn.Module):
     """(B, H, W, 3) normalised images -> (B, H, W, K) float32 logits.
+
+    With ``ModelConfig.allspark=False`` and a DINOv2 backbone this is UniMatch V2's DPT model: its
+    parameter tree (`backbone`, `head`) and its forward (`DPT.forward`) in "train" / "teacher"
+    mode; `dpt_model` builds it from the two configs.
 
     `mode` is one of "train", "teacher", "eval" (see `allspark_jax.models.allspark`). In "train"
     mode `x` is ``concat(labeled, unlabeled)`` and `teacher_logits` (B_u, H, W, K) are required;
@@ -71,8 +119,14 @@ class AllSparkSegmentor(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mode: str = "eval", teacher_logits=None, use_memory: bool = False,
-                 key_group_size: int | None = None, valid_size=None):
+                 key_group_size: int | None = None, valid_size=None, feature_scale=None):
         cfg = self.config
+        if cfg.encoder == "dinov2":
+            return self._dinov2(x, mode, teacher_logits, use_memory, key_group_size, valid_size,
+                                feature_scale)
+        if feature_scale is not None:
+            raise ValueError("feature_scale (complementary channel dropout of the maps the head "
+                             "reads) is a DINOv2-encoder input: MiT's four maps differ in width")
         train = mode == "train"
         if valid_size is None:
             grids = None
@@ -90,16 +144,8 @@ class AllSparkSegmentor(nn.Module):
         c1, c2, c3, c4 = MixVisionTransformer(cfg.backbone, self.dtype, self.remat,
                                               name="backbone")(x.astype(self.dtype), train,
                                                                valid_size)
-        if cfg.allspark:
-            c4 = AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
-                          self.dtype, name="allspark")(
-                c4, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
-                key_group_size=key_group_size,
-                valid=None if grids is None else grid_mask(grids[3], c4.shape[1:3]),
-                branch=self.branch if mode == "eval" else "labeled")
-        elif self.branch != "labeled":
-            raise ValueError(f"branch={self.branch!r}: this model has no AllSpark module (method "
-                             f"'semi' / 'supervised')")
+        c4 = self._allspark(c4, mode, teacher_logits, use_memory, key_group_size,
+                            None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
         logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
                                name="head")([c1, c2, c3, c4], train, grids)
         if grids is None:
@@ -107,10 +153,62 @@ class AllSparkSegmentor(nn.Module):
         return resize_bilinear_valid(logits.astype(jnp.float32), x.shape[1:3], grids[0],
                                      valid_size)
 
+    def _allspark(self, x, mode, teacher_logits, use_memory, key_group_size, valid):
+        """The AllSpark module on the (B, h, w, C) map `x` (or `x` itself without AllSpark)."""
+        cfg = self.config
+        if not cfg.allspark:
+            if self.branch != "labeled":
+                raise ValueError(f"branch={self.branch!r}: this model has no AllSpark module "
+                                 f"(method 'semi' / 'supervised')")
+            return x
+        return AllSpark(cfg.allspark_heads, cfg.num_classes, cfg.attn_drop, cfg.proj_drop,
+                        self.dtype, name="allspark")(
+            x, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
+            key_group_size=key_group_size, valid=valid,
+            branch=self.branch if mode == "eval" else "labeled")
+
+    def _dinov2(self, x, mode, teacher_logits, use_memory, key_group_size, valid_size,
+                feature_scale):
+        """The DINOv2 family's forward (module docstring). In "train" / "teacher" mode (H, W) must
+        be multiples of the patch (the training crop); "eval" mode is UniMatch V2's `evaluate`:
+        the image resized (bilinear, align_corners=True) to the nearest multiple of the patch on
+        each side (at least one patch), the logits resized back to (H, W) the same way.
+        `feature_scale` (B, D) or None: UniMatch V2's complementary channel dropout
+        (`models.dpt.complementary_dropout_scale`), applied to the four maps the head reads (after
+        AllSpark), as its `comp_drop=True` forward."""
+        cfg = self.config
+        p = cfg.backbone.patch_size
+        size = tuple(x.shape[1:3])
+        if valid_size is not None:
+            raise NotImplementedError("valid_size (padded eval batches) for the DINOv2 encoder")
+        if mode == "eval":
+            run = tuple(max(p, int(s / p + 0.5) * p) for s in size)
+            if run != size:
+                x = resize_bilinear_align_corners(x.astype(jnp.float32), run)
+        elif size[0] % p or size[1] % p:
+            raise ValueError(f"DINOv2 {mode!r} mode needs an input whose sides are multiples of "
+                             f"the {p}-px patch (the training crop), got {size[0]}x{size[1]}")
+        grid = (x.shape[1] // p, x.shape[2] // p)
+        tokens = DINOv2(cfg.backbone, self.dtype, name="backbone")(x.astype(self.dtype),
+                                                                   cfg.dpt.layers)
+        maps = [patch_map(t, grid) for t in tokens]
+        maps[-1] = self._allspark(maps[-1], mode, teacher_logits, use_memory, key_group_size,
+                                  None)
+        if feature_scale is not None and mode == "eval":
+            raise ValueError("feature_scale (complementary channel dropout) is a training input, "
+                             "got mode='eval'")
+        logits = DPTHead(cfg.dpt, self.dtype, name="head")(maps, feature_scale)
+        logits = resize_bilinear_align_corners(logits.astype(jnp.float32),
+                                               (grid[0] * p, grid[1] * p))
+        if logits.shape[1:3] != size:
+            logits = resize_bilinear_align_corners(logits, size)
+        return logits
+
 
 def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tuple[int, int],
                    batch_size: int = 1) -> dict:
-    """Initialises params, batch_stats and memory for training crops of `crop_size`.
+    """Initialises params, batch_stats and memory for training crops of `crop_size` (for the
+    DINOv2 encoder a multiple of its patch).
 
     The memory's token count n depends on the crop, so initialisation runs the training path.
     Without AllSpark (`ModelConfig.allspark=False`) there is no memory and the result has no
@@ -124,32 +222,76 @@ def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tu
                            teacher_logits=t)
     variables = dict(variables)
     variables.pop("intermediates", None)
+    # Every model has the collection (the DPT head has no BatchNorm): one state layout for all.
+    variables.setdefault("batch_stats", {})
     return variables
+
+
+def _fields(value, cls, key: str) -> dict:
+    """A config dict of `cls`'s dataclass fields (lists as tuples); unknown names are an error."""
+    fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(value).items()}
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"config.{key}: unknown {cls.__name__} fields {sorted(unknown)}")
+    return fields
+
+
+def _mit(backbone, extra: dict) -> MiTConfig:
+    if isinstance(backbone, str):
+        return MiTConfig.preset(backbone, **extra)
+    return MiTConfig(**{**_fields(backbone, MiTConfig, "model.backbone"), **extra})
+
+
+def _dinov2(backbone, dpt, num_classes: int) -> tuple[DINOv2Config, DPTConfig]:
+    """`model.backbone` (a DINOv2 size or DINOv2Config fields) and `model.dpt` (DPTConfig fields,
+    None = the size's head) -> (encoder, head)."""
+    head = {k: v for k, v in _fields(dpt, DPTConfig, "model.dpt").items() if v is not None}
+    if isinstance(backbone, str):
+        return (DINOv2Config.preset(backbone),
+                DPTConfig.preset(backbone, **{**head, "num_classes": num_classes}))
+    missing = sorted({"features", "out_channels", "layers"} - set(head))
+    if missing:
+        raise ValueError(f"config.model.dpt.{missing[0]}: a DINOv2 backbone given by its fields "
+                         f"has no preset head; set model.dpt.features, out_channels and layers")
+    return (DINOv2Config(**_fields(backbone, DINOv2Config, "model.backbone")),
+            DPTConfig(**{**head, "num_classes": num_classes}))
 
 
 def model_config_from(config) -> ModelConfig:
     """A run's config (`model.*` and the method) -> ModelConfig.
 
-    `config.model.backbone` is a preset name ("b0" ... "b5") or a dict of `MiTConfig` fields;
-    `drop_path_rate` overrides the backbone's stochastic depth; a method without AllSpark (the
-    release's baselines) gives the model without the AllSpark module.
+    `config.model.encoder` picks the family. 'mit': `config.model.backbone` is a preset name
+    ("b0" ... "b5") or a dict of `MiTConfig` fields; `drop_path_rate` overrides the backbone's
+    stochastic depth. 'dinov2': `config.model.backbone` is a DINOv2 size ("small" ... "giant") or
+    a dict of `DINOv2Config` fields, `config.model.dpt` the head's fields (those None: the size's
+    UniMatch V2 head). A method without AllSpark (the release's baselines) gives the model without
+    the AllSpark module.
     """
     method = method_lib.from_config(config)
     config = config.model
-    backbone = config.backbone
-    extra = {} if config.get("drop_path_rate") is None else {"drop_path_rate": config.drop_path_rate}
-    if isinstance(backbone, str):
-        mit = MiTConfig.preset(backbone, **extra)
+    encoder = config.encoder
+    if encoder not in ENCODERS:
+        raise ValueError(f"config.model.encoder must be one of {ENCODERS}, got {encoder!r}")
+    if encoder == "mit":
+        extra = ({} if config.get("drop_path_rate") is None
+                 else {"drop_path_rate": config.drop_path_rate})
+        backbone, dpt = _mit(config.backbone, extra), None
     else:
-        fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(backbone).items()}
-        unknown = set(fields) - {f.name for f in dataclasses.fields(MiTConfig)}
-        if unknown:
-            raise ValueError(f"config.model.backbone: unknown MiT fields {sorted(unknown)}")
-        mit = MiTConfig(**{**fields, **extra})
-    return ModelConfig(backbone=mit, num_classes=config.num_classes,
+        backbone, dpt = _dinov2(config.backbone, config.get("dpt") or {}, config.num_classes)
+    return ModelConfig(backbone=backbone, num_classes=config.num_classes,
                        allspark_heads=config.allspark_heads, decoder_dim=config.decoder_dim,
                        head_dropout=config.head_dropout, attn_drop=config.attn_drop,
-                       proj_drop=config.proj_drop, allspark=method.allspark)
+                       proj_drop=config.proj_drop, allspark=method.allspark, dpt=dpt)
+
+
+def dpt_model(encoder: DINOv2Config, head: DPTConfig, dtype: Dtype = jnp.float32
+              ) -> AllSparkSegmentor:
+    """UniMatch V2's DPT model (DINOv2 encoder + DPT head, no AllSpark) from its two configs."""
+    # The AllSpark and SegFormer fields are not read without AllSpark and with a DPT head.
+    return AllSparkSegmentor(ModelConfig(backbone=encoder, num_classes=head.num_classes,
+                                         allspark_heads=0, decoder_dim=0, head_dropout=0.0,
+                                         attn_drop=0.0, proj_drop=0.0, allspark=False, dpt=head),
+                             dtype)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

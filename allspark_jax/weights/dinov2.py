@@ -199,13 +199,13 @@ def encoder_to_state_dict(params: Mapping, *, layout: str) -> dict[str, np.ndarr
 
 def dpt_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
                         source: str = "state dict") -> dict:
-    """UniMatch V2's DPT state dict -> `DPTSegmentor` params (`backbone`, `head`) shaped like
+    """UniMatch V2's DPT state dict -> the DPT model's params (`backbone`, `head`) shaped like
     `template`. Strict (module docstring)."""
     return _import(strip_prefix(state, "module."), template, _dpt_rule, source)
 
 
 def dpt_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
-    """`DPTSegmentor` params -> UniMatch V2's DPT state dict (numpy, PyTorch layout)."""
+    """The DPT model's params -> UniMatch V2's DPT state dict (numpy, PyTorch layout)."""
     return _export(params, _dpt_rule)
 
 
