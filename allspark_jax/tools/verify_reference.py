@@ -4,9 +4,15 @@ r"""Checks this port against numbers recorded from the official release.
 
 allspark_tiny.npz holds AllSpark's numbers (train_allspark.py), baselines_tiny.npz those of the
 release's semi and supervised baselines (semidec_base.SemiDecoder: `meta_json` "allspark": false;
-train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`). The file follows the layout of the reference README: `meta_json` gives the architecture, `state0/*`
-the official state dict, and each case its inputs and outputs in PyTorch layouts (NCHW). Nothing
-about sizes is assumed: dims, depths, heads, classes, image and batch sizes all come from the file.
+train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`);
+allspark_dinov2_tiny.npz (`meta_json` "encoder": "dinov2") the release's AllSpark module on UniMatch
+V2's DINOv2 + DPT head (state dict of `allspark_jax.weights.dinov2.segmentor_from_state_dict`),
+with `train_step/*` (AllSpark) and `semi_step/*` (the same model without AllSpark, state0 less its
+`allspark.*` keys). The file follows the layout of the reference README: `meta_json` gives the
+architecture, `state0/*` the official state dict, and each case its inputs and outputs in PyTorch
+layouts (NCHW). Nothing about sizes is assumed: dims, depths, heads, classes, image and batch sizes
+all come from the file. A step sequence whose method has no AllSpark module runs the model without
+it when the file's model has one.
 `--precision` (default `highest`: full float32, at which the tolerances were set) is JAX's
 arithmetic for float32 matrix products and convolutions; the first line printed names it with the
 backend. One line per case: `ok` or `FAIL`, the worst per-tensor relative error ||out - ref|| / ||ref||,
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -42,8 +49,11 @@ from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax import method as method_lib
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.layers import TorchBatchNorm
+from allspark_jax.models.dinov2 import DINOv2Config
+from allspark_jax.models.dpt import DPTConfig
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import PRECISIONS, AllSparkSegmentor, ModelConfig, init_variables
+from allspark_jax.weights import dinov2 as dinov2_weights
 from allspark_jax.weights import release
 
 # ---------------------------------------------------------------------------------- Tolerances
@@ -131,12 +141,26 @@ def compare(name: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]], rtol: fl
     return Result(name, max_rel, max_abs, ok, rtol, note)
 
 
+def _tuples(fields: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 class Reference:
-    """The reference file with the model it describes."""
+    """The reference file with the model it describes.
+
+    `meta_json` "encoder" (default "mit"): "mit" describes the MiT encoder by the fields of
+    allspark_tiny.npz (`embed_dims`, `depths`, ...), the release's state-dict names; "dinov2" by
+    `backbone` (DINOv2Config fields) and `dpt` (DPTConfig fields but num_classes), the names of
+    `weights.dinov2.segmentor_from_state_dict`.
+    """
 
     REQUIRED = ("meta_json", "inputs/x_l", "inputs/x_u", "inputs/mask_l")
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, allspark: bool | None = None):
+        """`allspark`: the model with (True) or without (False) the AllSpark module; None: as the
+        file's `meta_json` "allspark" (default true). Without it, state0's AllSpark keys are
+        not read."""
+        self.path = path
         with np.load(path, allow_pickle=False) as f:
             self.data = {k: f[k] for k in f.files}
         missing = [k for k in self.REQUIRED if k not in self.data]
@@ -147,25 +171,56 @@ class Reference:
         self.meta = json.loads(str(self.data["meta_json"]))
         m = self.meta
         dropout = float(m.get("dropout", 0.0))
-        self.backbone = MiTConfig(
-            embed_dims=tuple(m["embed_dims"]), depths=tuple(m["depths"]),
-            num_heads=tuple(m["num_heads"]), sr_ratios=tuple(m["sr_ratios"]),
-            mlp_ratios=tuple(m["mlp_ratios"]), drop_path_rate=float(m.get("drop_path", 0.0)))
+        self.encoder = m.get("encoder", "mit")
         # `allspark` False: the release's baselines (semidec_base.SemiDecoder), no AllSpark module.
-        self.allspark = bool(m.get("allspark", True))
-        self.model = AllSparkSegmentor(ModelConfig(
-            backbone=self.backbone, num_classes=m["num_classes"],
-            allspark_heads=m["allspark_heads"] if self.allspark else 1,
-            decoder_dim=m["decoder_dim"], head_dropout=dropout, attn_drop=dropout,
-            proj_drop=dropout, allspark=self.allspark))
+        self.file_allspark = bool(m.get("allspark", True))
+        self.allspark = self.file_allspark if allspark is None else bool(allspark)
+        if self.encoder not in ("mit", "dinov2"):
+            raise ReferenceFileError(f"{path}: meta_json encoder {self.encoder!r}; expected "
+                                     "'mit' or 'dinov2'")
+        try:
+            if self.encoder == "mit":
+                self.backbone, dpt = MiTConfig(
+                    embed_dims=tuple(m["embed_dims"]), depths=tuple(m["depths"]),
+                    num_heads=tuple(m["num_heads"]), sr_ratios=tuple(m["sr_ratios"]),
+                    mlp_ratios=tuple(m["mlp_ratios"]),
+                    drop_path_rate=float(m.get("drop_path", 0.0))), None
+                self.to_state_dict, from_state_dict = release.to_state_dict, release.from_state_dict
+                allspark_prefix = release.torch_name(("allspark", "x"))[:-1]
+            else:
+                self.backbone = DINOv2Config(**_tuples(m["backbone"]))
+                dpt = DPTConfig(num_classes=m["num_classes"], **_tuples(m["dpt"]))
+                self.to_state_dict = dinov2_weights.segmentor_to_state_dict
+                from_state_dict = dinov2_weights.segmentor_from_state_dict
+                allspark_prefix = dinov2_weights.ALLSPARK_PREFIX + "."
+            self.model = AllSparkSegmentor(ModelConfig(
+                backbone=self.backbone, num_classes=m["num_classes"],
+                allspark_heads=m["allspark_heads"] if self.allspark else 1,
+                decoder_dim=m.get("decoder_dim", 0), head_dropout=dropout, attn_drop=dropout,
+                proj_drop=dropout, allspark=self.allspark, dpt=dpt))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReferenceFileError(f"{path}: meta_json does not describe a model: "
+                                     f"{type(e).__name__} {e}") from e
         x_l = self.data["inputs/x_l"]
         template = jax.eval_shape(lambda: init_variables(
             self.model, jax.random.key(0), tuple(x_l.shape[2:]), x_l.shape[0]))
         self.state0 = self.prefixed("state0/")
-        self.variables = jax.tree.map(jnp.asarray, release.from_state_dict(
+        if self.file_allspark and not self.allspark:
+            self.state0 = {k: v for k, v in self.state0.items()
+                           if not k.startswith(allspark_prefix)}
+        self.variables = jax.tree.map(jnp.asarray, from_state_dict(
             self.state0, template, source=f"{path}: state0"))
         self.x_l, self.x_u = nhwc(x_l), nhwc(self.data["inputs/x_u"])
         self.mask_l = self.data["inputs/mask_l"].astype(np.int32)
+
+    def for_method(self, method: method_lib.Method) -> "Reference":
+        """This reference, or the same file's model without AllSpark for a method without it."""
+        if method.allspark == self.allspark:
+            return self
+        if method.allspark:
+            raise ReferenceFileError(f"{self.path}: method {method.name!r} needs the AllSpark "
+                                     "module; the file's model has none")
+        return _without_allspark(self.path)
 
     def prefixed(self, prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in self.data.items() if k.startswith(prefix)}
@@ -174,12 +229,20 @@ class Reference:
         return any(k.startswith(prefix) for k in self.data)
 
 
+@functools.lru_cache(maxsize=4)
+def _without_allspark(path: str) -> Reference:
+    return Reference(path, allspark=False)
+
+
 def case_encoder(ref: Reference) -> list[Result]:
-    enc = MixVisionTransformer(ref.backbone)
     results = []
     for case, x in (("encoder_eval", ref.x_l), ("encoder_eval_u", ref.x_u)):
         if not ref.has(case + "/"):
             continue
+        if ref.encoder != "mit":
+            raise ReferenceFileError(f"{ref.path}: {case}/ (the MiT stages c1..c4) in a file of "
+                                     f"encoder {ref.encoder!r}")
+        enc = MixVisionTransformer(ref.backbone)
         outs = enc.apply({"params": ref.variables["params"]["backbone"]}, x)
         results.append(compare(case, {f"c{i + 1}": (o, nhwc(ref.data[f"{case}/c{i + 1}"]))
                                       for i, o in enumerate(outs)}, FORWARD_RTOL))
@@ -196,14 +259,17 @@ def case_eval_single(ref: Reference) -> list[Result]:
         return []
     expected = nhwc(ref.data["eval_single/logits"])
     out = ref.model.apply(ref.variables, ref.x_l, mode="eval")
+    result = compare("eval_single", {"logits": (out, expected)}, FORWARD_RTOL)
+    if ref.encoder != "mit":  # only the MiT model evaluates padded batches (valid_size)
+        return [result]
     images = list(np.asarray(ref.x_l))
     h, w = images[0].shape[:2]
     batch, sizes = bucketing.pad_batch(images, (h + BUCKET_MARGIN[0], w + BUCKET_MARGIN[1]),
                                        len(images) + 1)
     logits = bucketing.make_logits_fn(ref.model)(ref.variables, batch, sizes)
     bucketed = np.stack(bucketing.unpad(logits, sizes)[:len(images)])
-    return [compare("eval_single", {"logits": (out, expected)}, FORWARD_RTOL),
-            compare("eval_single_bucketed", {"logits": (bucketed, expected)}, FORWARD_RTOL)]
+    return [result, compare("eval_single_bucketed", {"logits": (bucketed, expected)},
+                            FORWARD_RTOL)]
 
 
 def memory_rows_note(ours, refs, before, ref_before=None) -> tuple[bool, str]:
@@ -223,7 +289,7 @@ def case_train_forward(ref: Reference) -> list[Result]:
         logits, updates = ref.model.apply(
             ref.variables, np.concatenate([ref.x_l, ref.x_u]), mode="train", teacher_logits=teacher,
             use_memory=use_memory, mutable=["batch_stats", "memory"])
-        after = release.to_state_dict({**updates, "params": {}})
+        after = ref.to_state_dict({**updates, "params": {}})
         ref_after = ref.prefixed(f"{name}/after/")
         pairs = {"teacher_logits": (teacher, nhwc(ref.data[f"{name}/teacher_logits"])),
                  "logits": (logits, nhwc(ref.data[f"{name}/logits"]))}
@@ -367,7 +433,8 @@ def case_train_steps(ref: Reference) -> list[Result]:
 def step_sequence_case(ref: Reference, prefix: str, method: str,
                        loss_names: dict[str, str]) -> list[Result]:
     """The recorded steps of `method` from state0 (README protocol): learning rates, losses,
-    pseudo-labels, step 0's gradients and the state after every step."""
+    pseudo-labels, step 0's gradients and the state after every step (those the file holds)."""
+    ref = ref.for_method(release_method(method))
     lrs = ref.data[f"{prefix}/lrs"]
     steps = lrs.shape[0]
     tx, schedules, tcfg = train_setup(ref)
@@ -380,7 +447,7 @@ def step_sequence_case(ref: Reference, prefix: str, method: str,
                                       method=release_method(method))
     batches = reference_batches(ref, steps)
     for t, batch in enumerate(batches):
-        before = release.to_state_dict(state.variables())
+        before = ref.to_state_dict(state.variables())
         ref_before = ref.state0 if t == 0 else ref.prefixed(f"{prefix}/state{t}/")
         if t == 0:
             grad_state = jax.tree.map(jnp.copy, state)
@@ -399,7 +466,7 @@ def step_sequence_case(ref: Reference, prefix: str, method: str,
             results.append(grads_case(ref, out["grads"], grad_state, batch, tx, tcfg,
                                       prefix=prefix, method=method))
         if ref.has(f"{prefix}/state{t + 1}/"):
-            sd = release.to_state_dict(state.variables())
+            sd = ref.to_state_dict(state.variables())
             refs = ref.prefixed(f"{prefix}/state{t + 1}/")
             r = compare(f"{prefix} state{t + 1}", {k: (sd[k], v) for k, v in refs.items()},
                         TRAINED_RTOL)
@@ -432,7 +499,7 @@ def grads_case(ref, grads, state, batch, tx, tcfg, *, kink_fraction: float = KIN
     zeros = sorted(k for k, v in refs.items() if np.linalg.norm(v) < floor)
 
     def check(grads, note):
-        ours = release.to_state_dict({"params": grads})
+        ours = ref.to_state_dict({"params": grads})
         r = compare(f"{prefix} grads0", {k: (ours[k], v) for k, v in refs.items()
                                           if k not in zeros}, TRAINED_RTOL, note)
         zeros_ok = all(max(np.linalg.norm(ours[k]), np.linalg.norm(ours[k] - refs[k])) < floor
@@ -481,7 +548,8 @@ CASE_KEYS = ("encoder_eval/", "encoder_eval_u/", "eval_single/logits", "train_fo
 
 def verify(path: str, print_fn=print) -> list[Result]:
     ref = Reference(path)
-    print_fn(f"{path}: {json.dumps({k: ref.meta[k] for k in ('embed_dims', 'depths', 'num_classes') if k in ref.meta})}, "
+    described = ("encoder", "backbone", "embed_dims", "depths", "num_classes")
+    print_fn(f"{path}: {json.dumps({k: ref.meta[k] for k in described if k in ref.meta})}, "
              f"image {ref.x_l.shape[1]}x{ref.x_l.shape[2]}, batch {ref.x_l.shape[0]}")
     results = []
     for case in CASES:

@@ -240,11 +240,13 @@ def segmentor_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
     release's AllSpark module's own names (those of its `decoder.allspark.*`), the Semantic Memory
     `allspark.attn.kv_queue` (K, C, n) and `allspark.attn.queue_ptr` (K,) included. A `module.`
     prefix is dropped when every key has it. Strict (module docstring); a mismatch of exactly the
-    `allspark.*` keys names the config.method that fits.
+    `allspark.*` keys names the config.method that fits. The template's empty collections (the
+    DPT head's `batch_stats`) are kept, empty.
     """
     template = {k: v for k, v in template.items() if k != "intermediates"}
-    return _import(strip_prefix(state, "module."), template, _segmentor_rule, source,
-                   _segmentor_hint)
+    variables = _import(strip_prefix(state, "module."), template, _segmentor_rule, source,
+                        _segmentor_hint)
+    return {k: variables.get(k, {}) for k in template}
 
 
 def segmentor_to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:

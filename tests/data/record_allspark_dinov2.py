@@ -47,8 +47,9 @@ Keys (PyTorch layouts, NCHW), in the layout of allspark_tiny.npz / baselines_tin
   train_step/state3/<name>        train_allspark.py's loop body, memory read (epoch >= warmup)
   semi_step/lrs, loss_x{t}, loss_u{t}, pseudo_label{t}, state3/<name>
                                   train_baseline_semi.py's loop body, the model without AllSpark
-  (state{t} is the full state dict after step t - 1; which are kept: STATES_KEPT; no gradients:
-  they would take the file past 1 MiB)
+  (state{t} is the state dict after step t - 1: in full for the t of STATES_KEPT, else only the
+  Semantic Memory allspark.attn.{kv_queue,queue_ptr} (train_step/state2); no gradients: they would
+  take the file past 1 MiB)
 Protocol (both sequences, as allspark_tiny.npz): start from state0; step 1 on both batches flipped
 left-right (images and mask), steps 0 and 2 as given; CE (ignore 255) for loss_x and loss_u (every
 unlabeled pixel), loss = (loss_x + loss_u) / 2; SGD momentum 0.9, weight decay 1e-4, `backbone.*`
@@ -68,10 +69,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20241205
 STEPS = 3
 FLIPPED_STEPS = (1,)
-# The states kept after the steps (t = 1..STEPS): the first update on its own and the end of each
-# sequence. Every state is ~90 KiB here (143 small arrays), so keeping all six and step 0's
+# The full states kept after the steps (t = 1..STEPS): the first update on its own and the end of
+# each sequence. Every state is ~90 KiB here (143 small arrays), so keeping all six and step 0's
 # gradients would take the file past 1 MiB; the losses of steps 1 and 2 are computed from the
-# states not kept, which they check indirectly.
+# states not kept, which they check indirectly. Of the others only the Semantic Memory is kept (a
+# few hundred floats): which memory rows the next step writes is checked against it.
 STATES_KEPT = {"train_step": (1, 3), "semi_step": (3,)}
 LR, LR_MULTI, TOTAL_ITERS, MOMENTUM, WEIGHT_DECAY = 0.01, 10.0, 10, 0.9, 1e-4
 IGNORE = 255
@@ -284,9 +286,9 @@ def main():
             out[f"{prefix}/loss_x{i}"] = loss_x.detach().numpy()
             out[f"{prefix}/loss_u{i}"] = loss_u.detach().numpy()
             out[f"{prefix}/pseudo_label{i}"] = pseudo_label.numpy()
-            if i + 1 in STATES_KEPT[prefix]:
-                out.update({f"{prefix}/state{i + 1}/{k}": v.detach().clone().numpy()
-                            for k, v in m.state_dict().items()})
+            out.update({f"{prefix}/state{i + 1}/{k}": v.detach().clone().numpy()
+                        for k, v in m.state_dict().items()
+                        if i + 1 in STATES_KEPT[prefix] or k in memory_keys})
         out[f"{prefix}/lrs"] = np.array(lrs, np.float64)
 
     meta = dict(
