@@ -11,6 +11,8 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 REFERENCE_NPZ = os.path.join(DATA, "allspark_tiny.npz")
 # The release's semi / supervised baselines (record_baselines.py).
 BASELINES_NPZ = os.path.join(DATA, "baselines_tiny.npz")
+# The release's AllSpark module on UniMatch V2's DINOv2 + DPT head (record_allspark_dinov2.py).
+ALLSPARK_DINOV2_NPZ = os.path.join(DATA, "allspark_dinov2_tiny.npz")
 OFFICIAL_PTH = os.path.join(DATA, "allspark_tiny_official_checkpoint.pth")
 MIT_PTH = os.path.join(DATA, "mit_tiny_imagenet.pth")
 
