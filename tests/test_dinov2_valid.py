@@ -230,16 +230,21 @@ def test_bicubic_matrix_valid(offset):
 
 
 def test_valid_resizes_at_full_size():
+    """True sizes = the whole input and output: the static-shape resizes."""
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 7, 3))
     full = jnp.array([[5, 7], [5, 7]])
     out = jnp.array([[9, 4], [9, 4]])
-    np.testing.assert_allclose(
-        resize.resize_bilinear_align_corners_valid(x, (9, 4), full, out),
-        resize.resize_bilinear_align_corners(x, (9, 4)), atol=1e-6)
-    np.testing.assert_allclose(resize.resize_bicubic_valid(x[:1], (9, 4), out, 0.1),
-                               jnp.broadcast_to(resize.resize_bicubic(
-                                   x[:1], (9, 4), ((9 + 0.1) / 5, (4 + 0.1) / 7)), (2, 9, 4, 3)),
-                               atol=1e-6)
+
+    @jax.jit
+    def both(x, full, out):
+        return (resize.resize_bilinear_align_corners_valid(x, (9, 4), full, out),
+                resize.resize_bilinear_align_corners(x, (9, 4)),
+                resize.resize_bicubic_valid(x[:1], (9, 4), out, 0.1),
+                resize.resize_bicubic(x[:1], (9, 4), ((9 + 0.1) / 5, (4 + 0.1) / 7)))
+
+    bilinear, bilinear_ref, bicubic, bicubic_ref = both(x, full, out)
+    np.testing.assert_allclose(bilinear, bilinear_ref, atol=1e-6)
+    np.testing.assert_allclose(bicubic, jnp.broadcast_to(bicubic_ref, (2, 9, 4, 3)), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "transformers"])
@@ -250,7 +255,8 @@ def test_pos_embed_valid(kind):
     pos = jax.random.normal(jax.random.PRNGKey(0), (1, 17, 8))
     grids = np.array([[4, 4], [4, 6], [2, 3], [5, 6], [0, 0]], np.int32)
     shape = (5, 6)
-    got = np.asarray(interpolate_pos_embed_valid(pos, jnp.asarray(grids), shape, cfg))
+    got = np.asarray(jax.jit(interpolate_pos_embed_valid, static_argnums=(2, 3))(
+        pos, jnp.asarray(grids), shape, cfg))
     assert got.shape == (5, 1 + 30, 8)
     for b, (gh, gw) in enumerate(grids[:4]):
         ref = np.asarray(interpolate_pos_embed(pos, (PATCH * gh, PATCH * gw), cfg))[0]
