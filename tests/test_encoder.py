@@ -138,3 +138,24 @@ def test_without_allspark_it_is_unimatch_v2s_dpt_model_and_evaluates_as_its_eval
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     # A side that rounds down (8 px -> one 14-px patch at least).
     assert model.apply(v, y[:, :8, :20], mode="eval").shape == (1, 8, 20, 5)
+
+
+def test_allspark_on_dinov2_evaluates_padded_batches_image_by_image():
+    """AllSpark's eval attention sums over each image's true tokens only: a padded batch gives each
+    image its logits alone (UniMatch V2's evaluation resizes around the model)."""
+    model, v = _init(dinov2_config())
+    v = {k: v[k] for k in ("params", "batch_stats")}
+    sizes = [(37, 50), (61, 44)]
+    images = [np.asarray(jax.random.normal(jax.random.key(10 + i), s + (3,)))
+              for i, s in enumerate(sizes)]
+    batch = np.array(jax.random.normal(jax.random.key(9), (2, 64, 64, 3)))  # noise padding
+    for b, img in enumerate(images):
+        batch[b, :img.shape[0], :img.shape[1]] = img
+    padded = jax.jit(lambda v, x, s: model.apply(v, x, mode="eval", valid_size=s))(
+        v, batch, np.asarray(sizes, np.int32))
+    for b, img in enumerate(images):
+        alone = model.apply(v, img[None], mode="eval")[0]
+        h, w = img.shape[:2]
+        err = float(jnp.abs(padded[b, :h, :w] - alone).max() / jnp.abs(alone).max())
+        assert err < 1e-5, (b, err)
+        assert not np.asarray(padded[b, h:]).any() and not np.asarray(padded[b, :, w:]).any()

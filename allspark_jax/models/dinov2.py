@@ -17,6 +17,12 @@ Both keep the stored embeddings unchanged when the grid has `pos_grid`^2 tokens 
 square in pixels, as both codes do. The interpolation matrices are computed once per shape on the
 host (`allspark_jax.models.resize`).
 
+Padded batches (`DINOv2.__call__(..., valid_grid=)`): image b is the top-left valid_grid[b] tokens
+of the padded (h, w) grid (its input cropped to patch * valid_grid[b] pixels); its position
+embeddings are interpolated to its own grid (`interpolate_pos_embed_valid`) and the padded patch
+tokens are no attention keys, so its true tokens equal those of the image alone, to float32
+round-off. The grids are traced: one program serves every grid up to (h, w).
+
 Parameter names follow facebookresearch's state dict (`patch_embed`, `blocks_{i}` for `blocks.{i}`,
 `attn/qkv`, `ls1/gamma`, `mlp/fc1` or `mlp/w12`, `norm`); `allspark_jax.weights.dinov2` maps both
 checkpoint layouts.
@@ -31,8 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from allspark_jax.models.mit import PatchConv, dense_init, softmax_attention
-from allspark_jax.models.resize import resize_bicubic
+from allspark_jax.models.mit import (PatchConv, dense_init, grid_mask, masked_softmax_attention,
+                                     softmax_attention)
+from allspark_jax.models.resize import checked_sizes, resize_bicubic, resize_bicubic_valid
 
 Dtype = Any
 
@@ -131,6 +138,35 @@ def interpolate_pos_embed(pos_embed: jax.Array, image_size: tuple[int, int],
     return jnp.concatenate([pos_embed[:, :1], patch], axis=1)
 
 
+def interpolate_pos_embed_valid(pos_embed: jax.Array, grids: jax.Array, shape: tuple[int, int],
+                                config: DINOv2Config) -> jax.Array:
+    """`interpolate_pos_embed` per image of a padded batch, inside a program.
+
+    Args:
+      pos_embed: (1, 1 + side^2, D) the stored embeddings.
+      grids: (B, 2) int traced true token grids (h_b, w_b), each <= shape.
+      shape: (h, w) the static padded token grid.
+    Returns:
+      (B, 1 + h * w, D): the class token's embedding, then the padded (h, w) grid row-major whose
+      top-left (h_b, w_b) part is `interpolate_pos_embed(pos_embed, (p h_b, p w_b), config)` of
+      image b (float32 round-off apart), 0 elsewhere. As there, a (side, side) grid keeps the
+      stored embeddings (its input, p * grid pixels, is square); any other grid is resampled.
+    """
+    side, dim = config.pos_grid, pos_embed.shape[-1]
+    grids = jnp.asarray(grids).astype(jnp.int32)
+    b, (h, w) = grids.shape[0], shape
+    grid = pos_embed[:, 1:].reshape(1, side, side, dim).astype(jnp.float32)
+    # 'dinov2': the factors (g + offset) / sqrt(N), sqrt(N) = side exactly (N = side^2).
+    offset = config.interpolate_offset if config.pos_interpolation == "dinov2" else None
+    patch = resize_bicubic_valid(grid, (h, w), grids, offset)
+    if h >= side and w >= side:
+        stored = jnp.all(grids == side, axis=1)[:, None, None, None]
+        kept = jnp.pad(grid, ((0, 0), (0, h - side), (0, w - side), (0, 0)))
+        patch = jnp.where(stored, kept, patch)
+    patch = patch.reshape(b, h * w, dim).astype(pos_embed.dtype)
+    return jnp.concatenate([jnp.broadcast_to(pos_embed[:, :1], (b, 1, dim)), patch], axis=1)
+
+
 class LayerScale(nn.Module):
     """x * gamma, gamma (D,) initialised to `init`."""
 
@@ -145,6 +181,8 @@ class LayerScale(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection. (B, N, D) -> (B, N, D).
 
+    `key_mask` (B, N) bool or None: tokens where it is False are no keys (padded tokens).
+
     The qkv kernel's output columns are [q | k | v], each head-major (head h: columns h * d ..
     (h + 1) * d of its block), as DINOv2's reshape(B, N, 3, heads, d) reads them.
     """
@@ -154,12 +192,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None):
         b, n, c = x.shape
         hd = c // self.num_heads
         qkv = nn.Dense(3 * c, use_bias=self.qkv_bias, kernel_init=dense_init, dtype=self.dtype,
                        name="qkv")(x).reshape(b, n, 3, self.num_heads, hd)
-        out = softmax_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, c)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = (softmax_attention(q, k, v) if key_mask is None
+               else masked_softmax_attention(q, k, v, key_mask)).reshape(b, n, c)
         return nn.Dense(c, kernel_init=dense_init, dtype=self.dtype, name="proj")(out)
 
 
@@ -193,16 +233,18 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + ls1(attn(norm1(x))), then + ls2(ffn(norm2(x))). (B, N, D) -> (B, N, D)."""
+    """x + ls1(attn(norm1(x))), then + ls2(ffn(norm2(x))). (B, N, D) -> (B, N, D).
+    `key_mask`: the attention's (`Attention`)."""
 
     config: DINOv2Config
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None):
         cfg = self.config
         norm = lambda name: nn.LayerNorm(epsilon=cfg.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        y = Attention(cfg.num_heads, cfg.qkv_bias, self.dtype, name="attn")(norm("norm1")(x))
+        y = Attention(cfg.num_heads, cfg.qkv_bias, self.dtype, name="attn")(norm("norm1")(x),
+                                                                            key_mask)
         x = x + LayerScale(cfg.layer_scale_init, name="ls1")(y)
         ffn = (SwiGLU if cfg.ffn == "swiglu" else Mlp)(cfg.ffn_hidden, self.dtype, name="mlp")
         return x + LayerScale(cfg.layer_scale_init, name="ls2")(ffn(norm("norm2")(x)))
@@ -222,6 +264,12 @@ class DINOv2(nn.Module):
       masks: (B, h, w) bool or None: patch embeddings where True are replaced by the learned
         mask token before the class token and position embeddings are added (DINOv2's
         masked-image modelling; transformers' `bool_masked_pos`).
+      valid_grid: (B, 2) int or None: x is a padded batch and image b's true token grid is the
+        top-left valid_grid[b] = (h_b, w_b) <= (h, w) (traced; an image of 0 tokens is an empty
+        filler slot). Its position embeddings are interpolated to (h_b, w_b), and the other patch
+        tokens are no attention keys (the class token always is one), so its true tokens equal
+        those of `x[b:b+1, :p h_b, :p w_b]` alone. Returned patch tokens outside each true grid
+        are 0.
     Returns a tuple of (B, 1 + h * w, D) arrays, one per layer: the class token first, then the
     patch tokens in row-major (h, w) order (`patch_map` makes them (B, h, w, D) maps).
     """
@@ -231,7 +279,7 @@ class DINOv2(nn.Module):
 
     @nn.compact
     def __call__(self, x, layers: Sequence[int] | None = None, norm: bool = True,
-                 masks=None) -> tuple[jax.Array, ...]:
+                 masks=None, valid_grid=None) -> tuple[jax.Array, ...]:
         cfg = self.config
         layers = (cfg.depth - 1,) if layers is None else tuple(int(i) for i in layers)
         if (not layers or list(layers) != sorted(set(layers))
@@ -256,10 +304,17 @@ class DINOv2(nn.Module):
                                (1, cfg.pos_grid ** 2 + 1, dim))
         tokens = jnp.concatenate(
             [jnp.broadcast_to(cls_token.astype(tokens.dtype), (b, 1, dim)), tokens], axis=1)
-        tokens = tokens + interpolate_pos_embed(pos_embed, x.shape[1:3], cfg).astype(tokens.dtype)
+        if valid_grid is None:
+            pos, key_mask = interpolate_pos_embed(pos_embed, x.shape[1:3], cfg), None
+        else:
+            valid_grid = checked_sizes(valid_grid, b, "DINOv2: valid_grid")
+            pos = interpolate_pos_embed_valid(pos_embed, valid_grid, (h, w), cfg)
+            key_mask = jnp.concatenate([jnp.ones((b, 1), bool),
+                                        grid_mask(valid_grid, (h, w)).reshape(b, h * w)], axis=1)
+        tokens = tokens + pos.astype(tokens.dtype)
         outs = []
         for i in range(cfg.depth):
-            tokens = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens)
+            tokens = Block(cfg, self.dtype, name=f"blocks_{i}")(tokens, key_mask)
             if i in layers:
                 outs.append(tokens)
         # The final norm's parameters exist whatever `norm` is (they are in every checkpoint).
@@ -267,6 +322,8 @@ class DINOv2(nn.Module):
             final = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=self.dtype, name="norm")
             normed = [final(t) for t in outs]
             outs = normed if norm else outs
+        if key_mask is not None:
+            outs = [jnp.where(key_mask[..., None], t, 0) for t in outs]
         return tuple(outs)
 
 

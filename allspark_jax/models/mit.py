@@ -240,6 +240,19 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _attention_fwd(q, k, v)[0]
 
 
+def masked_softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             key_mask: jax.Array) -> jax.Array:
+    """`softmax_attention` over the keys where key_mask (B, K) bool is True only (the true tokens
+    of a padded batch); a query with no true key gets a zero output. q (B, Q, H, d), k and v
+    (B, K, H, d) -> (B, Q, H, d)."""
+    attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    keep = key_mask.reshape(key_mask.shape[0], 1, 1, -1)
+    attn = jnp.where(keep, attn.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    # exp(min - max) is exactly 0 when one key is true; with none, every weight is zeroed.
+    attn = jnp.where(keep, jax.nn.softmax(attn, axis=-1), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+
+
 def _attention_fwd(q, k, v):
     scale = q.shape[-1] ** -0.5
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
@@ -294,12 +307,7 @@ class EfficientAttention(nn.Module):
         if key_mask is None:
             out = softmax_attention(q, k, v).reshape(b, h, w, c)
         else:
-            attn = jnp.einsum("bqhd,bkhd->bhqk", q, k) * hd ** -0.5
-            keep = key_mask.reshape(b, 1, 1, -1)
-            attn = jnp.where(keep, attn.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            # exp(min - max) is exactly 0 when one key is true; with none, every weight is zeroed.
-            attn = jnp.where(keep, jax.nn.softmax(attn, axis=-1), 0.0).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, c)
+            out = masked_softmax_attention(q, k, v, key_mask.reshape(b, -1)).reshape(b, h, w, c)
         return dense(c, "proj")(out)
 
 

@@ -7,8 +7,15 @@ Three of `F.interpolate`'s modes, none antialiased:
     both facebookresearch's and transformers', given either the output size (scale = in / out) or
     a scale factor (scale = 1 / factor, which differs from in / out when the output size was
     floored);
-  * `bilinear`, align_corners=True (`resize_bilinear_align_corners`): the DPT head's fusion blocks
-    and its final resize.
+  * `bilinear`, align_corners=True (`resize_bilinear_align_corners`;
+    `resize_bilinear_align_corners_valid` for padded batches): the DPT head's fusion blocks, its
+    final resize and UniMatch V2's evaluation resizes.
+
+The `_valid` versions resize the top-left true part of each sample of a padded batch to a true
+output size, both given as traced (B, 2) arrays, so that one program serves every size: per-sample
+weight matrices built inside the program (`interpolation_matrix`, `align_corners_matrix`; for
+bicubic, `bicubic_matrix_valid` gathers host-computed taps by the traced length) that read only
+true inputs and write 0 beyond the true output, applied as two products.
 
 Each axis of a static-shape resize is an (out_len, in_len) weight matrix built on the host in
 numpy, in the float32 arithmetic of PyTorch's CPU kernels (UpSampleKernel.cpp: the scale first,
@@ -244,10 +251,153 @@ def resize_bilinear_valid(x: jax.Array, size: tuple[int, int], in_sizes: jax.Arr
       `jax.image.resize` does too, with constant matrices), at HIGHEST precision so that
       accelerators do not round the operands to bfloat16 / TF32.
     """
-    b, h_in, w_in, _ = x.shape
+    _, h_in, w_in, _ = x.shape
     mh = interpolation_matrix(in_sizes[:, 0], out_sizes[:, 0], h_in, size[0])
     mw = interpolation_matrix(in_sizes[:, 1], out_sizes[:, 1], w_in, size[1])
+    return _resize_valid(x, mh, mw)
+
+
+def _resize_valid(x: jax.Array, mh: jax.Array, mw: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B, h, w, C) by per-sample (B, h, H) and (B, w, W) weight matrices, as two
+    products at HIGHEST precision (accelerators would otherwise round the operands to bfloat16 /
+    TF32), in float32; the result in x's dtype."""
     hi = jax.lax.Precision.HIGHEST
     y = jnp.einsum("boh,bhwc->bowc", mh, x.astype(jnp.float32), precision=hi)
     y = jnp.einsum("bpw,bowc->bopc", mw, y, precision=hi)
     return y.astype(x.dtype)
+
+
+def align_corners_matrix(in_size: jax.Array, out_size: jax.Array, in_len: int,
+                         out_len: int, xp=jnp) -> jax.Array:
+    """Per-sample bilinear weights along one axis, PyTorch's align_corners=True formula.
+
+    Args:
+      in_size, out_size: (B,) int, the true lengths (<= in_len, out_len; 0 allowed).
+      in_len, out_len: the static (padded) lengths.
+      xp: `jnp` (traced sizes) or `np` (static sizes, the same float32 arithmetic on the host).
+    Returns:
+      (B, out_len, in_len) float32 M with `out[o] = sum_i M[o, i] in[i]`: for o < out_size,
+      weights 1 - l and l on columns i0 and i1 = min(i0 + 1, in_size - 1), where src = scale o,
+      scale = (in_size - 1) / (out_size - 1) in float32 (0 when out_size <= 1), i0 =
+      min(floor(src), in_size - 1), l = src - i0 clipped to [0, 1] (as `bilinear_align_corners_matrix`
+      and PyTorch's kernel). Rows o >= out_size and columns i >= in_size are zero.
+    """
+    in_size = in_size.astype(xp.int32)[:, None]
+    out_size = out_size.astype(xp.int32)[:, None]
+    # max(., 1): sizes 0 and 1 (a filler slot, a one-pixel side) must not divide by zero.
+    scale = xp.where(out_size > 1, (in_size - 1).astype(xp.float32)
+                     / xp.maximum(out_size - 1, 1).astype(xp.float32), 0.0).astype(xp.float32)
+    o = xp.arange(out_len, dtype=xp.int32)[None, :]
+    src = scale * o.astype(xp.float32)  # (B, out_len)
+    last = xp.maximum(in_size - 1, 0)
+    i0 = xp.minimum(xp.floor(src).astype(xp.int32), last)
+    i1 = xp.minimum(i0 + 1, last)
+    l1 = xp.clip(src - i0.astype(xp.float32), 0.0, 1.0).astype(xp.float32)
+    l0 = (1.0 - l1).astype(xp.float32)
+    i = xp.arange(in_len, dtype=xp.int32)[None, None, :]
+    m = (xp.where(i == i0[..., None], l0[..., None], 0.0)
+         + xp.where(i == i1[..., None], l1[..., None], 0.0))
+    return xp.where((o < out_size)[..., None], m, 0.0).astype(xp.float32)
+
+
+def resize_bilinear_align_corners_valid(x: jax.Array, size: tuple[int, int], in_sizes: jax.Array,
+                                        out_sizes: jax.Array) -> jax.Array:
+    """`resize_bilinear_align_corners` of the top-left true part of each sample of a padded batch.
+
+    Args:
+      x: (B, H, W, C); sample b's true map is x[b, :in_sizes[b, 0], :in_sizes[b, 1]].
+      size: (h, w) the static output shape.
+      in_sizes, out_sizes: (B, 2) int (height, width), traced.
+    Returns:
+      (B, h, w, C) in x's dtype: y[b, :out_sizes[b, 0], :out_sizes[b, 1]] equals
+      `resize_bilinear_align_corners(x[b:b+1, :in_h, :in_w], (out_h, out_w))` (float32 round-off
+      apart); the rest is 0. Padded inputs are never read (`align_corners_matrix`).
+    """
+    _, h_in, w_in, _ = x.shape
+    mh = align_corners_matrix(in_sizes[:, 0], out_sizes[:, 0], h_in, size[0])
+    mw = align_corners_matrix(in_sizes[:, 1], out_sizes[:, 1], w_in, size[1])
+    return _resize_valid(x, mh, mw)
+
+
+@functools.lru_cache(maxsize=None)
+def _bicubic_tap_table(in_len: int, max_out: int, factor_offset: float | None):
+    """(max_out + 1, max_out, 4) int32 columns and float32 weights: entry n holds, in rows < n, the
+    taps of `bicubic_matrix(in_len, n, factor)` (factor None, or (n + factor_offset) / in_len) in
+    their order floor - 1 .. floor + 2 (edge-clamped, so columns repeat at the edges); rows >= n
+    and entry 0 are zero weights."""
+    idx = np.zeros((max_out + 1, max_out, 4), np.int32)
+    w = np.zeros((max_out + 1, max_out, 4), np.float32)
+    for n in range(1, max_out + 1):
+        factor = None if factor_offset is None else (n + factor_offset) / in_len
+        if factor is None:
+            scale = np.float32(in_len) / np.float32(n)
+        else:
+            if int(np.floor(in_len * factor)) != n:
+                raise ValueError(f"bicubic position interpolation: floor({in_len} * {factor}) "
+                                 f"is not {n}")
+            scale = np.float32(1.0 / factor)
+        # As `bicubic_matrix` (one float32 rounding of scale (o + 0.5) - 0.5).
+        o = np.arange(n, dtype=np.float64)
+        src = (np.float64(scale) * (o + 0.5) - 0.5).astype(np.float32)
+        i0 = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
+        t = np.clip(src - i0.astype(np.float32), 0.0, 1.0)
+        w[n, :n] = _cubic_weights(t)
+        idx[n, :n] = np.clip(i0[:, None] - 1 + np.arange(4)[None, :], 0, in_len - 1)
+    return idx, w
+
+
+def bicubic_matrix_valid(out_size: jax.Array, in_len: int, out_len: int,
+                         factor_offset: float | None = None) -> jax.Array:
+    """Per-sample `bicubic_matrix`es for traced output lengths, inside a program.
+
+    Args:
+      out_size: (B,) int traced output lengths, 0 .. out_len.
+      in_len: the (static, whole) input length; out_len: the static padded output length.
+      factor_offset: None: each sample resized by size (scale in_len / out_size); else by the
+        scale factor (out_size + factor_offset) / in_len (facebookresearch's DINOv2 call with
+        its interpolate_offset), as `bicubic_matrix` with that factor.
+    Returns:
+      (B, out_len, in_len) float32: rows < out_size[b] equal `bicubic_matrix(in_len, out_size[b],
+      factor)` exactly, the other rows are 0. The taps of every possible length are computed on
+      the host once (the factor's scale is 1 / factor in double, which float32 arithmetic in the
+      program could not reproduce) and gathered by the traced length; the matrix is summed from
+      its four one-hot taps in the host's order.
+    """
+    idx, w = _bicubic_tap_table(int(in_len), int(out_len), factor_offset)
+    n = jnp.clip(jnp.asarray(out_size).astype(jnp.int32), 0, out_len)
+    idx, w = jnp.asarray(idx)[n], jnp.asarray(w)[n]  # (B, out_len, 4)
+    cols = jnp.arange(in_len, dtype=jnp.int32)
+    m = jnp.zeros(idx.shape[:2] + (in_len,), jnp.float32)
+    for j in range(4):  # the four taps, summed in bicubic_matrix's order
+        m = m + jnp.where(cols == idx[..., j:j + 1], w[..., j:j + 1], 0.0)
+    return m
+
+
+def resize_bicubic_valid(x: jax.Array, size: tuple[int, int], out_sizes: jax.Array,
+                         factor_offset: float | None = None) -> jax.Array:
+    """`resize_bicubic` of one whole (1, H, W, C) map to a traced size per sample.
+
+    Args:
+      x: (1, H, W, C) the map (every sample resizes all of it: the position embeddings).
+      size: (h, w) the static padded output shape.
+      out_sizes: (B, 2) int traced output (height, width), each <= size.
+      factor_offset: as `bicubic_matrix_valid` (None: by size; else by the scale factor
+        (out + factor_offset) / in).
+    Returns:
+      (B, h, w, C) in x's dtype: y[b, :out_h, :out_w] equals `resize_bicubic(x, (out_h, out_w),
+      factors)` (float32 round-off apart), the rest is 0.
+    """
+    _, h_in, w_in, _ = x.shape
+    mh = bicubic_matrix_valid(out_sizes[:, 0], h_in, size[0], factor_offset)
+    mw = bicubic_matrix_valid(out_sizes[:, 1], w_in, size[1], factor_offset)
+    return _resize_valid(jnp.broadcast_to(x, (out_sizes.shape[0],) + x.shape[1:]), mh, mw)
+
+
+def checked_sizes(sizes, batch: int, name: str) -> jax.Array:
+    """A (batch, 2) int array of true (height, width) sizes as int32, or a ValueError naming
+    `name`."""
+    sizes = jnp.asarray(sizes)
+    if sizes.shape != (batch, 2) or not jnp.issubdtype(sizes.dtype, jnp.integer):
+        raise ValueError(f"{name} must be ({batch}, 2) int (height, width) for a batch of {batch}, "
+                         f"got {sizes.shape} {sizes.dtype}")
+    return sizes.astype(jnp.int32)

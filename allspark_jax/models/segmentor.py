@@ -27,12 +27,13 @@ import jax.numpy as jnp
 
 from allspark_jax import method as method_lib
 from allspark_jax.models.allspark import AllSpark
-from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map
-from allspark_jax.models.dpt import DPTConfig, DPTHead
+from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map, token_grid
+from allspark_jax.models.dpt import (DPTConfig, DPTHead, eval_input_size, resize_eval_input,
+                                     resize_eval_output, resize_to_patch_grid)
 from allspark_jax.models.head import SegFormerHead
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
-from allspark_jax.models.resize import (resize_bilinear, resize_bilinear_align_corners,
-                                        resize_bilinear_valid)
+from allspark_jax.models.resize import (checked_sizes, resize_bilinear,
+                                        resize_bilinear_align_corners, resize_bilinear_valid)
 
 Dtype = Any
 ENCODERS = ("mit", "dinov2")
@@ -169,37 +170,54 @@ class AllSparkSegmentor(nn.Module):
 
     def _dinov2(self, x, mode, teacher_logits, use_memory, key_group_size, valid_size,
                 feature_scale):
-        """The DINOv2 family's forward (module docstring). In "train" / "teacher" mode (H, W) must
-        be multiples of the patch (the training crop); "eval" mode is UniMatch V2's `evaluate`:
-        the image resized (bilinear, align_corners=True) to the nearest multiple of the patch on
-        each side (at least one patch), the logits resized back to (H, W) the same way.
-        `feature_scale` (B, D) or None: UniMatch V2's complementary channel dropout
-        (`models.dpt.complementary_dropout_scale`), applied to the four maps the head reads (after
-        AllSpark), as its `comp_drop=True` forward."""
+        """The DINOv2 family's forward (module docstring).
+
+        "train" / "teacher" mode: (H, W) must be multiples of the patch (the training crop); the
+        logits are UniMatch V2's `DPT.forward`'s. "eval" mode is UniMatch V2's `evaluate`
+        ('original' mode, multiplier 14) of each image: resized (bilinear, align_corners=True) to
+        `models.dpt.eval_input_size`, the forward, the logits resized back to (H, W) the same way; with
+        `valid_size`, per image of a padded batch (`models.dpt`: the true token grids through
+        encoder, AllSpark and head), 0 outside each image. An image side below half a patch
+        rounds to 0 patches: an error alone, zero logits in a padded batch.
+        `feature_scale` (B, D) or None ("train" / "teacher" mode): UniMatch V2's complementary
+        channel dropout (`models.dpt.complementary_dropout_scale`) of the four maps the head reads
+        (after AllSpark), its `comp_drop=True` forward."""
         cfg = self.config
         p = cfg.backbone.patch_size
         size = tuple(x.shape[1:3])
-        if valid_size is not None:
-            raise NotImplementedError("valid_size (padded eval batches) for the DINOv2 encoder")
+        valid_grid = model_sizes = None
         if mode == "eval":
-            run = tuple(max(p, int(s / p + 0.5) * p) for s in size)
-            if run != size:
-                x = resize_bilinear_align_corners(x.astype(jnp.float32), run)
+            if feature_scale is not None:
+                raise ValueError("feature_scale (complementary channel dropout) is a training "
+                                 "input, got mode='eval'")
+            if valid_size is not None:
+                valid_size = checked_sizes(valid_size, x.shape[0], "valid_size")
+                x, model_sizes = resize_eval_input(x.astype(jnp.float32), valid_size, p)
+                valid_grid = model_sizes // p
+            else:
+                run = eval_input_size(size, p)
+                if min(run) < p:
+                    raise ValueError(f"an image of {size[0]}x{size[1]} rounds to no {p}-px patch "
+                                     f"on a side (UniMatch V2's evaluation size {run})")
+                if run != size:
+                    x = resize_bilinear_align_corners(x.astype(jnp.float32), run)
+        elif valid_size is not None:
+            raise ValueError(f"valid_size (true image sizes of a padded batch) is an \"eval\" "
+                             f"mode input, got mode={mode!r}")
         elif size[0] % p or size[1] % p:
             raise ValueError(f"DINOv2 {mode!r} mode needs an input whose sides are multiples of "
                              f"the {p}-px patch (the training crop), got {size[0]}x{size[1]}")
-        grid = (x.shape[1] // p, x.shape[2] // p)
-        tokens = DINOv2(cfg.backbone, self.dtype, name="backbone")(x.astype(self.dtype),
-                                                                   cfg.dpt.layers)
+        grid = token_grid(x.shape[1:3], p)
+        tokens = DINOv2(cfg.backbone, self.dtype, name="backbone")(
+            x.astype(self.dtype), cfg.dpt.layers, valid_grid=valid_grid)
         maps = [patch_map(t, grid) for t in tokens]
         maps[-1] = self._allspark(maps[-1], mode, teacher_logits, use_memory, key_group_size,
-                                  None)
-        if feature_scale is not None and mode == "eval":
-            raise ValueError("feature_scale (complementary channel dropout) is a training input, "
-                             "got mode='eval'")
-        logits = DPTHead(cfg.dpt, self.dtype, name="head")(maps, feature_scale)
-        logits = resize_bilinear_align_corners(logits.astype(jnp.float32),
-                                               (grid[0] * p, grid[1] * p))
+                                  None if valid_grid is None else grid_mask(valid_grid, grid))
+        logits = DPTHead(cfg.dpt, self.dtype, name="head")(maps, feature_scale,
+                                                           valid_grid=valid_grid)
+        logits = resize_to_patch_grid(logits.astype(jnp.float32), grid, p, valid_grid)
+        if valid_grid is not None:
+            return resize_eval_output(logits, size, model_sizes, valid_size)
         if logits.shape[1:3] != size:
             logits = resize_bilinear_align_corners(logits, size)
         return logits

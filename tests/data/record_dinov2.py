@@ -25,6 +25,17 @@ chunks; and a `DPTHead` of small `features` / `out_channels`):
   models: dpt_tiny (MLP, 518 px = 37x37 stored grid, so 70x98 and 84x84 inputs interpolate down)
   and dpt_tiny_swiglu (SwiGLU FFN as the giant's, a 56 px = 4x4 stored grid, so its inputs
   interpolate up; 56x70 has the stored 4 rows but is not square, which DINOv2 also interpolates).
+  dpt_tiny_eval.npz                   UniMatch V2's own `evaluate` (supervised.py, mode 'original',
+                                      multiplier 14) on dpt_tiny (the weights of dpt_tiny.pth) for
+                                      images of sizes that are not multiples of 14, one at a time
+                                      as its loader gives them: image{i}_x (1, 3, H, W) and
+                                      image{i}_logits (1, nclass, H, W), the logits it takes the
+                                      argmax of (input resized to int(H / 14 + 0.5) * 14, ..., the
+                                      model, the logits resized back to (H, W)); meta_json.
+                                      `evaluate` runs unchanged: `.cuda()` and `dist.all_reduce`
+                                      are made no-ops, `Tensor.argmax` records its input, and the
+                                      two modules that supervised.py imports but `evaluate` never
+                                      calls (SemiDataset, tensorboard's SummaryWriter) are stubs.
 
 transformers (`Dinov2Model`, eager attention, saved with `save_pretrained`: config.json +
 model.safetensors in the hub's key names):
@@ -64,6 +75,7 @@ DPT_CASES = {"dpt_tiny": {"rect": (2, 70, 98), "square": (1, 84, 84)},
              "dpt_tiny_swiglu": {"rect": (2, 70, 98), "stored_rows": (1, 56, 70),
                                  "stored": (1, 56, 56)}}
 NCLASS = 5
+EVAL = ("dpt_tiny", ((61, 75), (50, 88)), 14)  # model, image sizes (H, W), first input seed
 COMPDROP = ("dpt_tiny", (4, 42, 56), 13)  # model, (B, H, W), seed
 HF_MODELS = {
     "hf_dinov2_tiny": (dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
@@ -172,6 +184,44 @@ def record_unimatch(unimatch: str, out: str) -> None:
     np.savez_compressed(os.path.join(out, "dpt_tiny.npz"), **arrays)
 
 
+@torch.no_grad()
+def record_eval(unimatch: str, out: str) -> None:
+    import types
+    name, sizes, seed = EVAL
+    model = build_dpt(unimatch, name)
+    model.load_state_dict(torch.load(os.path.join(out, f"{name}.pth")), strict=True)
+    stubs = {"dataset.semi": dict(SemiDataset=None), "torch.utils.tensorboard": dict(
+        SummaryWriter=None)}
+    for module, attrs in stubs.items():
+        if module not in sys.modules:
+            sys.modules[module] = types.SimpleNamespace(**attrs)
+    import supervised
+    recorded = []
+    argmax = torch.Tensor.argmax
+
+    def recording_argmax(self, *a, **k):
+        recorded.append(self.clone())
+        return argmax(self, *a, **k)
+
+    loader = [(images((1, h, w), seed + i), torch.zeros((1, h, w), dtype=torch.long), f"image{i}")
+              for i, (h, w) in enumerate(sizes)]
+    tensor_cuda, dist = torch.Tensor.cuda, supervised.dist
+    torch.Tensor.cuda, torch.Tensor.argmax = lambda self, *a, **k: self, recording_argmax
+    supervised.dist = types.SimpleNamespace(all_reduce=lambda *a, **k: None)
+    try:
+        supervised.evaluate(model, loader, "original", {"nclass": NCLASS}, multiplier=14)
+    finally:
+        torch.Tensor.cuda, torch.Tensor.argmax, supervised.dist = tensor_cuda, argmax, dist
+    assert len(recorded) == len(sizes)
+    arrays = {}
+    for i, ((x, _, _), logits) in enumerate(zip(loader, recorded)):
+        assert logits.shape == (1, NCLASS) + x.shape[2:], logits.shape
+        arrays[f"image{i}_x"], arrays[f"image{i}_logits"] = x.numpy(), logits.numpy()
+    arrays["meta_json"] = np.array(json.dumps(dict(torch=torch.__version__, model=name,
+                                                   sizes=sizes, seed=seed, nclass=NCLASS)))
+    np.savez_compressed(os.path.join(out, f"{name}_eval.npz"), **arrays)
+
+
 def hf_model(arch: dict):
     from transformers import Dinov2Config, Dinov2Model
     config = Dinov2Config(patch_size=14, mlp_ratio=4, layerscale_value=1.0, **arch)
@@ -251,14 +301,19 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
     parser.add_argument("--check-export-unimatch", metavar="FILE")
     parser.add_argument("--check-export-hf", metavar="DIR")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="write only dpt_tiny_eval.npz (from the dpt_tiny.pth in --out)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.check_export_unimatch:
         check_export_unimatch(args.unimatch, args.check_export_unimatch, args.out)
     elif args.check_export_hf:
         check_export_hf(args.check_export_hf, args.out)
+    elif args.eval_only:
+        record_eval(args.unimatch, args.out)
     else:
         record_unimatch(args.unimatch, args.out)
+        record_eval(args.unimatch, args.out)
         record_transformers(args.out)
 
 
