@@ -2,7 +2,8 @@
 
 tests/data/allspark_dinov2_tiny.npz was written by tests/data/record_allspark_dinov2.py (torch,
 float32): the release's AllSpark module on the last of the four DINOv2 layers UniMatch V2's DPT head
-reads, the release's evaluation, its training-mode forwards with and without the memory read, and
+reads, the release's evaluation (also through the size-bucketed evaluation program), its
+training-mode forwards with and without the memory read, and
 three iterations of train_allspark.py and of train_baseline_semi.py (the same model without
 AllSpark). The comparisons and tolerances are `verify_reference`'s.
 """
@@ -19,9 +20,10 @@ from reference_model import ALLSPARK_DINOV2_NPZ, shapes
 
 # eval logits and training-mode forwards (logits, memory, pointers): the brief's bound
 FORWARD_BOUND = 2e-6
-FORWARD_CASES = ("eval_single", "train_forward_nomem", "train_forward_mem", "train_step lrs",
-                 "train_step 0 losses", "semi_step lrs", "semi_step 0 losses")
-CASES = ("eval_single", "train_forward_nomem", "train_forward_mem",
+FORWARD_CASES = ("eval_single", "eval_single_bucketed", "train_forward_nomem",
+                 "train_forward_mem", "train_step lrs", "train_step 0 losses", "semi_step lrs",
+                 "semi_step 0 losses")
+CASES = ("eval_single", "eval_single_bucketed", "train_forward_nomem", "train_forward_mem",
          "train_step lrs", "train_step 0 losses", "train_step state1", "train_step 1 losses",
          "train_step state2", "train_step 2 losses", "train_step state3",
          "semi_step lrs", "semi_step 0 losses", "semi_step 1 losses", "semi_step 2 losses",

@@ -260,8 +260,6 @@ def case_eval_single(ref: Reference) -> list[Result]:
     expected = nhwc(ref.data["eval_single/logits"])
     out = ref.model.apply(ref.variables, ref.x_l, mode="eval")
     result = compare("eval_single", {"logits": (out, expected)}, FORWARD_RTOL)
-    if ref.encoder != "mit":  # only the MiT model evaluates padded batches (valid_size)
-        return [result]
     images = list(np.asarray(ref.x_l))
     h, w = images[0].shape[:2]
     batch, sizes = bucketing.pad_batch(images, (h + BUCKET_MARGIN[0], w + BUCKET_MARGIN[1]),
