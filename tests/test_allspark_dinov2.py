@@ -2,10 +2,10 @@
 
 tests/data/allspark_dinov2_tiny.npz was written by tests/data/record_allspark_dinov2.py (torch,
 float32): the release's AllSpark module on the last of the four DINOv2 layers UniMatch V2's DPT head
-reads, the release's evaluation (also through the size-bucketed evaluation program), its
-training-mode forwards with and without the memory read, and
-three iterations of train_allspark.py and of train_baseline_semi.py (the same model without
-AllSpark). The comparisons and tolerances are `verify_reference`'s.
+reads, the release's evaluation (also checked through the size-bucketed evaluation program), its
+training-mode forwards with and without the memory read, and three iterations of train_allspark.py
+and of train_baseline_semi.py (the same model without AllSpark). The comparisons and tolerances are
+`verify_reference`'s.
 """
 import jax
 import numpy as np
