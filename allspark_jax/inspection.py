@@ -28,7 +28,6 @@ import numpy as np
 
 from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, voc_palette
 from allspark_jax.evaluation import evaluator
-from allspark_jax.models.mit import token_grid
 
 
 # ------------------------------------------------------------------------------------------- display
@@ -165,8 +164,9 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
       teacher_logits: (b, S, S, K); default: `teacher_outputs(model, variables, images_u)`.
       rng: dropout / stochastic depth key (default key 0).
       key_group_size: teacher's and (without memory) student's key grouping (None = whole batch).
-    Returns a dict (b = batch, C = stage-4 channels, H = AllSpark heads, K classes, n = h * w tokens
-    of the stage-4 grid, G key groups, M keys per group):
+    Returns a dict (b = batch, C = channels of the map AllSpark transforms (MiT's stage 4, DINOv2's
+    last map the DPT head reads), H = AllSpark heads, K classes, n = h * w tokens of its grid, G
+    key groups, M keys per group):
       'logits'           (2b, S, S, K) student logits, labeled first.
       'teacher_logits'   (b, S, S, K); 'pseudo_labels' (b, S, S) int32 argmax.
       'channel_class'    (b, C) int32: the class each unlabeled channel is grouped under.
@@ -176,7 +176,7 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
                          (rows sum to 1). With memory: G = 1, M = K and the key axis is class-major
                          (key j = k * H*C + i: class k's memory, projected channel i). Without: M
                          images of the group, sample-major.
-      'grid'             (h, w) stage-4 token grid (n = h * w).
+      'grid'             (h, w) AllSpark's token grid (n = h * w; `ModelConfig.allspark_grid`).
       'memory_before', 'memory_after'  {'kv_queue' (K, C, n), 'queue_ptr' (K,)} numpy.
       'batch_stats_after' the head's BatchNorm statistics after the forward.
     """
@@ -202,7 +202,7 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
     channel_class = np.asarray(_first(inter, path + ("channel_class",)))
     num_classes = teacher_logits.shape[-1]
     per_class = np.stack([np.bincount(c, minlength=num_classes) for c in channel_class])
-    grid = tuple(token_grid(d, model.config.backbone)[-1] for d in images_l.shape[1:3])
+    grid = model.config.allspark_grid(images_l.shape[1:3])
     return {
         "logits": logits,
         "teacher_logits": teacher_logits,

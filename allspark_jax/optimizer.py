@@ -1,5 +1,5 @@
 """The release's optimiser: SGD with momentum, PyTorch-coupled weight decay, two learning-rate groups
-(`lr` for the MiT encoder, `lr * lr_multi` for the rest) and the poly schedule with its offset."""
+(`lr` for the encoder, `lr * lr_multi` for the rest) and the poly schedule with its offset."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -7,6 +7,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+
+from allspark_jax.models.dpt import NEVER_APPLIED
 
 
 def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> Callable:
@@ -24,13 +26,39 @@ def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> Calla
 
 
 def param_groups(params) -> Any:
-    """'encoder' for the MiT backbone, 'rest' for everything else (the release's two groups)."""
+    """'encoder' for the backbone (MiT or DINOv2), 'rest' for everything else (the release's two
+    groups)."""
     return {k: jax.tree.map(lambda _: "encoder" if k == "backbone" else "rest", v)
             for k, v in params.items()}
 
 
+def _applied(path) -> bool:
+    keys = tuple(getattr(k, "key", k) for k in path)
+    n = len(NEVER_APPLIED)
+    return not (keys[:1] == ("head",) and keys[1:1 + n] == NEVER_APPLIED)
+
+
+def decayed(params) -> Any:
+    """True for every parameter that weight decay applies to: all but those the forward never
+    applies (`models.dpt.NEVER_APPLIED` under the head), which PyTorch's optimisers skip (they get
+    no gradient)."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: _applied(path), params)
+
+
+def add_decayed_weights(weight_decay: float) -> optax.GradientTransformation:
+    """optax.add_decayed_weights on the `decayed` parameters only, with its (empty) state: the
+    optimizer state's structure is the same for every model."""
+
+    def update(updates, state, params):
+        return jax.tree.map(lambda g, p, on: g + weight_decay * p if on else g, updates, params,
+                            decayed(params)), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
-    """SGD, momentum, PyTorch-coupled weight decay on every parameter, two learning-rate groups.
+    """SGD, momentum, PyTorch-coupled weight decay on every parameter the forward applies
+    (`decayed`), two learning-rate groups.
 
     PyTorch SGD adds `wd * p` to the gradient before the momentum buffer and multiplies by the
     learning rate after it; optax's add_decayed_weights -> trace -> scale does the same.
@@ -43,7 +71,7 @@ def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTran
                               optim_config.poly_power),
     }
     tx = optax.chain(
-        optax.add_decayed_weights(optim_config.weight_decay),
+        add_decayed_weights(optim_config.weight_decay),
         optax.trace(decay=optim_config.momentum, nesterov=False),
         optax.multi_transform({g: optax.scale_by_learning_rate(s) for g, s in schedules.items()},
                               param_groups),

@@ -159,3 +159,33 @@ def test_allspark_on_dinov2_evaluates_padded_batches_image_by_image():
         err = float(jnp.abs(padded[b, :h, :w] - alone).max() / jnp.abs(alone).max())
         assert err < 1e-5, (b, err)
         assert not np.asarray(padded[b, h:]).any() and not np.asarray(padded[b, :, w:]).any()
+
+
+def test_inspection_reads_allspark_on_dinov2():
+    """`inspection.allspark_internals` on the DINOv2 model: AllSpark's grid is the 14-px one."""
+    from allspark_jax import inspection
+    model, v = _init(dinov2_config())
+    assert segmentor.model_config_from(dinov2_config()).allspark_grid((CROP, 70)) == (3, 5)
+    x = jax.random.normal(jax.random.key(1), (2, CROP, CROP, 3))
+    out = inspection.allspark_internals(model, v, x, x[::-1])
+    assert out["grid"] == (3, 3)
+    assert out["channel_class"].shape == (2, TINY_DINOV2["embed_dim"])
+    assert out["memory_after"]["kv_queue"].shape == (5, TINY_DINOV2["embed_dim"], 9)
+
+
+def test_weight_decay_skips_the_dpt_parameters_the_forward_never_applies():
+    """refinenet4's resConfUnit1 gets no gradient (no skip input); PyTorch's SGD then skips it,
+    weight decay included. One step on zero gradients: it stays, every other parameter decays."""
+    import ml_collections
+    from allspark_jax import optimizer
+    _, v = _init(dinov2_config("semi"))
+    params = jax.tree.map(lambda p: p + 0.01, v["params"])  # zero-initialised biases too
+    tx, _ = optimizer.create_optimizer(ml_collections.ConfigDict(dict(
+        lr=0.1, lr_multi=10.0, momentum=0.9, weight_decay=0.5, poly_power=0.9)), 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+    never = moved["head"]["refinenet4"]["resConfUnit1"]
+    assert not any(jax.tree.leaves(never))
+    moved["head"]["refinenet4"].pop("resConfUnit1")
+    assert all(jax.tree.leaves(moved))  # refinenet3's resConfUnit1 included

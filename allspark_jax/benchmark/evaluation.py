@@ -25,7 +25,7 @@ from allspark_jax.benchmark.timing import CompileCounter, compile_stats, host_pe
 from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
-from allspark_jax.models.segmentor import build_model, init_variables
+from allspark_jax.models.segmentor import build_model, init_variables, small_crop
 from allspark_jax.weights import release
 
 
@@ -54,7 +54,8 @@ def _setup(config, num_sizes: int, min_side: int, max_side: int):
     config = config.copy_and_resolve_references()
     config.eval.mode = "original"
     model = build_model(config)
-    v = jax.jit(lambda r: init_variables(model, r, 64))(jax.random.key(int(config.seed)))
+    v = jax.jit(lambda r: init_variables(model, r, small_crop(model.config)))(
+        jax.random.key(int(config.seed)))
     variables = {"params": v["params"], "batch_stats": v["batch_stats"]}
     return config, model, variables, image_sizes(num_sizes, min_side, max_side)
 

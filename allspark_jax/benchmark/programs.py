@@ -17,7 +17,7 @@ from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import train_step as train_step_lib
-from allspark_jax.models.segmentor import build_model, init_variables
+from allspark_jax.models.segmentor import build_model, init_variables, small_crop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
     rng = jax.random.key(int(config.seed))
     # No memory without AllSpark (the baselines 'semi' / 'supervised').
     memory_shape = jax.eval_shape(lambda r: init_variables(model, r, crop), rng).get("memory")
-    init_crop = min(crop, 64)
+    init_crop = min(crop, small_crop(model.config))
 
     def init(r):
         variables = init_variables(model, r, init_crop)

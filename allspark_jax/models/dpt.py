@@ -49,6 +49,12 @@ from allspark_jax.models.resize import (checked_sizes, resize_bilinear_align_cor
 
 Dtype = Any
 
+# The head's parameters that its forward never applies (path under the head): refinenet4 has no
+# skip input, so its resConfUnit1 exists (UniMatch V2's model and state dict hold it) but gets no
+# gradient. PyTorch's optimisers skip a parameter without a gradient (no weight decay either);
+# `allspark_jax.optimizer` leaves these out of the decay to do the same.
+NEVER_APPLIED = ("refinenet4", "resConfUnit1")
+
 # UniMatch V2's per-size head (its trainers' `model_configs`) and the encoder blocks that its DPT
 # reads (`DPT.intermediate_layer_idx`).
 DPT_PRESETS: dict[str, dict[str, Any]] = {

@@ -32,6 +32,7 @@ from allspark_jax.models.dpt import (DPTConfig, DPTHead, eval_input_size, resize
                                      resize_eval_output, resize_to_patch_grid)
 from allspark_jax.models.head import SegFormerHead
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
+from allspark_jax.models.mit import token_grid as mit_token_grid
 from allspark_jax.models.resize import (checked_sizes, resize_bilinear,
                                         resize_bilinear_align_corners, resize_bilinear_valid)
 
@@ -81,6 +82,14 @@ class ModelConfig:
     def encoder(self) -> str:
         """"mit" or "dinov2" (`ENCODERS`)."""
         return "dinov2" if isinstance(self.backbone, DINOv2Config) else "mit"
+
+    def allspark_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid (h, w) of the map AllSpark transforms for an (H, W) input: MiT's stage-4
+        grid, or DINOv2's floor((H, W) / patch). The Semantic Memory of a crop holds h * w tokens
+        per channel."""
+        if self.encoder == "dinov2":
+            return token_grid(tuple(size), self.backbone.patch_size)
+        return tuple(mit_token_grid(d, self.backbone)[-1] for d in size[:2])
 
     @property
     def patch_multiple(self) -> int:
@@ -273,6 +282,13 @@ def _dinov2(backbone, dpt, num_classes: int) -> tuple[DINOv2Config, DPTConfig]:
                          f"has no preset head; set model.dpt.features, out_channels and layers")
     return (DINOv2Config(**_fields(backbone, DINOv2Config, "model.backbone")),
             DPTConfig(**{**head, "num_classes": num_classes}))
+
+
+def small_crop(model: ModelConfig, side: int = 64) -> int:
+    """The largest training crop <= `side` for `model` (a multiple of its patch, at least one):
+    to build variables cheaply where the Semantic Memory's length is not needed."""
+    m = model.patch_multiple
+    return max(m, side // m * m)
 
 
 def model_config_from(config) -> ModelConfig:
