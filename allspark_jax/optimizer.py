@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from allspark_jax.models.dpt import NEVER_APPLIED
+from allspark_jax.models import dinov2, dpt
 
 
 def poly_schedule(base_lr: float, total_steps: int, power: float = 0.9) -> Callable:
@@ -32,16 +32,19 @@ def param_groups(params) -> Any:
             for k, v in params.items()}
 
 
+# Parameter paths (from the params root) that the forward never applies: the DINOv2 encoder's
+# mask token and the DPT head's refinenet4 resConfUnit1 (each module's NEVER_APPLIED says why).
+NEVER_APPLIED = (("backbone",) + dinov2.NEVER_APPLIED, ("head",) + dpt.NEVER_APPLIED)
+
+
 def _applied(path) -> bool:
     keys = tuple(getattr(k, "key", k) for k in path)
-    n = len(NEVER_APPLIED)
-    return not (keys[:1] == ("head",) and keys[1:1 + n] == NEVER_APPLIED)
+    return not any(keys[:len(p)] == p for p in NEVER_APPLIED)
 
 
 def decayed(params) -> Any:
     """True for every parameter that weight decay applies to: all but those the forward never
-    applies (`models.dpt.NEVER_APPLIED` under the head), which PyTorch's optimisers skip (they get
-    no gradient)."""
+    applies (`NEVER_APPLIED`), which PyTorch's optimisers skip (they get no gradient)."""
     return jax.tree_util.tree_map_with_path(lambda path, _: _applied(path), params)
 
 

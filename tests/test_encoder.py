@@ -174,8 +174,9 @@ def test_inspection_reads_allspark_on_dinov2():
 
 
 def test_weight_decay_skips_the_dpt_parameters_the_forward_never_applies():
-    """refinenet4's resConfUnit1 gets no gradient (no skip input); PyTorch's SGD then skips it,
-    weight decay included. One step on zero gradients: it stays, every other parameter decays."""
+    """refinenet4's resConfUnit1 (no skip input) and the encoder's mask token (no masks) get no
+    gradient; PyTorch's SGD then skips them, weight decay included. One step on zero gradients:
+    they stay, every other parameter decays."""
     import ml_collections
     from allspark_jax import optimizer
     _, v = _init(dinov2_config("semi"))
@@ -188,4 +189,5 @@ def test_weight_decay_skips_the_dpt_parameters_the_forward_never_applies():
     never = moved["head"]["refinenet4"]["resConfUnit1"]
     assert not any(jax.tree.leaves(never))
     moved["head"]["refinenet4"].pop("resConfUnit1")
+    assert not moved["backbone"].pop("mask_token")
     assert all(jax.tree.leaves(moved))  # refinenet3's resConfUnit1 included

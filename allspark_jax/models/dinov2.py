@@ -53,6 +53,10 @@ DINOV2_PRESETS: dict[str, dict[str, Any]] = {
     "giant": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
 }
 FFN_KINDS = ("mlp", "swiglu")
+# The encoder's parameters that a segmentation forward never applies (no `masks` given): the mask
+# token of DINOv2's masked-image modelling gets no gradient, so PyTorch's optimisers skip it (no
+# weight decay either); `allspark_jax.optimizer` does the same.
+NEVER_APPLIED = ("mask_token",)
 POS_INTERPOLATIONS = ("dinov2", "transformers")
 
 
