@@ -25,9 +25,18 @@ Import is strict: a missing key, an unexpected key or a shape other than the tem
 `WeightImportError` that lists every offending key. `config_from_transformers` reads a
 transformers config.json into a `DINOv2Config` ('transformers' position interpolation);
 `transformers_config` writes one.
+
+Whole files (`allspark_jax.weights.loader` reads them and decides with `layout_of` what a state dict
+holds): `import_encoder` puts an encoder state dict into a model's variables and
+`variables_from_state_dict` / `variables_to_state_dict` map a whole DINOv2-family model, after
+`check_architecture` has compared what the file's shapes show (width, depth, patch, position grid,
+feed-forward, DPT widths, class count) with the model's configs in one line naming each field.
+Whole models are UniMatch V2's DPT model (method 'semi' / 'supervised'); a state dict with AllSpark
+keys (`allspark.*`) is refused, as is loading UniMatch V2's model into a model with AllSpark.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Mapping
 
@@ -36,9 +45,15 @@ import numpy as np
 
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models.dinov2 import DINOv2Config
-from allspark_jax.weights.release import key_mismatch_lines, strip_prefix
+from allspark_jax.models.dpt import DPTConfig
+from allspark_jax.weights.release import key_mismatch_lines, strip_prefix, with_encoder
 
 LAYOUTS = ("dinov2", "transformers")
+# What a whole DINOv2-family state dict is (`layout_of`): UniMatch V2's DPT model.
+UNIMATCH_V2 = "unimatch_v2"
+# The Flax name of the encoder's class token: its presence marks a DINOv2 encoder's params (MiT has
+# no class token).
+CLS_TOKEN = "cls_token"
 Path = tuple[str, ...]
 # A leaf's rule: its file keys, Flax value -> file values, file values -> Flax value.
 Rule = tuple[list[str], Callable[[np.ndarray], list[np.ndarray]],
@@ -249,3 +264,149 @@ def transformers_config(config: DINOv2Config) -> dict[str, Any]:
                image_size=config.pos_grid * config.patch_size,
                use_swiglu_ffn=config.ffn == "swiglu", use_mask_token=True)
     return out
+
+
+# ------------------------------------------------------------------------------- whole files
+
+def holds_dinov2(variables: Mapping) -> bool:
+    """Whether `variables` (with `params/backbone`) are those of a DINOv2-encoder model."""
+    return CLS_TOKEN in variables.get("params", {}).get("backbone", {})
+
+
+def layout_of(state: Mapping[str, Any]) -> str | None:
+    """What a state dict (a `module.` prefix dropped) holds, by its keys: 'dinov2' (a
+    facebookresearch encoder: `cls_token`, `patch_embed.proj.weight`), 'transformers' (a
+    `Dinov2Model`: `embeddings.cls_token`), `UNIMATCH_V2` (a whole model: `backbone.cls_token` and
+    `backbone.patch_embed.proj.weight`), or None (no DINOv2 state dict)."""
+    keys = set(strip_prefix(state, "module."))
+    if {"backbone.cls_token", "backbone.patch_embed.proj.weight"} <= keys:
+        return UNIMATCH_V2
+    if {"cls_token", "patch_embed.proj.weight"} <= keys:
+        return "dinov2"
+    if "embeddings.cls_token" in keys:
+        return "transformers"
+    return None
+
+
+def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
+    return tuple(np.shape(state[key])) if key in state else None
+
+
+def _encoder_fields(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """{DINOv2Config field: value} that a 'dinov2'-layout state dict's shapes show (keys under
+    `prefix`); fields whose keys are absent are left out (the key check names those)."""
+    fields = {}
+    if (cls := _shape(state, prefix + "cls_token")) is not None:
+        fields["embed_dim"] = cls[-1]
+    if (proj := _shape(state, prefix + "patch_embed.proj.weight")) is not None and len(proj) == 4:
+        fields["patch_size"], fields["in_channels"] = proj[2], proj[1]
+    if (pos := _shape(state, prefix + "pos_embed")) is not None and len(pos) == 3:
+        side = int(round(math.sqrt(pos[1] - 1)))
+        fields["pos_grid"] = side if side * side == pos[1] - 1 else f"{pos[1] - 1} tokens"
+    blocks = {int(m.group(1)) for k in state
+              if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
+    if blocks:
+        fields["depth"] = max(blocks) + 1
+    b0 = prefix + "blocks.0."
+    if b0 + "mlp.w12.weight" in state:
+        fields["ffn"], fields["ffn_hidden"] = "swiglu", _shape(state, b0 + "mlp.w12.weight")[0] // 2
+    elif b0 + "mlp.fc1.weight" in state:
+        fields["ffn"], fields["ffn_hidden"] = "mlp", _shape(state, b0 + "mlp.fc1.weight")[0]
+    if b0 + "attn.qkv.weight" in state:
+        fields["qkv_bias"] = b0 + "attn.qkv.bias" in state
+    return fields
+
+
+def _head_fields(state: Mapping[str, Any]) -> dict[str, Any]:
+    """{DPTConfig field: value} that UniMatch V2's DPT state dict's `head.*` shapes show."""
+    fields = {}
+    if (out := _shape(state, "head.scratch.output_conv.2.weight")) is not None:
+        fields["num_classes"] = out[0]
+    if (rn := _shape(state, "head.scratch.layer1_rn.weight")) is not None:
+        fields["features"] = rn[0]
+    projects = [_shape(state, f"head.projects.{i}.weight") for i in range(4)]
+    if all(p is not None for p in projects):
+        fields["out_channels"] = tuple(p[0] for p in projects)
+    return fields
+
+
+def check_architecture(state: Mapping[str, Any], source: str, *, encoder: DINOv2Config,
+                       head: DPTConfig | None = None, prefix: str = "") -> None:
+    """Compares what a 'dinov2'-layout state dict's shapes show (the encoder's keys under
+    `prefix`; with `head`, UniMatch V2's `head.*` too) with the model's configs; a
+    WeightImportError of one line naming `source` and each differing field otherwise. Fields the
+    shapes do not show (heads, the DPT's layers read) are not compared."""
+    ours = {"embed_dim": encoder.embed_dim, "patch_size": encoder.patch_size,
+            "in_channels": encoder.in_channels, "pos_grid": encoder.pos_grid,
+            "depth": encoder.depth, "ffn": encoder.ffn, "ffn_hidden": encoder.ffn_hidden,
+            "qkv_bias": encoder.qkv_bias}
+    theirs = _encoder_fields(state, prefix)
+    if head is not None:
+        ours.update(num_classes=head.num_classes, features=head.features,
+                    out_channels=tuple(head.out_channels))
+        theirs.update(_head_fields(state))
+    diffs = [f"{field} {theirs[field]} in the file, {value} in the model"
+             for field, value in ours.items() if field in theirs and theirs[field] != value]
+    if diffs:
+        what = "DINOv2 model" if head is not None else "DINOv2 encoder"
+        raise WeightImportError(f"{source}: the {what} does not fit the model's: "
+                                + "; ".join(diffs))
+
+
+def import_encoder(state: Mapping[str, Any], variables: Mapping, *, layout: str,
+                   source: str = "state dict", encoder: DINOv2Config | None = None) -> dict:
+    """`variables` with `params/backbone` replaced by the DINOv2 encoder state dict `state` in
+    `layout` (strict; with `encoder`, a 'dinov2'-layout file's shapes are first compared with it:
+    `check_architecture`)."""
+    if encoder is not None and layout == "dinov2":
+        check_architecture(state, source, encoder=encoder)
+    params = encoder_from_state_dict(state, variables["params"]["backbone"], layout=layout,
+                                     source=source)
+    return with_encoder(variables, params)
+
+
+def _refuse_allspark(state: Mapping[str, Any], source: str) -> None:
+    keys = sorted(k for k in state if k.startswith("allspark."))
+    if keys:
+        raise WeightImportError(
+            f"{source}: {len(keys)} AllSpark keys (allspark.*, e.g. {keys[0]}): importing AllSpark "
+            f"on DINOv2 is not implemented; UniMatch V2's DPT models (backbone.* + head.*) are")
+
+
+def variables_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
+                              source: str = "state dict", encoder: DINOv2Config | None = None,
+                              head: DPTConfig | None = None) -> dict:
+    """A whole DINOv2-family model's state dict -> Flax variables shaped like `template` (arrays or
+    ShapeDtypeStructs: `params` and the model's other collections, as `init_variables` makes them).
+
+    Today UniMatch V2's DPT model (`backbone.*` + `head.*`; a `module.` prefix dropped) into a
+    model without AllSpark (`params` backbone / head; `batch_stats` empty). With `encoder` and
+    `head` (the model's configs) the shapes are first compared with them (`check_architecture`).
+    Strict (module docstring); AllSpark keys, or a template with AllSpark, are a WeightImportError.
+    """
+    state = strip_prefix(state, "module.")
+    _refuse_allspark(state, source)
+    if "allspark" in template["params"]:
+        raise WeightImportError(
+            f"{source}: UniMatch V2's DPT model has no AllSpark module, but the model has one: use "
+            f"config.method='semi' or 'supervised' (the model without AllSpark)")
+    if encoder is not None:
+        check_architecture(state, source, encoder=encoder, head=head, prefix="backbone.")
+    out = {"params": dpt_from_state_dict(state, template["params"], source=source)}
+    for collection, tree in template.items():
+        if collection != "params":
+            if _flat(tree):
+                raise WeightImportError(f"{source}: UniMatch V2's DPT model has no "
+                                        f"{collection!r} arrays, but the model has")
+            out[collection] = {}
+    return out
+
+
+def variables_to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """A DINOv2-family model's variables -> its whole state dict: UniMatch V2's DPT model's
+    (`backbone.*` + `head.*`, numpy, PyTorch layout), what its `DPT.load_state_dict` takes."""
+    if "allspark" in variables["params"]:
+        raise WeightImportError("exporting AllSpark on DINOv2 is not implemented: UniMatch V2's "
+                                "DPT model has no AllSpark module (export a 'semi' / "
+                                "'supervised' model, or the encoder)")
+    return dpt_to_state_dict(variables["params"])
