@@ -366,7 +366,8 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     training crop `config.data.crop_size` for the memory's shape; UniMatch V2's trainer
     checkpoints give `model` as 'student' and `model_ema` as 'ema'), or a Hugging Face
     `SegformerForSemanticSegmentation` checkpoint for a MiT `config.model`: its config.json builds
-    the model (SegFormer without AllSpark, as transformers computes it; `config.model` is not used). The
+    the model (SegFormer without AllSpark, as transformers computes it; `config.model` is not
+    used). The
     model's class count must be `config.data.num_classes`. Workdir checkpoints are read onto this
     process's devices as `restore_template` places them, whatever topology wrote them.
     """

@@ -339,7 +339,8 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
 
 def read_checkpoint(path: str | os.PathLike, *, hub_id: str | None = None) -> Checkpoint:
     """Reads a transformers checkpoint (SegFormer or Dinov2Model): a directory, or a `.safetensors`
-    file beside its config.json. `hub_id`: the hub repository `path` was downloaded from (`download`), for messages.
+    file beside its config.json. `hub_id`: the hub repository `path` was downloaded from
+    (`download`), for messages.
 
     Raises WeightImportError (or FileNotFoundError) naming the path or hub id.
     """

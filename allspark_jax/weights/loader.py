@@ -31,8 +31,9 @@ naming the file, what it holds and what the model needs):
     decoder.*: AllSpark's latest.pth / best.pth,
     the baselines')
   mit_bX.pth encoder (patch_embed1.*, block1.*)   mit     -                    the encoder
-  transformers SegFormer (config.json model_type  mit     SegformerFor-        SegformerModel /
-    'segformer')                                          SemanticSegmentation ...ImageClassification
+  transformers SegFormer (config.json model_type  mit     SegformerFor-        SegformerModel,
+    'segformer')                                          SemanticSegmentation SegformerFor-
+                                                                               ImageClassification
   UniMatch V2 DPT state dict (.pth/.npz keys      dinov2  the whole model      -
     backbone.cls_token, backbone.blocks.*,                (method semi /
     head.*; plain, `module.`-prefixed, or its                supervised)
@@ -215,7 +216,7 @@ def _whole_model_error(source: str, holds: str, family: str) -> WeightImportErro
 
 
 def _dinov2_configs(model_config) -> dict:
-    """{'encoder', 'head'} of a DINOv2 ModelConfig (None without one) for the architecture checks."""
+    """{'encoder', 'head'} of a DINOv2 ModelConfig (None otherwise), for the architecture checks."""
     if isinstance(model_config, ModelConfig):
         return {"encoder": model_config.backbone, "head": model_config.dpt}
     return {"encoder": None, "head": None}

@@ -1,7 +1,8 @@
 """The release's weight files, read and written without torch: state dicts in `.npz` (numpy.savez)
 or `.pth` / `.pt` (torch.save) files, official training checkpoints (`latest.pth` / `best.pth`)
 and SegFormer ImageNet encoders (`mit_bX.pth`). Names and layouts: `allspark_jax.weights.release`.
-The same containers hold the DINOv2 family's files (names and layouts: `allspark_jax.weights.dinov2`):
+The same containers hold the DINOv2 family's files (names and layouts:
+`allspark_jax.weights.dinov2`):
 UniMatch V2's checkpoints (its DPT model's state dict, plain or in its trainer's `latest.pth` /
 `best.pth` with `model` and `model_ema`) and facebookresearch's `dinov2_vit*14_pretrain.pth`
 encoders; `save_pretrained_encoder` writes the encoder of either family in its file's names.
