@@ -213,6 +213,22 @@ def test_pretrained_from_a_huggingface_dir_through_training(files):
         np.testing.assert_array_equal(theirs[k], v, err_msg=k)
 
 
+def test_pretrained_from_transformers_keys_in_an_npz(tmp_path):
+    """A Dinov2Model's state dict saved as .npz (no config.json: its shapes are checked) is the
+    same encoder as its directory."""
+    path = tmp_path / "dinov2_hf_keys.npz"
+    np.savez(path, **safetensors.numpy.load_file(os.path.join(HF_DIR, huggingface.WEIGHTS_NAME)))
+    expected = loader.load_pretrained_encoder(HF_DIR, hf_variables(), model_config=HF_ENCODER)
+    assert_trees_equal(loader.load_pretrained_encoder(str(path), hf_variables(),
+                                                      model_config=HF_ENCODER), expected)
+    wide = DINOv2Config(embed_dim=48, depth=3, num_heads=2, pos_grid=6)
+    with pytest.raises(errors.WeightImportError) as err:
+        loader.load_pretrained_encoder(str(path), hf_variables(), model_config=wide)
+    assert one_line(err) == (f"{path}: the DINOv2 encoder does not fit the model's: embed_dim 32 "
+                             f"in the file, 48 in the model; ffn_hidden 128 in the file, 192 in "
+                             f"the model")
+
+
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     def offline(repo_id, allow_patterns):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
@@ -296,6 +312,30 @@ def test_a_unimatch_v2_pth_predicts_as_its_code_does():
         print(f"image {i} {ref.shape[:2]}: smallest recorded top-2 margin {margin:.2e}")
         assert margin > 0  # no exact ties: every label is determined
         np.testing.assert_array_equal(np.asarray(pred), ref.argmax(-1))
+
+
+def test_the_predict_command_with_a_unimatch_v2_pth(tmp_path):
+    """`--mode predict --checkpoint dpt_tiny.pth` (run_predict): the masks it writes are the
+    argmax of the model's own eval-mode logits for each image alone (unbucketed)."""
+    from PIL import Image
+
+    from allspark_jax.commands import predict
+    config = dpt_config()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(((61, 75), (50, 88))):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    records = predict.run_predict(config, None, DPT_PTH, paths, str(tmp_path / "out"),
+                                  quiet=True)
+    variables, info = checkpoints.load_inference_variables(config, None, DPT_PTH)
+    for path, record in zip(paths, records):
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        logits = info["model"].apply(variables["student"], predict.normalize(rgb)[None],
+                                     mode="eval")
+        np.testing.assert_array_equal(np.asarray(Image.open(record["mask"])),
+                                      np.asarray(logits[0]).argmax(-1))
+        assert len(record["classes"]) > 1, record  # not a constant mask
 
 
 def test_a_unimatch_v2_trainer_checkpoint_gives_model_and_model_ema(files):

@@ -292,28 +292,44 @@ def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
     return tuple(np.shape(state[key])) if key in state else None
 
 
-def _encoder_fields(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    """{DINOv2Config field: value} that a 'dinov2'-layout state dict's shapes show (keys under
-    `prefix`); fields whose keys are absent are left out (the key check names those)."""
-    fields = {}
-    if (cls := _shape(state, prefix + "cls_token")) is not None:
+# Keys whose shapes show the encoder's architecture, in each layout (block keys after the block's
+# prefix, `_BLOCK` matching that prefix).
+_SHAPE_KEYS = {
+    "dinov2": dict(cls="cls_token", pos="pos_embed", patch="patch_embed.proj.weight",
+                   w12="mlp.w12.weight", fc1="mlp.fc1.weight", qkv="attn.qkv.weight",
+                   qkv_bias="attn.qkv.bias"),
+    "transformers": dict(cls="embeddings.cls_token", pos="embeddings.position_embeddings",
+                         patch="embeddings.patch_embeddings.projection.weight",
+                         w12="mlp.weights_in.weight", fc1="mlp.fc1.weight",
+                         qkv="attention.attention.query.weight",
+                         qkv_bias="attention.attention.query.bias"),
+}
+_BLOCK = {"dinov2": r"blocks\.(\d+)\.", "transformers": r"encoder\.layer\.(\d+)\."}
+
+
+def _encoder_fields(state: Mapping[str, Any], prefix: str, layout: str) -> dict[str, Any]:
+    """{DINOv2Config field: value} that an encoder state dict's shapes show (keys in `layout`
+    under `prefix`); fields whose keys are absent are left out (the key check names those)."""
+    names, fields = _SHAPE_KEYS[layout], {}
+    if (cls := _shape(state, prefix + names["cls"])) is not None:
         fields["embed_dim"] = cls[-1]
-    if (proj := _shape(state, prefix + "patch_embed.proj.weight")) is not None and len(proj) == 4:
+    if (proj := _shape(state, prefix + names["patch"])) is not None and len(proj) == 4:
         fields["patch_size"], fields["in_channels"] = proj[2], proj[1]
-    if (pos := _shape(state, prefix + "pos_embed")) is not None and len(pos) == 3:
+    if (pos := _shape(state, prefix + names["pos"])) is not None and len(pos) == 3:
         side = int(round(math.sqrt(pos[1] - 1)))
         fields["pos_grid"] = side if side * side == pos[1] - 1 else f"{pos[1] - 1} tokens"
-    blocks = {int(m.group(1)) for k in state
-              if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))}
+    block = re.escape(prefix) + _BLOCK[layout]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(block, k))}
     if blocks:
         fields["depth"] = max(blocks) + 1
-    b0 = prefix + "blocks.0."
-    if b0 + "mlp.w12.weight" in state:
-        fields["ffn"], fields["ffn_hidden"] = "swiglu", _shape(state, b0 + "mlp.w12.weight")[0] // 2
-    elif b0 + "mlp.fc1.weight" in state:
-        fields["ffn"], fields["ffn_hidden"] = "mlp", _shape(state, b0 + "mlp.fc1.weight")[0]
-    if b0 + "attn.qkv.weight" in state:
-        fields["qkv_bias"] = b0 + "attn.qkv.bias" in state
+    b0 = next((k[:m.end()] for k in state if (m := re.match(block, k)) and m.group(1) == "0"),
+              None)
+    if b0 is not None and b0 + names["w12"] in state:
+        fields["ffn"], fields["ffn_hidden"] = "swiglu", _shape(state, b0 + names["w12"])[0] // 2
+    elif b0 is not None and b0 + names["fc1"] in state:
+        fields["ffn"], fields["ffn_hidden"] = "mlp", _shape(state, b0 + names["fc1"])[0]
+    if b0 is not None and b0 + names["qkv"] in state:
+        fields["qkv_bias"] = b0 + names["qkv_bias"] in state
     return fields
 
 
@@ -331,16 +347,17 @@ def _head_fields(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_architecture(state: Mapping[str, Any], source: str, *, encoder: DINOv2Config,
-                       head: DPTConfig | None = None, prefix: str = "") -> None:
-    """Compares what a 'dinov2'-layout state dict's shapes show (the encoder's keys under
-    `prefix`; with `head`, UniMatch V2's `head.*` too) with the model's configs; a
-    WeightImportError of one line naming `source` and each differing field otherwise. Fields the
-    shapes do not show (heads, the DPT's layers read) are not compared."""
+                       head: DPTConfig | None = None, prefix: str = "",
+                       layout: str = "dinov2") -> None:
+    """Compares what a state dict's shapes show (the encoder's keys in `layout` under `prefix`;
+    with `head`, UniMatch V2's `head.*` too) with the model's configs; a WeightImportError of one
+    line naming `source` and each differing field otherwise. Fields the shapes do not show (heads,
+    the DPT's layers read) are not compared."""
     ours = {"embed_dim": encoder.embed_dim, "patch_size": encoder.patch_size,
             "in_channels": encoder.in_channels, "pos_grid": encoder.pos_grid,
             "depth": encoder.depth, "ffn": encoder.ffn, "ffn_hidden": encoder.ffn_hidden,
             "qkv_bias": encoder.qkv_bias}
-    theirs = _encoder_fields(state, prefix)
+    theirs = _encoder_fields(state, prefix, layout)
     if head is not None:
         ours.update(num_classes=head.num_classes, features=head.features,
                     out_channels=tuple(head.out_channels))
@@ -356,10 +373,11 @@ def check_architecture(state: Mapping[str, Any], source: str, *, encoder: DINOv2
 def import_encoder(state: Mapping[str, Any], variables: Mapping, *, layout: str,
                    source: str = "state dict", encoder: DINOv2Config | None = None) -> dict:
     """`variables` with `params/backbone` replaced by the DINOv2 encoder state dict `state` in
-    `layout` (strict; with `encoder`, a 'dinov2'-layout file's shapes are first compared with it:
+    `layout` (strict; with `encoder`, its shapes are first compared with it:
     `check_architecture`)."""
-    if encoder is not None and layout == "dinov2":
-        check_architecture(state, source, encoder=encoder)
+    _check_layout(layout)
+    if encoder is not None:
+        check_architecture(state, source, encoder=encoder, layout=layout)
     params = encoder_from_state_dict(state, variables["params"]["backbone"], layout=layout,
                                      source=source)
     return with_encoder(variables, params)

@@ -302,8 +302,8 @@ def load_pretrained_encoder(spec: str | os.PathLike | WeightSource, variables: M
     state = _release_checkpoint(source)[0]
     holds = _holds(state)
     if family == DINOV2:
-        if holds == "dinov2":
-            return dinov2.import_encoder(state, variables, layout="dinov2", source=source.spec,
+        if holds in dinov2.LAYOUTS:  # an encoder in facebookresearch's or transformers' names
+            return dinov2.import_encoder(state, variables, layout=holds, source=source.spec,
                                          encoder=backbone)
         if holds == dinov2.UNIMATCH_V2:
             raise WeightImportError(f"{source.spec}: holds {_HOLDS[holds]}, not an encoder; "
