@@ -267,14 +267,14 @@ def test_pretrained_architecture_mismatch_names_the_field(files):
         loader.load_pretrained_encoder(files["fb"], blank_variables(dpt_config(depth=6))[0])
 
 
-def test_pretrained_of_the_other_family_is_a_clear_error(files):
+def test_pretrained_of_the_other_family_is_a_clear_error(files, tmp_path):
     dino, dino_model = blank_variables(dpt_config())
-    for spec, holds in ((MIT_PTH, "the release's or SegFormer's names (a MiT model or encoder)"),
+    for spec, holds in ((MIT_PTH, "a MiT model or encoder (the release's or SegFormer's names)"),
                         (MIT_DIR, "a transformers SegFormer checkpoint (a MiT model)")):
         with pytest.raises(errors.WeightImportError) as err:
             loader.load_pretrained_encoder(spec, dino, model_config=dino_model.config)
-        assert f"holds {holds}, but the model's encoder is DINOv2 (config.model.encoder=" \
-               f"'dinov2'); expected a DINOv2 dinov2_vit*14_pretrain.pth or a Hugging Face " \
+        assert f"holds {holds}; the model's encoder is DINOv2 (config.model.encoder=" \
+               f"'dinov2'): expected a DINOv2 dinov2_vit*14_pretrain.pth or a Hugging Face " \
                f"Dinov2Model checkpoint" in one_line(err)
     from reference_model import reference
     mit = reference().variables
@@ -283,7 +283,15 @@ def test_pretrained_of_the_other_family_is_a_clear_error(files):
         with pytest.raises(errors.WeightImportError) as err:
             loader.load_pretrained_encoder(spec, mit)
         assert f"holds {holds}" in one_line(err)
-        assert "but the model's encoder is MiT (config.model.encoder='mit')" in str(err.value)
+        assert "; the model's encoder is MiT (config.model.encoder='mit'): " in str(err.value)
+    other = tmp_path / "other.pth"
+    save_pth({"fc.weight": np.zeros((2, 2), np.float32)}, other)
+    for load in (lambda: loader.load_pretrained_encoder(str(other), dino),
+                 lambda: loader.load_variables(str(other), shapes(dino))):
+        with pytest.raises(errors.WeightImportError) as err:
+            load()
+        assert one_line(err).startswith(f"{other}: holds neither DINOv2 nor MiT keys; the model's "
+                                        f"encoder is DINOv2 (config.model.encoder='dinov2'): ")
     with pytest.raises(errors.WeightImportError) as err:
         loader.load_pretrained_encoder(DPT_PTH, dino)
     assert one_line(err) == (f"{DPT_PTH}: holds UniMatch V2's DPT model (a DINOv2 model), not an "
@@ -369,9 +377,9 @@ def test_checkpoint_mismatches_are_clear_errors(files, tmp_path):
                                         f"is not implemented")
     with pytest.raises(errors.WeightImportError) as err:  # a MiT model into a DINOv2 config
         checkpoints.load_inference_variables(dino, None, OFFICIAL_PTH)
-    assert one_line(err) == (f"{OFFICIAL_PTH}: holds the release's or SegFormer's names (a MiT "
-                             f"model or encoder), but the model's encoder is DINOv2 "
-                             f"(config.model.encoder='dinov2'); expected UniMatch V2's DPT model "
+    assert one_line(err) == (f"{OFFICIAL_PTH}: holds a MiT model or encoder (the release's or "
+                             f"SegFormer's names); the model's encoder is DINOv2 "
+                             f"(config.model.encoder='dinov2'): expected UniMatch V2's DPT model "
                              f"(backbone.* + head.*)")
     with pytest.raises(errors.WeightImportError, match="holds a transformers SegFormer"):
         checkpoints.load_inference_variables(dino, None, os.path.join(DATA, "hf_segformer_tiny"))
@@ -385,7 +393,7 @@ def test_checkpoint_mismatches_are_clear_errors(files, tmp_path):
     for spec in (DPT_PTH, HF_DIR):  # a DINOv2 file into a MiT config
         with pytest.raises(errors.WeightImportError) as err:
             checkpoints.load_inference_variables(mit, None, spec)
-        assert "but the model's encoder is MiT (config.model.encoder='mit')" in one_line(err)
+        assert "; the model's encoder is MiT (config.model.encoder='mit'): " in one_line(err)
     small = dpt_config(embed_dim=24, depth=4)
     small.model.num_classes = 3
     small.data.num_classes = 3

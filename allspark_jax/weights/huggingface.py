@@ -440,14 +440,16 @@ def import_dinov2_encoder(checkpoint: Checkpoint, variables: Mapping, *,
     """Replaces `variables['params']['backbone']` with the encoder of a transformers `Dinov2Model`
     checkpoint. Its config.json's architecture (`dinov2.config_from_transformers`: width, depth,
     heads, MLP ratio and kind, patch, position grid, channels, qkv bias, LayerNorm eps) is first
-    compared with `encoder`, the model's (one line naming each differing field); then the keys,
-    strictly. The position interpolation is the model's own (its config), not transformers'."""
+    compared with `encoder`, the model's (one line naming each differing field; without it, what
+    the variables' shapes show is checked with the keys); then the keys, strictly. The position
+    interpolation is the model's own (its config), not transformers'."""
     if not is_dinov2(checkpoint):
         raise WeightImportError(f"{checkpoint.source}: model_type "
                                 f"{checkpoint.config.get('model_type')!r}; expected "
                                 f"{DINOV2_MODEL_TYPE!r} (transformers' Dinov2Model)")
+    # Architectures the encoder does not compute (activation, registers, ...) are refused always.
+    theirs = dinov2.config_from_transformers(checkpoint.config, source=checkpoint.source)
     if encoder is not None:
-        theirs = dinov2.config_from_transformers(checkpoint.config, source=checkpoint.source)
         fields = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn", "patch_size", "pos_grid",
                   "in_channels", "qkv_bias", "norm_eps")
         diffs = [f"{f} {getattr(theirs, f)} in the file, {getattr(encoder, f)} in the model"

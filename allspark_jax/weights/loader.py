@@ -85,15 +85,24 @@ KINDS = {
     HUB: "a Hugging Face hub id 'org/name'",
 }
 MIT, DINOV2 = "mit", "dinov2"  # the encoder families (`ModelConfig.encoder`)
-# What a file of each family holds, for messages.
+UNKNOWN = "unknown"
+# What a file holds (`_holds`, or a Hugging Face checkpoint's model_type), for messages.
 _HOLDS = {
     dinov2.UNIMATCH_V2: "UniMatch V2's DPT model (a DINOv2 model)",
     "dinov2": "a DINOv2 encoder (facebookresearch's dinov2_vit*14_pretrain.pth keys)",
     "transformers": "a DINOv2 encoder (transformers' Dinov2Model keys)",
     "hf_dinov2": "a transformers Dinov2Model (a DINOv2 encoder)",
     "hf_segformer": "a transformers SegFormer checkpoint (a MiT model)",
-    MIT: "the release's or SegFormer's names (a MiT model or encoder)",
+    MIT: "a MiT model or encoder (the release's or SegFormer's names)",
+    UNKNOWN: "neither DINOv2 nor MiT keys",
 }
+# What `load_pretrained_encoder` takes for each family, for messages.
+_ENCODERS = {
+    MIT: "a SegFormer mit_bX.pth or a Hugging Face SegformerModel checkpoint",
+    DINOV2: "a DINOv2 dinov2_vit*14_pretrain.pth or a Hugging Face Dinov2Model checkpoint",
+}
+# Keys that mark a MiT encoder's state dict (mit_bX.pth) or a whole MiT model's (the release's).
+_MIT_KEYS = ("patch_embed1.proj.weight", "backbone.patch_embed1.proj.weight")
 SUFFIXES = {".safetensors": HUGGINGFACE, ".npz": NPZ, ".pth": PTH, ".pt": PTH}
 # Every weight source in one phrase, for messages (also of callers that take other specs too).
 SOURCES = "; ".join(list(KINDS.values())[:-1]) + "; or " + list(KINDS.values())[-1]
@@ -196,14 +205,18 @@ def _family(model_config, variables: Mapping) -> str:
 
 
 def _holds(state: Mapping) -> str:
-    """What a state dict is (a key of `_HOLDS`), by its keys."""
-    return dinov2.layout_of(state) or MIT
+    """What a state dict is (a key of `_HOLDS`), by its keys (a `module.` prefix dropped)."""
+    layout = dinov2.layout_of(state)
+    if layout is not None:
+        return layout
+    keys = release.strip_prefix(state, "module.")
+    return MIT if any(k in keys for k in _MIT_KEYS) else UNKNOWN
 
 
 def _wrong_family(source: str, holds: str, family: str, need: str) -> WeightImportError:
-    return WeightImportError(f"{source}: holds {_HOLDS[holds]}, but the model's encoder is "
+    return WeightImportError(f"{source}: holds {_HOLDS[holds]}; the model's encoder is "
                              f"{'DINOv2' if family == DINOV2 else 'MiT'} "
-                             f"(config.model.encoder={family!r}); expected {need}")
+                             f"(config.model.encoder={family!r}): expected {need}")
 
 
 def _whole_model_error(source: str, holds: str, family: str) -> WeightImportError:
@@ -231,7 +244,7 @@ def _state_to_variables(state: Mapping, template: Mapping, source: str, family: 
             raise _whole_model_error(source, holds, family)
         return dinov2.variables_from_state_dict(state, template, source=source,
                                                 **_dinov2_configs(model_config))
-    if holds != MIT:
+    if holds not in (MIT, UNKNOWN):  # unknown keys: the strict import lists them
         raise _whole_model_error(source, holds, family)
     return release.from_state_dict(state, template, source=source)
 
@@ -310,16 +323,10 @@ def load_pretrained_encoder(spec: str | os.PathLike | WeightSource, variables: M
                                     f"expected {_ENCODERS[family]} (a whole model is a "
                                     f"--checkpoint)")
         raise _wrong_family(source.spec, holds, family, _ENCODERS[family])
-    if holds != MIT:
+    if holds not in (MIT, UNKNOWN):  # unknown keys: the strict import lists them
         raise _wrong_family(source.spec, holds, family, _ENCODERS[family])
     return release.import_encoder(state, variables, source=source.spec)
 
-
-# What `load_pretrained_encoder` takes for each family, for messages.
-_ENCODERS = {
-    MIT: "a SegFormer mit_bX.pth or a Hugging Face SegformerModel checkpoint",
-    DINOV2: "a DINOv2 dinov2_vit*14_pretrain.pth or a Hugging Face Dinov2Model checkpoint",
-}
 
 
 def _require_huggingface(source: WeightSource) -> None:
