@@ -173,6 +173,20 @@ def test_pretrained_from_a_facebookresearch_pth_through_training(files):
     assert not np.array_equal(fresh["backbone"]["cls_token"], loaded["backbone"]["cls_token"])
 
 
+def test_pretrained_into_allspark_on_dinov2_keeps_allspark_and_memory(files):
+    """Method 'allspark': only the encoder is replaced; AllSpark, the head and the Semantic
+    Memory keep their values."""
+    blank, model = blank_variables(dpt_config("allspark"))
+    filled = jax.tree.map(lambda x: np.full_like(x, 3), blank)
+    loaded = loader.load_pretrained_encoder(files["fb"], filled, model_config=model.config)
+    for key in ("allspark", "head"):
+        assert_trees_equal(loaded["params"][key], filled["params"][key])
+    assert_trees_equal(loaded["memory"], filled["memory"])
+    ours = dinov2.encoder_to_state_dict(loaded["params"]["backbone"], layout="dinov2")
+    for k, v in encoder_state().items():
+        np.testing.assert_array_equal(ours[k], v, err_msg=k)
+
+
 def test_pretrained_from_a_huggingface_dinov2_dir_hub_id_and_safetensors(monkeypatch):
     """A transformers Dinov2Model (directory, .safetensors beside config.json, or a hub id through
     the hub download) gives the encoder params exactly equal to the file's; the rest is kept."""

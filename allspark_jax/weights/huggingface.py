@@ -447,7 +447,8 @@ def import_dinov2_encoder(checkpoint: Checkpoint, variables: Mapping, *,
         raise WeightImportError(f"{checkpoint.source}: model_type "
                                 f"{checkpoint.config.get('model_type')!r}; expected "
                                 f"{DINOV2_MODEL_TYPE!r} (transformers' Dinov2Model)")
-    # Architectures the encoder does not compute (activation, registers, ...) are refused always.
+    # Architectures the encoder does not compute (another activation, non-square sizes) are refused
+    # even without a model config.
     theirs = dinov2.config_from_transformers(checkpoint.config, source=checkpoint.source)
     if encoder is not None:
         fields = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn", "patch_size", "pos_grid",
