@@ -9,9 +9,9 @@ temporary directory and renames it when complete, so an interrupted save never l
 that looks valid. Resuming restores the state; the data position follows from the step.
 
 Checkpoint specs (`--checkpoint` of main.py): a step number, 'latest', 'best', or a weight source
-(an official `.pth` / `.pt` / `.npz`, or a Hugging Face `SegformerForSemanticSegmentation`
-checkpoint, whose config.json fixes the model), which `allspark_jax.weights.loader` decides and
-loads.
+(an official `.pth` / `.pt` / `.npz`, UniMatch V2's DPT checkpoint for a DINOv2 model, or a
+Hugging Face `SegformerForSemanticSegmentation` checkpoint, whose config.json fixes the model),
+which `allspark_jax.weights.loader` decides and loads.
 
 Topology: a restore reads every array straight into the placement the restoring run asks for
 (its template's shardings: replicated, or split with `shard_params`, over this process's devices),
@@ -361,10 +361,13 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     (checkpoint, step, and `model`: the Flax module the variables belong to).
 
     `spec`: a step number, 'latest', 'best' (checkpoints in `workdir`), or a weight source
-    (`loader.load_network`): an official `.pth` / `.pt` / `.npz` state dict (imported into a model
-    built from `config.model`, training crop `config.data.crop_size` for the memory's shape), or a
-    Hugging Face `SegformerForSemanticSegmentation` checkpoint: its config.json builds the model
-    (SegFormer without AllSpark, as transformers computes it; `config.model` is not used). The
+    (`loader.load_network`): an official `.pth` / `.pt` / `.npz` state dict, or UniMatch V2's DPT
+    checkpoint for a DINOv2 `config.model` (imported into a model built from `config.model`,
+    training crop `config.data.crop_size` for the memory's shape; UniMatch V2's trainer
+    checkpoints give `model` as 'student' and `model_ema` as 'ema'), or a Hugging Face
+    `SegformerForSemanticSegmentation` checkpoint for a MiT `config.model`: its config.json builds
+    the model (SegFormer without AllSpark, as transformers computes it; `config.model` is not
+    used). The
     model's class count must be `config.data.num_classes`. Workdir checkpoints are read onto this
     process's devices as `restore_template` places them, whatever topology wrote them.
     """
@@ -378,8 +381,10 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
             raise CheckpointError(
                 f"--checkpoint={spec}: the checkpoint predicts {network.model.config.num_classes} "
                 f"classes{labels}, but config.data.num_classes={config.data.num_classes}")
-        return {"student": network.variables}, {"checkpoint": parsed.name, "step": None,
-                                                 "model": network.model}
+        out = {"student": network.variables}
+        if network.ema is not None:
+            out["ema"] = network.ema
+        return out, {"checkpoint": parsed.name, "step": None, "model": network.model}
     if not workdir or not workdir_lib.resolve(workdir).is_dir():
         raise CheckpointError(f"--checkpoint={spec}: workdir {workdir!r} does not exist")
     checkpointer = Checkpointer(workdir, read_only=True)

@@ -46,7 +46,8 @@ def initial_state(config, model, tx, mesh, method) -> tuple[state_lib.TrainState
     variables = None
     if config.model.pretrained:
         variables = init_variables(model, init_rng, crop)
-        variables = weights_loader.load_pretrained_encoder(config.model.pretrained, variables)
+        variables = weights_loader.load_pretrained_encoder(config.model.pretrained, variables,
+                                                           model_config=model.config)
         logging.info("Encoder initialised from %s", config.model.pretrained)
     ema = method.ema
     # Jitted: Flax init run op by op dispatches every small op alone, which is slow.

@@ -10,6 +10,9 @@
         --inputs /tmp/demo/synthetic_data/JPEGImages --output_dir /tmp/demo/predictions
     python main.py --config configs/cityscapes.py:1_16 --workdir /tmp/cs --mode eval \\
         --checkpoint nvidia/segformer-b0-finetuned-cityscapes-1024-1024      # or its local directory
+    python main.py --config configs/pascal.py:1_16 --workdir /tmp/voc --mode eval \\
+        --config.model.encoder=dinov2 --config.model.backbone=small --config.method=semi \\
+        --config.data.crop_size=518 --checkpoint /path/to/unimatch_v2/best.pth  # UniMatch V2's
 
 `python -m allspark_jax ...` and the console script `allspark-jax ...` are the same command (`run`).
 `train` resumes from the latest checkpoint in --workdir when there is one. The console shows a
@@ -38,8 +41,10 @@ config_flag.define("config")
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval results go here.")
 flags.DEFINE_string("mode", "train", f"One of {', '.join(MODES)}.")
 flags.DEFINE_string("checkpoint", "latest", "eval / predict: a step number, 'latest', 'best', "
-                    "the path of an official .pth / .npz state dict, or a Hugging Face "
-                    "SegformerForSemanticSegmentation checkpoint (directory, .safetensors or hub id).")
+                    "the path of an official .pth / .npz state dict, of UniMatch V2's DPT "
+                    "checkpoint (model.encoder='dinov2'; its trainer's model_ema is evaluated as "
+                    "'ema'), or a Hugging Face SegformerForSemanticSegmentation checkpoint "
+                    "(directory, .safetensors or hub id).")
 flags.DEFINE_list("inputs", None, "predict: image files and/or folders (comma separated).")
 flags.DEFINE_string("output_dir", None, "predict: where masks and overlays go "
                     "(default <workdir>/predictions).")

@@ -130,8 +130,12 @@ def get_config():
     # bfloat16 operands (model.dtype='bfloat16') run in bfloat16 whatever this says.
     model.precision = "default"
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute; 'mit').
-    model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
-    # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
+    model.pretrained = placeholder(str)  # Encoder to start from, of model.encoder's family. 'mit':
+    # SegFormer's ImageNet mit_b5.pth, or a Hugging Face SegformerModel /
+    # SegformerForImageClassification directory, .safetensors or hub id. 'dinov2':
+    # facebookresearch's dinov2_vit{s,b,l,g}14_pretrain.pth (UniMatch V2's start), or a Hugging Face
+    # Dinov2Model directory, .safetensors or hub id (facebook/dinov2-small ...). Head and AllSpark
+    # keep their initialisation.
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()

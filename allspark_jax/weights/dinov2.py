@@ -28,9 +28,18 @@ Import is strict: a missing key, an unexpected key or a shape other than the tem
 `WeightImportError` that lists every offending key. `config_from_transformers` reads a
 transformers config.json into a `DINOv2Config` ('transformers' position interpolation);
 `transformers_config` writes one.
+
+Whole files (`allspark_jax.weights.loader` reads them and decides with `layout_of` what a state dict
+holds): `import_encoder` puts an encoder state dict into a model's variables and
+`variables_from_state_dict` / `variables_to_state_dict` map a whole DINOv2-family model, after
+`check_architecture` has compared what the file's shapes show (width, depth, patch, position grid,
+feed-forward, DPT widths, class count) with the model's configs in one line naming each field.
+Whole models are UniMatch V2's DPT model (method 'semi' / 'supervised') or AllSpark on DINOv2 (its
+keys plus `allspark.*`: method 'allspark').
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Mapping
 
@@ -39,10 +48,16 @@ import numpy as np
 
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models.dinov2 import DINOv2Config
+from allspark_jax.models.dpt import DPTConfig
 from allspark_jax.weights import release
-from allspark_jax.weights.release import key_mismatch_lines, strip_prefix
+from allspark_jax.weights.release import key_mismatch_lines, strip_prefix, with_encoder
 
 LAYOUTS = ("dinov2", "transformers")
+# What a whole DINOv2-family state dict is (`layout_of`): UniMatch V2's DPT model.
+UNIMATCH_V2 = "unimatch_v2"
+# The Flax name of the encoder's class token: its presence marks a DINOv2 encoder's params (MiT has
+# no class token).
+CLS_TOKEN = "cls_token"
 Path = tuple[str, ...]
 # A leaf's rule: its file keys, Flax value -> file values, file values -> Flax value.
 Rule = tuple[list[str], Callable[[np.ndarray], list[np.ndarray]],
@@ -300,3 +315,146 @@ def transformers_config(config: DINOv2Config) -> dict[str, Any]:
                image_size=config.pos_grid * config.patch_size,
                use_swiglu_ffn=config.ffn == "swiglu", use_mask_token=True)
     return out
+
+
+# ------------------------------------------------------------------------------- whole files
+
+def holds_dinov2(variables: Mapping) -> bool:
+    """Whether `variables` (with `params/backbone`) are those of a DINOv2-encoder model."""
+    return CLS_TOKEN in variables.get("params", {}).get("backbone", {})
+
+
+def layout_of(state: Mapping[str, Any]) -> str | None:
+    """What a state dict (a `module.` prefix dropped) holds, by its keys: 'dinov2' (a
+    facebookresearch encoder: `cls_token`, `patch_embed.proj.weight`), 'transformers' (a
+    `Dinov2Model`: `embeddings.cls_token`), `UNIMATCH_V2` (a whole model: `backbone.cls_token` and
+    `backbone.patch_embed.proj.weight`), or None (no DINOv2 state dict)."""
+    keys = set(strip_prefix(state, "module."))
+    if {"backbone.cls_token", "backbone.patch_embed.proj.weight"} <= keys:
+        return UNIMATCH_V2
+    if {"cls_token", "patch_embed.proj.weight"} <= keys:
+        return "dinov2"
+    if "embeddings.cls_token" in keys:
+        return "transformers"
+    return None
+
+
+def _shape(state: Mapping[str, Any], key: str) -> tuple[int, ...] | None:
+    return tuple(np.shape(state[key])) if key in state else None
+
+
+# Keys whose shapes show the encoder's architecture, in each layout (block keys after the block's
+# prefix, `_BLOCK` matching that prefix).
+_SHAPE_KEYS = {
+    "dinov2": dict(cls="cls_token", pos="pos_embed", patch="patch_embed.proj.weight",
+                   w12="mlp.w12.weight", fc1="mlp.fc1.weight", qkv="attn.qkv.weight",
+                   qkv_bias="attn.qkv.bias"),
+    "transformers": dict(cls="embeddings.cls_token", pos="embeddings.position_embeddings",
+                         patch="embeddings.patch_embeddings.projection.weight",
+                         w12="mlp.weights_in.weight", fc1="mlp.fc1.weight",
+                         qkv="attention.attention.query.weight",
+                         qkv_bias="attention.attention.query.bias"),
+}
+_BLOCK = {"dinov2": r"blocks\.(\d+)\.", "transformers": r"encoder\.layer\.(\d+)\."}
+
+
+def _encoder_fields(state: Mapping[str, Any], prefix: str, layout: str) -> dict[str, Any]:
+    """{DINOv2Config field: value} that an encoder state dict's shapes show (keys in `layout`
+    under `prefix`); fields whose keys are absent are left out (the key check names those)."""
+    names, fields = _SHAPE_KEYS[layout], {}
+    if (cls := _shape(state, prefix + names["cls"])) is not None:
+        fields["embed_dim"] = cls[-1]
+    if (proj := _shape(state, prefix + names["patch"])) is not None and len(proj) == 4:
+        fields["patch_size"], fields["in_channels"] = proj[2], proj[1]
+    if (pos := _shape(state, prefix + names["pos"])) is not None and len(pos) == 3:
+        side = int(round(math.sqrt(pos[1] - 1)))
+        fields["pos_grid"] = side if side * side == pos[1] - 1 else f"{pos[1] - 1} tokens"
+    block = re.escape(prefix) + _BLOCK[layout]
+    blocks = {int(m.group(1)) for k in state if (m := re.match(block, k))}
+    if blocks:
+        fields["depth"] = max(blocks) + 1
+    b0 = next((k[:m.end()] for k in state if (m := re.match(block, k)) and m.group(1) == "0"),
+              None)
+    if b0 is not None and b0 + names["w12"] in state:
+        fields["ffn"], fields["ffn_hidden"] = "swiglu", _shape(state, b0 + names["w12"])[0] // 2
+    elif b0 is not None and b0 + names["fc1"] in state:
+        fields["ffn"], fields["ffn_hidden"] = "mlp", _shape(state, b0 + names["fc1"])[0]
+    if b0 is not None and b0 + names["qkv"] in state:
+        fields["qkv_bias"] = b0 + names["qkv_bias"] in state
+    return fields
+
+
+def _head_fields(state: Mapping[str, Any]) -> dict[str, Any]:
+    """{DPTConfig field: value} that UniMatch V2's DPT state dict's `head.*` shapes show."""
+    fields = {}
+    if (out := _shape(state, "head.scratch.output_conv.2.weight")) is not None:
+        fields["num_classes"] = out[0]
+    if (rn := _shape(state, "head.scratch.layer1_rn.weight")) is not None:
+        fields["features"] = rn[0]
+    projects = [_shape(state, f"head.projects.{i}.weight") for i in range(4)]
+    if all(p is not None for p in projects):
+        fields["out_channels"] = tuple(p[0] for p in projects)
+    return fields
+
+
+def check_architecture(state: Mapping[str, Any], source: str, *, encoder: DINOv2Config,
+                       head: DPTConfig | None = None, prefix: str = "",
+                       layout: str = "dinov2") -> None:
+    """Compares what a state dict's shapes show (the encoder's keys in `layout` under `prefix`;
+    with `head`, UniMatch V2's `head.*` too) with the model's configs; a WeightImportError of one
+    line naming `source` and each differing field otherwise. Fields the shapes do not show (heads,
+    the DPT's layers read) are not compared."""
+    ours = {"embed_dim": encoder.embed_dim, "patch_size": encoder.patch_size,
+            "in_channels": encoder.in_channels, "pos_grid": encoder.pos_grid,
+            "depth": encoder.depth, "ffn": encoder.ffn, "ffn_hidden": encoder.ffn_hidden,
+            "qkv_bias": encoder.qkv_bias}
+    theirs = _encoder_fields(state, prefix, layout)
+    if head is not None:
+        ours.update(num_classes=head.num_classes, features=head.features,
+                    out_channels=tuple(head.out_channels))
+        theirs.update(_head_fields(state))
+    diffs = [f"{field} {theirs[field]} in the file, {value} in the model"
+             for field, value in ours.items() if field in theirs and theirs[field] != value]
+    if diffs:
+        what = "DINOv2 model" if head is not None else "DINOv2 encoder"
+        raise WeightImportError(f"{source}: the {what} does not fit the model's: "
+                                + "; ".join(diffs))
+
+
+def import_encoder(state: Mapping[str, Any], variables: Mapping, *, layout: str,
+                   source: str = "state dict", encoder: DINOv2Config | None = None) -> dict:
+    """`variables` with `params/backbone` replaced by the DINOv2 encoder state dict `state` in
+    `layout` (strict; with `encoder`, its shapes are first compared with it:
+    `check_architecture`)."""
+    _check_layout(layout)
+    if encoder is not None:
+        check_architecture(state, source, encoder=encoder, layout=layout)
+    params = encoder_from_state_dict(state, variables["params"]["backbone"], layout=layout,
+                                     source=source)
+    return with_encoder(variables, params)
+
+
+def variables_from_state_dict(state: Mapping[str, Any], template: Mapping, *,
+                              source: str = "state dict", encoder: DINOv2Config | None = None,
+                              head: DPTConfig | None = None) -> dict:
+    """A whole DINOv2-family model's state dict -> Flax variables shaped like `template` (arrays or
+    ShapeDtypeStructs: `params` and the model's other collections, as `init_variables` makes them).
+
+    UniMatch V2's DPT model (`backbone.*` + `head.*`) into a model without AllSpark, or AllSpark on
+    DINOv2 (the same plus `allspark.*`, Semantic Memory included) into a model with it
+    (`segmentor_from_state_dict`; a `module.` prefix dropped; a mismatch of exactly the AllSpark
+    keys names the config.method that fits). With `encoder` and `head` (the model's configs) the
+    shapes are first compared with them (`check_architecture`). Strict (module docstring).
+    """
+    state = strip_prefix(state, "module.")
+    if encoder is not None:
+        check_architecture(state, source, encoder=encoder, head=head, prefix="backbone.")
+    return segmentor_from_state_dict(state, template, source=source)
+
+
+def variables_to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """A DINOv2-family model's variables -> its whole state dict (numpy, PyTorch layout): UniMatch
+    V2's DPT model's (`backbone.*` + `head.*`, what its `DPT.load_state_dict` takes), plus
+    `allspark.*` for AllSpark on DINOv2 (`segmentor_to_state_dict`)."""
+    return segmentor_to_state_dict({k: v for k, v in variables.items() if k != "batch_stats"
+                                    or _flat(v)})

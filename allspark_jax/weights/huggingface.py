@@ -1,4 +1,5 @@
-"""SegFormer checkpoints in the Hugging Face `transformers` layout (config.json + safetensors).
+"""SegFormer and DINOv2 checkpoints in the Hugging Face `transformers` layout (config.json +
+safetensors).
 
 Accepted sources (`read_checkpoint`): a directory holding ``config.json`` and
 ``model.safetensors`` (or a sharded ``model.safetensors.index.json``, or, when it has no
@@ -11,7 +12,11 @@ The key layout is `allspark_jax.weights.huggingface_keys`'s. `allspark_jax.weigh
 decides that a weight spec is such a checkpoint (and downloads a hub id with `download`).
 
 config.json is read as transformers builds the network from it (`model_config_for`), compared with
-a model (`check_config`) and written for a model (`to_config`).
+a model (`check_config`) and written for a model (`to_config`). A checkpoint whose config.json has
+`model_type` 'dinov2' is a transformers `Dinov2Model` (`is_dinov2`): its encoder goes into a DINOv2
+model with `import_dinov2_encoder` and is written by `save_checkpoint(..., encoder_only=True)` for
+a DINOv2 model (key names and config fields: `allspark_jax.weights.dinov2`); the rest of this
+docstring is about SegFormer.
 
 Semantics (transformers' modeling_segformer.py, 4.x and 5.x), and what is checked:
   * LayerNorm eps: transformers builds every LayerNorm with torch's default eps 1e-5 and never reads
@@ -55,9 +60,10 @@ import numpy as np
 import safetensors.numpy
 
 from allspark_jax.errors import WeightImportError
+from allspark_jax.models.dinov2 import DINOv2, DINOv2Config
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
-from allspark_jax.weights import release
+from allspark_jax.weights import dinov2, release
 from allspark_jax.weights.huggingface_keys import (ENCODER_PREFIX, from_release_state_dict,
                                                    to_release_state_dict)
 from allspark_jax.weights.pth_reader import load_pth
@@ -263,12 +269,21 @@ _IMAGE_CLASSIFIER = re.compile(r"^classifier\.")
 
 # ----------------------------------------------------------------------------- reading
 
+DINOV2_MODEL_TYPE = "dinov2"
+
+
 class Checkpoint(NamedTuple):
-    """A transformers SegFormer checkpoint as read from its files."""
+    """A transformers checkpoint as read from its files."""
 
     state: dict[str, np.ndarray]  # the transformers layout, keys as in the file, numpy arrays
-    config: dict[str, Any]  # config.json, SegformerConfig's defaults filled in
+    # config.json; SegformerConfig's defaults filled in unless it is a Dinov2Model's (`is_dinov2`)
+    config: dict[str, Any]
     source: str  # the config.json path (preceded by the hub id for a download), for messages
+
+
+def is_dinov2(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint is a transformers `Dinov2Model` (config.json model_type 'dinov2')."""
+    return checkpoint.config.get("model_type") == DINOV2_MODEL_TYPE
 
 
 def weight_files(directory: str | os.PathLike) -> list[str]:
@@ -323,8 +338,9 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(path: str | os.PathLike, *, hub_id: str | None = None) -> Checkpoint:
-    """Reads a transformers SegFormer checkpoint: a directory, or a `.safetensors` file beside its
-    config.json. `hub_id`: the hub repository `path` was downloaded from (`download`), for messages.
+    """Reads a transformers checkpoint (SegFormer or Dinov2Model): a directory, or a `.safetensors`
+    file beside its config.json. `hub_id`: the hub repository `path` was downloaded from
+    (`download`), for messages.
 
     Raises WeightImportError (or FileNotFoundError) naming the path or hub id.
     """
@@ -336,7 +352,7 @@ def read_checkpoint(path: str | os.PathLike, *, hub_id: str | None = None) -> Ch
     elif os.path.isdir(p):
         directory, files = p, weight_files(p)
         if not files and hub_id is not None:
-            raise WeightImportError(f"{hub_id}: the hub repository holds no SegFormer weights "
+            raise WeightImportError(f"{hub_id}: the hub repository holds no model weights "
                                     f"({WEIGHTS_NAME} or {PT_WEIGHTS_NAME})")
         if not files:
             raise WeightImportError(
@@ -359,7 +375,9 @@ def read_checkpoint(path: str | os.PathLike, *, hub_id: str | None = None) -> Ch
             raise WeightImportError(f"{file}: keys repeated across shards: {', '.join(dup)}")
         state.update(part)
     source = f"{hub_id} ({config_path})" if hub_id is not None else config_path
-    return Checkpoint(state, {**CONFIG_DEFAULTS, **config}, source)
+    if config.get("model_type") != DINOV2_MODEL_TYPE:
+        config = {**CONFIG_DEFAULTS, **config}
+    return Checkpoint(state, config, source)
 
 
 # ----------------------------------------------------------------------------- import / export
@@ -417,6 +435,33 @@ def import_encoder(checkpoint: Checkpoint, variables: Mapping, *,
     return release.with_encoder(variables, loaded["params"]["backbone"])
 
 
+def import_dinov2_encoder(checkpoint: Checkpoint, variables: Mapping, *,
+                          encoder: DINOv2Config | None = None) -> dict:
+    """Replaces `variables['params']['backbone']` with the encoder of a transformers `Dinov2Model`
+    checkpoint. Its config.json's architecture (`dinov2.config_from_transformers`: width, depth,
+    heads, MLP ratio and kind, patch, position grid, channels, qkv bias, LayerNorm eps) is first
+    compared with `encoder`, the model's (one line naming each differing field; without it, what
+    the variables' shapes show is checked with the keys); then the keys, strictly. The position
+    interpolation is the model's own (its config), not transformers'."""
+    if not is_dinov2(checkpoint):
+        raise WeightImportError(f"{checkpoint.source}: model_type "
+                                f"{checkpoint.config.get('model_type')!r}; expected "
+                                f"{DINOV2_MODEL_TYPE!r} (transformers' Dinov2Model)")
+    # Architectures the encoder does not compute (another activation, non-square sizes) are refused
+    # even without a model config.
+    theirs = dinov2.config_from_transformers(checkpoint.config, source=checkpoint.source)
+    if encoder is not None:
+        fields = ("embed_dim", "depth", "num_heads", "mlp_ratio", "ffn", "patch_size", "pos_grid",
+                  "in_channels", "qkv_bias", "norm_eps")
+        diffs = [f"{f} {getattr(theirs, f)} in the file, {getattr(encoder, f)} in the model"
+                 for f in fields if getattr(theirs, f) != getattr(encoder, f)]
+        if diffs:
+            raise WeightImportError(f"{checkpoint.source}: the DINOv2 encoder does not fit the "
+                                    f"model's: " + "; ".join(diffs))
+    return dinov2.import_encoder(checkpoint.state, variables, layout="transformers",
+                                 source=checkpoint.source)
+
+
 def segformer(checkpoint: Checkpoint, **overrides) -> tuple[AllSparkSegmentor, dict]:
     """A SegFormer checkpoint -> (model, variables).
 
@@ -432,16 +477,57 @@ def segformer(checkpoint: Checkpoint, **overrides) -> tuple[AllSparkSegmentor, d
     return model, _import(*checkpoint, template, model_config, encoder_only=False)
 
 
-def save_checkpoint(variables: Mapping, model_config: ModelConfig | MiTConfig,
+def _write(directory: str, state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> str:
+    """Writes `directory/model.safetensors` and `config.json`; returns the directory."""
+    os.makedirs(directory, exist_ok=True)
+    # transformers refuses safetensors files without format metadata.
+    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (num_batches_tracked) into 1-d.
+    safetensors.numpy.save_file({k: np.array(v, order="C") for k, v in state.items()},
+                                os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return directory
+
+
+def _shape_map(tree: Mapping) -> dict[str, tuple[int, ...]]:
+    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _save_dinov2_encoder(variables: Mapping, encoder: DINOv2Config, directory: str,
+                         encoder_only: bool) -> str:
+    if not encoder_only:
+        raise WeightImportError(f"export to {directory}: transformers has no DINOv2 segmentation "
+                                f"model (UniMatch V2's DPT head); export the encoder "
+                                f"(encoder_only=True) or the whole model with "
+                                f"release_files.save_unimatch_checkpoint")
+    params = variables["params"]["backbone"]
+    side = encoder.patch_size * 2
+    expected = jax.eval_shape(DINOv2(encoder).init, jax.random.key(0),
+                              jnp.zeros((1, side, side, encoder.in_channels)))["params"]
+    if _shape_map(expected) != _shape_map(params):
+        raise WeightImportError(f"export to {directory}: the variables' encoder is not the "
+                                f"DINOv2 encoder of model_config ({encoder})")
+    state = dinov2.encoder_to_state_dict(params, layout="transformers")
+    return _write(directory, state, dinov2.transformers_config(encoder))
+
+
+def save_checkpoint(variables: Mapping, model_config: ModelConfig | MiTConfig | DINOv2Config,
                     directory: str | os.PathLike, *, encoder_only: bool = False,
                     id2label: Mapping[int | str, str] | None = None) -> str:
     """Writes `directory/model.safetensors` + `config.json` that transformers' `from_pretrained` reads.
 
     Whole network (a model without AllSpark, norm_eps 1e-5): `SegformerForSemanticSegmentation`,
     keys `segformer.encoder.*` + `decode_head.*`. `encoder_only`: the encoder of any model as a
-    `SegformerModel` (keys `encoder.*`). Returns the directory.
+    `SegformerModel` (keys `encoder.*`), or, for a DINOv2 model (`model_config` a ModelConfig with a
+    DINOv2 backbone, or a DINOv2Config), as a `Dinov2Model` (the hub's keys; transformers has no
+    whole DINOv2 segmentation model). Returns the directory.
     """
     directory = os.fspath(directory)
+    backbone = getattr(model_config, "backbone", model_config)
+    if isinstance(backbone, DINOv2Config):
+        return _save_dinov2_encoder(variables, backbone, directory, encoder_only)
     params = variables["params"]
     if encoder_only:
         tree = {"params": {"backbone": params["backbone"]}}
@@ -457,12 +543,4 @@ def save_checkpoint(variables: Mapping, model_config: ModelConfig | MiTConfig,
     state = from_release_state_dict(release.to_state_dict(tree), source=source)
     if not encoder_only:
         state = {(ENCODER_PREFIX + k if k.startswith("encoder.") else k): v for k, v in state.items()}
-    os.makedirs(directory, exist_ok=True)
-    # transformers refuses safetensors files without format metadata.
-    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (num_batches_tracked) into 1-d.
-    safetensors.numpy.save_file({k: np.array(v, order="C") for k, v in state.items()},
-                                os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return directory
+    return _write(directory, state, config)
