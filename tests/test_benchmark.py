@@ -176,3 +176,15 @@ def test_train_figures_of_the_baselines():
         t = out["train"]
         assert t["images_per_step"] == out["batch"] * (1 if method == "supervised" else 2)
         assert t["seconds"] > 0 and t["flops"] > 0
+
+
+def test_cli_refuses_a_bad_config_in_one_line():
+    """The benchmark validates its config as main.py does: one `error:` line, exit status 2."""
+    cmd = [sys.executable, "-m", "allspark_jax.benchmark", "--config=configs/demo.py",
+           "--config.model.encoder=dinov2", "--what=compile"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: config.model.decoder_dim=64: expected 768 (its configs/default.py value): only "
+        "model.encoder 'mit' reads it (model.encoder='dinov2')")

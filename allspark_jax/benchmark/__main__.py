@@ -11,7 +11,7 @@ from absl import flags
 from allspark_jax import runtime
 from allspark_jax.benchmark import measure
 from allspark_jax.benchmark import report
-from allspark_jax.commands import config_flag
+from allspark_jax.commands import config_flag, startup
 
 FLAGS = flags.FLAGS
 config_flag.define("config", "pascal", "Config file or shipped config (model, crop, batch, "
@@ -44,6 +44,7 @@ def main(argv) -> None:
                        if p.endswith(".json"))
         print(report.markdown_table(paths))
         return
+    startup.validate_or_exit(FLAGS.config)  # a bad key: one line, as main.py's
     import jax  # pylint: disable=g-import-not-at-top
     runtime.set_xla_flags(FLAGS.config)
     runtime.apply_precision(FLAGS.config)

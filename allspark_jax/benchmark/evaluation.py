@@ -26,7 +26,7 @@ from allspark_jax.data import datasets
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables, small_crop
-from allspark_jax.weights import release
+from allspark_jax.weights import release, release_files
 
 
 def image_sizes(num_sizes: int, min_side: int, max_side: int, seed: int = 0) -> list[tuple]:
@@ -145,7 +145,10 @@ def bench_predict(config, num_images: int = 200, num_sizes: int = 100, min_side:
                                                          int(config.data.crop_size)))
         full = {**jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template),
                 **jax.tree.map(np.asarray, variables)}
-        np.savez(weights, **release.to_state_dict(full))
+        if model.config.encoder == "dinov2":  # UniMatch V2's layout (+ AllSpark's keys)
+            release_files.save_unimatch_checkpoint(full, weights)
+        else:
+            np.savez(weights, **release.to_state_dict(full))
         for way in ways:
             jax.clear_caches()
             dest = os.path.join(tmp, way)
