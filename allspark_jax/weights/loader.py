@@ -41,7 +41,7 @@ import numpy as np
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, init_variables
-from allspark_jax.weights import huggingface, release, release_files
+from allspark_jax.weights import dinov2, huggingface, release, release_files
 from allspark_jax.weights.huggingface_keys import to_release_state_dict
 
 HUGGINGFACE, NPZ, PTH, HUB = "huggingface", "npz", "pth", "hub"
@@ -163,8 +163,19 @@ def load_pretrained_encoder(spec: str | os.PathLike | WeightSource, variables: M
     """`variables` with `params/backbone` replaced by the encoder of `spec`: a SegFormer
     `mit_bX.pth` (or `.npz`) state dict, or a Hugging Face `SegformerModel` /
     `SegformerForImageClassification` checkpoint (`model_config`, a ModelConfig or MiTConfig, as in
-    `load_variables`). Their ImageNet classifiers are ignored."""
+    `load_variables`). Their ImageNet classifiers are ignored. For a DINOv2 encoder (`variables`
+    of encoder 'dinov2'): facebookresearch's `dinov2_vit*14_pretrain.pth` state dict (`.pth` or
+    `.npz`, as `release_files.save_pretrained_encoder` writes it)."""
     source = source_of(spec)
+    if release_files.is_dinov2_encoder(variables):
+        if source.is_huggingface:
+            raise WeightImportError(f"{source.spec}: a DINOv2 encoder's model.pretrained must be "
+                                    f"a facebookresearch dinov2_vit*14_pretrain.pth state dict "
+                                    f"(.pth or .npz)")
+        loaded = dinov2.encoder_from_state_dict(_release_state_dict(source),
+                                                variables["params"]["backbone"],
+                                                layout="dinov2", source=source.spec)
+        return release.with_encoder(variables, loaded)
     if source.is_huggingface:
         return huggingface.import_encoder(_huggingface_checkpoint(source), variables,
                                           model_config=model_config)

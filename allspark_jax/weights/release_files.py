@@ -1,6 +1,7 @@
 """The release's weight files, read and written without torch: state dicts in `.npz` (numpy.savez)
 or `.pth` / `.pt` (torch.save) files, official training checkpoints (`latest.pth` / `best.pth`)
-and SegFormer ImageNet encoders (`mit_bX.pth`). Names and layouts: `allspark_jax.weights.release`.
+and SegFormer ImageNet encoders (`mit_bX.pth`; a DINOv2 encoder as facebookresearch's
+`dinov2_vit*14_pretrain.pth`). Names and layouts: `allspark_jax.weights.release` (`weights.dinov2`).
 
 Which reader a weight spec takes is decided by `allspark_jax.weights.loader`, nowhere else.
 """
@@ -13,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from allspark_jax.errors import WeightImportError
-from allspark_jax.weights import release
+from allspark_jax.weights import dinov2, release
 from allspark_jax.weights.pth_reader import load_pth
 from allspark_jax.weights.pth_writer import save_pth
 
@@ -57,11 +58,22 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return obj
 
 
+def is_dinov2_encoder(variables: Mapping) -> bool:
+    """Whether `variables`' encoder (`params/backbone`) is a DINOv2 (its position embeddings and
+    class token; MiT has neither)."""
+    backbone = variables["params"]["backbone"]
+    return "pos_embed" in backbone and "cls_token" in backbone
+
+
 def save_pretrained_encoder(variables: Mapping, path: str | os.PathLike) -> None:
     """Writes the encoder of `variables` as a SegFormer `mit_bX.pth` state dict (encoder keys
-    without prefix): `.npz` when `path` ends so, else torch.save's format. The loader's
-    `load_pretrained_encoder` reads it back."""
-    state = release.encoder_state_dict(variables)
+    without prefix), a DINOv2 encoder as facebookresearch's `dinov2_vit*14_pretrain.pth` one:
+    `.npz` when `path` ends so, else torch.save's format. The loader's `load_pretrained_encoder`
+    reads it back."""
+    if is_dinov2_encoder(variables):
+        state = dinov2.encoder_to_state_dict(variables["params"]["backbone"], layout="dinov2")
+    else:
+        state = release.encoder_state_dict(variables)
     path = os.fspath(path)
     if path.endswith(".npz"):
         np.savez(path, **state)
