@@ -47,6 +47,13 @@ def test_branches_need_the_training_token_grid():
     base.eval.mode = "original"
     with pytest.raises(learning.app.UsageError, match="config.eval.mode='original' feeds whole"):
         learning.check_branches(base)
+    # DINOv2: the grid of the evaluated input (60 px crops resized to 56, as UniMatch V2 evaluates)
+    dinov2 = config_lib.load_config("configs/learning.py:dinov2")
+    learning.check_branches(dinov2)  # 56 px crops: 4 x 4 tokens both
+    dinov2.data.crop_size = 70
+    with pytest.raises(learning.app.UsageError, match=r"config.eval.crop_size=60 gives a token "
+                       r"grid of 4 x 4 tokens, config.data.crop_size=70 5 x 5"):
+        learning.check_branches(dinov2)
 
 
 def test_end_to_end_one_seed(tmp_path):
@@ -87,6 +94,34 @@ def test_end_to_end_one_seed(tmp_path):
     assert "patch_embed1.proj.weight" in keys
     assert not any(k.startswith(("backbone.", "decoder.", "head.")) for k in keys)
     assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout
+
+
+def test_end_to_end_on_the_tiny_dinov2(tmp_path):
+    """configs/learning.py:dinov2: the source task's DINOv2 encoder is written in facebookresearch's
+    names and the runs start from it (one seed, AllSpark alone, 2 steps, 28 px crops)."""
+    out, workdir = tmp_path / "out.json", tmp_path / "work"
+    overrides = {"data.synthetic.num_train": 14, "data.synthetic.num_labeled": 6,
+                 "data.synthetic.num_val": 4, "data.synthetic.size": 40, "data.crop_size": 28,
+                 "data.batch_size": 4, "eval.crop_size": 28, "train.epochs": 1,
+                 "learning.pretrain_steps": 2, "learning.pretrain_num_classes": 5,
+                 "learning.pretrain_num_images": 8}
+    cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
+           "--config", "configs/learning.py:dinov2", "--seeds", "0", "--methods", "allspark",
+           "--noextensions", "--branches", "--json", str(out), "--workdir", str(workdir),
+           *(f"--config.{k}={v}" for k, v in overrides.items())]
+    proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["config"]["model"]["encoder"] == "dinov2"
+    r = data["results"]["allspark"]
+    assert r["steps"] == 2 and len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0
+    assert set(r["branches"]) == {"memory", "unlabeled"}
+    with np.load(data["pretrain"]["path"]) as f:
+        keys = set(f.files)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.3.attn.qkv.weight",
+            "norm.weight"} <= keys
+    assert not any(k.startswith(("backbone.", "head.")) for k in keys)
 
 
 def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):

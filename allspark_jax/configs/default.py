@@ -18,7 +18,8 @@ as the release's 4 DDP processes each average over their own pixels; 1 = one ave
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
 'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
 argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer; `--config.method=semi` switches the method and keeps every other key but those
+that trainer, and the encoder as another (`configs/pascal.py:1_16,semi,dinov2_base`: `config_arg`,
+`use_dinov2`); `--config.method=semi` switches the method and keeps every other key but those
 the new method does not read, which go back to their values here unless the command line sets
 them too (`allspark_jax.commands.config_flag`). A key that
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
@@ -173,7 +174,8 @@ def get_config():
     model.precision = "default"
     model.remat = False  # Rematerialise MiT blocks (saves activation memory, costs compute; 'mit').
     model.pretrained = placeholder(str)  # SegFormer ImageNet encoder to start from: mit_b5.pth, or a
-    # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id.
+    # Hugging Face SegformerModel / SegformerForImageClassification directory, .safetensors or hub id;
+    # encoder 'dinov2': facebookresearch's dinov2_vit{s,b,l,g}14_pretrain.pth (or its .npz).
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()

@@ -61,7 +61,7 @@ def read_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def is_dinov2_encoder(variables: Mapping) -> bool:
     """Whether `variables`' encoder (`params/backbone`) is a DINOv2 (its position embeddings and
     class token; MiT has neither)."""
-    backbone = variables["params"]["backbone"]
+    backbone = variables.get("params", {}).get("backbone", {})
     return "pos_embed" in backbone and "cls_token" in backbone
 
 
