@@ -104,17 +104,18 @@ def test_the_encoder_argument_is_optional_and_checked():
             load(spec)
 
 
-@pytest.mark.parametrize("spec,method", [("demo.py:dinov2", "allspark"),
-                                         ("demo.py:semi,dinov2", "semi"),
-                                         ("demo.py:dinov2,supervised", "supervised"),
-                                         ("learning.py:dinov2", "allspark")])
-def test_the_demo_and_learning_configs_take_a_tiny_dinov2(spec, method):
+@pytest.mark.parametrize("spec,method,lr", [("demo.py:dinov2", "allspark", 0.1),
+                                            ("demo.py:semi,dinov2", "semi", 0.1),
+                                            ("demo.py:dinov2,supervised", "supervised", 0.05),
+                                            ("learning.py:dinov2", "allspark", 0.05)])
+def test_the_demo_and_learning_configs_take_a_tiny_dinov2(spec, method, lr):
     from allspark_jax.configs import demo
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
     assert (config.method, config.model.encoder) == (method, "dinov2")
     assert config.model.backbone.to_dict() == demo.DINOV2 and config.model.pretrained is None
     assert config.data.crop_size % 14 == 0 and config.model.dpt.layers == demo.DPT["layers"]
+    assert config.optim.lr == lr
 
 
 def test_shipped_configs_load_from_any_folder_and_by_file(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ The optional argument is the method with its keys (`configs/demo.py:semi`,
 its AllSpark-only keys back at their defaults.
 
 `dinov2` in the argument (`configs/demo.py:dinov2`, `configs/demo.py:semi,dinov2`) trains a tiny
-DINOv2 with a small DPT head instead, also from scratch (`DINOV2`, `DPT`), at lr 0.1: 56 px crops
+DINOv2 with a small DPT head instead, also from scratch (`DINOV2`, `DPT`), at lr 0.1 (supervised
+0.05): 56 px crops
 (4 x 4 tokens of 14 px; the stored position grid is that grid), evaluated as UniMatch V2 evaluates
 (the 60 px centre crops resized to 56 px: the training crop's grid). The MiT-only keys keep their
 defaults.
@@ -54,8 +55,12 @@ def get_config(arg: str = "allspark"):
         config.model.drop_path_rate = 0.0
         config.model.decoder_dim = 64
     config.model.pretrained = None
-    # SGD from scratch: the ViT needs 10x the MiT's rate to learn in the demo's 384 steps (README)
-    config.optim.lr = 0.1 if encoder == "dinov2" else 0.01
+    config.optim.lr = 0.01
+    if encoder == "dinov2":
+        # SGD from scratch: the ViT needs 10x the MiT's rate to learn in the demo's 384 steps
+        # (README); supervised half that, as semi's and AllSpark's loss (loss_x + loss_u) / 2
+        # halves the labeled loss's gradient (labeled alone it diverges at 0.1).
+        config.optim.lr = 0.05 if method == "supervised" else 0.1
     config.optim.lr_multi = 1.0
     config.train.epochs = 24
     if method == "allspark":  # the Semantic Memory's warm-up (the baselines have no memory)

@@ -57,6 +57,7 @@ from absl import logging
 from allspark_jax import method as method_lib
 from allspark_jax.commands import config_flag
 from allspark_jax.config.checks import error, in_range
+from allspark_jax.errors import NonFiniteError
 
 ALL_LABELED = "<all labeled>"  # replaced by the list of every training image (`write_all_labeled`)
 # Row name -> (method, config overrides). The extension values are UniMatch's (threshold 0.95,
@@ -413,6 +414,9 @@ def main(argv):
     except startup.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:  # a run diverged (its message names the run's folder), as main.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if not FLAGS.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
