@@ -96,32 +96,33 @@ def test_end_to_end_one_seed(tmp_path):
     assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout
 
 
-def test_end_to_end_on_the_tiny_dinov2(tmp_path):
-    """configs/learning.py:dinov2: the source task's DINOv2 encoder is written in facebookresearch's
-    names and the runs start from it (one seed, AllSpark alone, 2 steps, 28 px crops)."""
-    out, workdir = tmp_path / "out.json", tmp_path / "work"
-    overrides = {"data.synthetic.num_train": 14, "data.synthetic.num_labeled": 6,
-                 "data.synthetic.num_val": 4, "data.synthetic.size": 40, "data.crop_size": 28,
-                 "data.batch_size": 4, "eval.crop_size": 28, "train.epochs": 1,
-                 "learning.pretrain_steps": 2, "learning.pretrain_num_classes": 5,
-                 "learning.pretrain_num_images": 8}
-    cmd = [sys.executable, "-m", "allspark_jax.experiments.learning",
-           "--config", "configs/learning.py:dinov2", "--seeds", "0", "--methods", "allspark",
-           "--noextensions", "--branches", "--json", str(out), "--workdir", str(workdir),
-           *(f"--config.{k}={v}" for k, v in overrides.items())]
-    proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
-    assert data["config"]["model"]["encoder"] == "dinov2"
-    r = data["results"]["allspark"]
+def test_the_tiny_dinov2_end_to_end(tmp_path):
+    """configs/learning.py:dinov2 in process: the source task's DINOv2 encoder is written in
+    facebookresearch's names and the run starts from it (one seed, AllSpark alone, 2 steps, 28 px
+    crops; the command line around it is the MiT test's above)."""
+    base = config_lib.load_config("configs/learning.py:dinov2")
+    for key, value in {"data.synthetic.num_train": 14, "data.synthetic.num_labeled": 6,
+                       "data.synthetic.num_val": 4, "data.synthetic.size": 40, "data.crop_size": 28,
+                       "data.batch_size": 4, "eval.crop_size": 28, "train.epochs": 1,
+                       "train.progress_bar": False, "learning.pretrain_steps": 2,
+                       "learning.pretrain_num_classes": 5,
+                       "learning.pretrain_num_images": 8}.items():
+        learning._set(base, key, value)
+    config_lib.validate(base)
+    learning.validate_learning(base)
+    printed = []
+    ran = learning.run_benchmark(base, seeds=[0], rows=["allspark"], workdir=str(tmp_path),
+                                 print_fn=printed.append)
+    r = ran["results"]["allspark"]
     assert r["steps"] == 2 and len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0
-    assert set(r["branches"]) == {"memory", "unlabeled"}
-    with np.load(data["pretrain"]["path"]) as f:
+    pretrain = ran["pretrain"]
+    assert pretrain["steps"] == 2 and pretrain["num_classes"] == 5
+    with np.load(pretrain["path"]) as f:
         keys = set(f.files)
     assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.3.attn.qkv.weight",
             "norm.weight"} <= keys
     assert not any(k.startswith(("backbone.", "head.")) for k in keys)
+    assert any(f"every run's encoder starts from {pretrain['path']}" in p for p in printed)
 
 
 def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):
