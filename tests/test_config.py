@@ -26,6 +26,98 @@ def test_shipped_configs_load_by_name_and_validate(spec):
     config_lib.validate(config)
 
 
+# The dataset configs' encoder argument: (spec, the same config on MiT, DINOv2 size, crop, epochs,
+# eval mode, the dataset's largest images (height, width) that the buckets must hold).
+DINOV2_SPECS = [
+    ("pascal.py:92,dinov2_base", "pascal.py:92", "base", 518, 60, "original",
+     [(375, 500), (500, 375), (500, 500)]),
+    ("pascal.py:1_16,semi,dinov2_small", "pascal.py:1_16,semi", "small", 518, 60, "original",
+     [(375, 500), (500, 375), (500, 500)]),
+    ("coco.py:1_512,dinov2_large,supervised", "coco.py:1_512,supervised", "large", 518, 20,
+     "original", [(480, 640), (640, 480), (640, 640)]),
+    ("cityscapes.py:1_16,dinov2_giant", "cityscapes.py:1_16", "giant", 798, 180,
+     "sliding_window", []),
+    ("cityscapes.py:1_8,semi,dinov2_base", "cityscapes.py:1_8,semi", "base", 798, 180,
+     "sliding_window", []),
+]
+
+
+@pytest.mark.parametrize("spec,mit_spec,size,crop,epochs,mode,largest", DINOV2_SPECS)
+def test_dataset_configs_take_a_dinov2_encoder_with_unimatch_v2s_settings(
+        spec, mit_spec, size, crop, epochs, mode, largest):
+    from allspark_jax.configs import default
+    from allspark_jax.evaluation import bucketing, evaluator
+    from allspark_jax.models import segmentor
+    from allspark_jax.models.dinov2 import DINOv2Config
+    from allspark_jax.models.dpt import DPTConfig, eval_input_size
+    config = config_lib.load_config(os.path.join(CONFIGS, spec))
+    config_lib.validate(config)
+    mit = config_lib.load_config(os.path.join(CONFIGS, mit_spec))
+    assert (config.model.encoder, config.model.backbone) == ("dinov2", size)
+    assert config.model.pretrained == f"pretrained/dinov2_vit{size[0]}14_pretrain.pth"
+    assert (config.data.crop_size, config.train.epochs, config.eval.mode) == (crop, epochs, mode)
+    model = segmentor.model_config_from(config)
+    assert model.backbone == DINOv2Config.preset(size)
+    assert model.dpt == DPTConfig.preset(size, num_classes=config.data.num_classes)
+    # the method's optimiser, batch, losses and warm-up stay the release's (the MiT config's)
+    for key in ("method", "optim", "data.batch_size", "train.loss_x", "train.warmup_epoch",
+                "train.ohem_min_kept", "train.conf_thresh", "eval.crop_size"):
+        node, other = config, mit
+        for part in key.split("."):
+            node, other = node[part], other[part]
+        assert node == other, key
+    # the MiT-only keys are at their defaults (else validation refuses them)
+    base = default.get_config()
+    for key in ("decoder_dim", "head_dropout", "drop_path_rate", "remat"):
+        assert config.model[key] == base.model[key], key
+    if mode == "sliding_window":  # 798 px windows: 57 patches, run at their own size
+        assert evaluator.eval_crop_size(config) == 798 == eval_input_size((798,))[0]
+        assert config.eval.buckets == mit.eval.buckets  # the canvas of the window sums
+    for bucket in bucketing.as_buckets(config.eval.buckets) if largest else ():
+        assert bucket[0] % 14 == 0 and bucket[1] % 14 == 0, bucket
+    for image in largest:  # a bucket holds it, and runs in the bucket's own size
+        bucket = bucketing.choose_bucket(image, config.eval.buckets)
+        assert eval_input_size(bucket) == bucket
+
+
+def test_the_encoder_argument_is_optional_and_checked():
+    from allspark_jax.configs import default
+    from allspark_jax.models.dinov2 import DINOV2_PRESETS
+    assert set(default.DINOV2_CHECKPOINTS) == set(DINOV2_PRESETS)
+    load = lambda spec: config_lib.load_config(os.path.join(CONFIGS, spec))  # noqa: E731
+    assert load("pascal.py:1_16,mit").to_dict() == load("pascal.py:1_16").to_dict()
+    assert (load("coco.py:1_32,dinov2_base,semi").to_dict()
+            == load("coco.py:1_32,semi,dinov2_base").to_dict())
+    for spec, message in [
+            ("pascal.py:1_16,dinov2_huge", r"configs/pascal.py:1_16,dinov2_huge: unknown method "
+             r"or encoder 'dinov2_huge'; expected a method \(allspark, semi, supervised\) or an "
+             r"encoder \(mit, dinov2_small, dinov2_base, dinov2_large, dinov2_giant\)"),
+            ("cityscapes.py:1_16,dinov2_base,dinov2_small",
+             r"'dinov2_small' is a second encoder; give one"),
+            ("coco.py:1_16,dinov2_base", r"configs/coco.py:1_16,dinov2_base: unknown split "
+             r"'1_16'"),
+            ("demo.py:dinov2_base", r"configs/demo.py:dinov2_base: unknown method or encoder "
+             r"'dinov2_base'; expected a method \(allspark, semi, supervised\) or an encoder "
+             r"\(mit, dinov2\)"),
+            ("demo.py:semi,supervised", r"'supervised' is a second method")]:
+        with pytest.raises(ValueError, match=message):
+            load(spec)
+
+
+@pytest.mark.parametrize("spec,method,lr", [("demo.py:dinov2", "allspark", 0.1),
+                                            ("demo.py:semi,dinov2", "semi", 0.1),
+                                            ("demo.py:dinov2,supervised", "supervised", 0.05),
+                                            ("learning.py:dinov2", "allspark", 0.05)])
+def test_the_demo_and_learning_configs_take_a_tiny_dinov2(spec, method, lr):
+    from allspark_jax.configs import demo
+    config = config_lib.load_config(os.path.join(CONFIGS, spec))
+    config_lib.validate(config)
+    assert (config.method, config.model.encoder) == (method, "dinov2")
+    assert config.model.backbone.to_dict() == demo.DINOV2 and config.model.pretrained is None
+    assert config.data.crop_size % 14 == 0 and config.model.dpt.layers == demo.DPT["layers"]
+    assert config.optim.lr == lr
+
+
 def test_shipped_configs_load_from_any_folder_and_by_file(tmp_path, monkeypatch):
     """`configs/NAME.py`, `NAME.py`, `NAME` and the package's own file all load the shipped config,
     wherever the process runs (an installed package has no configs/ folder beside it)."""

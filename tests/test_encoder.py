@@ -7,11 +7,11 @@ import pytest
 
 from allspark_jax import config as config_lib
 from allspark_jax import errors
-from allspark_jax.configs import default
 from allspark_jax.models import segmentor
 from allspark_jax.models.dinov2 import DINOv2Config
 from allspark_jax.models.dpt import DPTConfig
 from allspark_jax.models.resize import resize_bilinear_align_corners
+from allspark_jax.weights import loader, release_files
 
 TINY_DINOV2 = dict(embed_dim=32, depth=4, num_heads=2, pos_grid=4)
 TINY_DPT = dict(features=16, out_channels=(8, 16, 16, 32), layers=(0, 1, 2, 3))
@@ -19,12 +19,8 @@ CROP = 42  # a 3 x 3 token grid; the stored position grid is 4 x 4, so it is int
 
 
 def dinov2_config(method="allspark", **model):
-    """configs/demo.py:METHOD on a tiny DINOv2 (the MiT-only keys back at their defaults)."""
-    config = config_lib.load_config(f"configs/demo.py:{method}")
-    base = default.get_config()
-    for key in ("decoder_dim", "head_dropout", "drop_path_rate", "remat"):
-        config.model[key] = base.model[key]
-    config.model.encoder = "dinov2"
+    """configs/demo.py:METHOD,dinov2 on an even smaller DINOv2 and crop."""
+    config = config_lib.load_config(f"configs/demo.py:{method},dinov2")
     set_backbone(config, dict(TINY_DINOV2))
     for key, value in TINY_DPT.items():
         config.model.dpt[key] = value
@@ -99,8 +95,41 @@ def _init(config, batch=2):
         jax.random.key(0))
 
 
-def test_allspark_sits_on_the_last_map_the_dpt_head_reads():
-    model, v = _init(dinov2_config())
+@pytest.fixture(scope="module")
+def allspark_dinov2():
+    """The tiny AllSpark-on-DINOv2 model and its variables (initialised once for the module)."""
+    return _init(dinov2_config())
+
+
+def test_a_dinov2_encoder_is_saved_and_loaded_as_model_pretrained(allspark_dinov2, tmp_path):
+    """The learning benchmark's source-task encoder: written in facebookresearch's
+    dinov2_vit*14_pretrain.pth names, read back as `model.pretrained` (encoder only, strict)."""
+    _, v = allspark_dinov2
+    other = jax.tree.map(lambda a: a + 1, v)
+    for suffix in ("npz", "pth"):
+        path = str(tmp_path / f"encoder.{suffix}")
+        release_files.save_pretrained_encoder(v, path)
+        state = release_files.read_npz(path) if suffix == "npz" else release_files.read_pth(path)
+        assert {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight",
+                "blocks.3.attn.qkv.weight", "blocks.0.ls1.gamma", "norm.weight"} <= set(state)
+        assert not any(k.startswith(("backbone.", "head.")) for k in state)
+        loaded = loader.load_pretrained_encoder(path, other)
+        for key, want in (("backbone", v), ("head", other), ("allspark", other)):
+            for a, b in zip(jax.tree.leaves(loaded["params"][key]),
+                            jax.tree.leaves(want["params"][key])):
+                np.testing.assert_array_equal(a, b)
+    # another size is refused, naming the file and the keys
+    bigger = dinov2_config(backbone=dict(TINY_DINOV2, depth=5))
+    model5 = segmentor.build_model(bigger)
+    v5 = jax.eval_shape(lambda: segmentor.init_variables(model5, jax.random.key(0), CROP))
+    with pytest.raises(errors.WeightImportError,
+                       match=r"encoder\.pth does not fit the model:\n  missing keys \(14\): "
+                             r"blocks\.4\.attn"):
+        loader.load_pretrained_encoder(path, v5)
+
+
+def test_allspark_sits_on_the_last_map_the_dpt_head_reads(allspark_dinov2):
+    model, v = allspark_dinov2
     assert set(v["params"]) == {"backbone", "allspark", "head"} and v["batch_stats"] == {}
     d = TINY_DINOV2["embed_dim"]
     # The Semantic Memory: (classes, channels D, tokens of the crop's 14-px grid).
@@ -140,10 +169,10 @@ def test_without_allspark_it_is_unimatch_v2s_dpt_model_and_evaluates_as_its_eval
     assert model.apply(v, y[:, :8, :20], mode="eval").shape == (1, 8, 20, 5)
 
 
-def test_allspark_on_dinov2_evaluates_padded_batches_image_by_image():
+def test_allspark_on_dinov2_evaluates_padded_batches_image_by_image(allspark_dinov2):
     """AllSpark's eval attention sums over each image's true tokens only: a padded batch gives each
     image its logits alone (UniMatch V2's evaluation resizes around the model)."""
-    model, v = _init(dinov2_config())
+    model, v = allspark_dinov2
     v = {k: v[k] for k in ("params", "batch_stats")}
     sizes = [(37, 50), (61, 44)]
     images = [np.asarray(jax.random.normal(jax.random.key(10 + i), s + (3,)))

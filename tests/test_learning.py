@@ -47,6 +47,13 @@ def test_branches_need_the_training_token_grid():
     base.eval.mode = "original"
     with pytest.raises(learning.app.UsageError, match="config.eval.mode='original' feeds whole"):
         learning.check_branches(base)
+    # DINOv2: the grid of the evaluated input (60 px crops resized to 56, as UniMatch V2 evaluates)
+    dinov2 = config_lib.load_config("configs/learning.py:dinov2")
+    learning.check_branches(dinov2)  # 56 px crops: 4 x 4 tokens both
+    dinov2.data.crop_size = 70
+    with pytest.raises(learning.app.UsageError, match=r"config.eval.crop_size=60 gives a token "
+                       r"grid of 4 x 4 tokens, config.data.crop_size=70 5 x 5"):
+        learning.check_branches(dinov2)
 
 
 def test_end_to_end_one_seed(tmp_path):
@@ -87,6 +94,35 @@ def test_end_to_end_one_seed(tmp_path):
     assert "patch_embed1.proj.weight" in keys
     assert not any(k.startswith(("backbone.", "decoder.", "head.")) for k in keys)
     assert f"every run's encoder starts from {pretrain['path']}" in proc.stdout
+
+
+def test_the_tiny_dinov2_end_to_end(tmp_path):
+    """configs/learning.py:dinov2 in process: the source task's DINOv2 encoder is written in
+    facebookresearch's names and the run starts from it (one seed, AllSpark alone, 2 steps, 28 px
+    crops; the command line around it is the MiT test's above)."""
+    base = config_lib.load_config("configs/learning.py:dinov2")
+    for key, value in {"data.synthetic.num_train": 14, "data.synthetic.num_labeled": 6,
+                       "data.synthetic.num_val": 4, "data.synthetic.size": 40, "data.crop_size": 28,
+                       "data.batch_size": 4, "eval.crop_size": 28, "train.epochs": 1,
+                       "train.progress_bar": False, "learning.pretrain_steps": 2,
+                       "learning.pretrain_num_classes": 5,
+                       "learning.pretrain_num_images": 8}.items():
+        learning._set(base, key, value)
+    config_lib.validate(base)
+    learning.validate_learning(base)
+    printed = []
+    ran = learning.run_benchmark(base, seeds=[0], rows=["allspark"], workdir=str(tmp_path),
+                                 print_fn=printed.append)
+    r = ran["results"]["allspark"]
+    assert r["steps"] == 2 and len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0
+    pretrain = ran["pretrain"]
+    assert pretrain["steps"] == 2 and pretrain["num_classes"] == 5
+    with np.load(pretrain["path"]) as f:
+        keys = set(f.files)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.3.attn.qkv.weight",
+            "norm.weight"} <= keys
+    assert not any(k.startswith(("backbone.", "head.")) for k in keys)
+    assert any(f"every run's encoder starts from {pretrain['path']}" in p for p in printed)
 
 
 def test_unreadable_encoder_file_is_a_one_line_error(tmp_path):

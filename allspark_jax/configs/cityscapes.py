@@ -11,6 +11,16 @@ A second argument picks the method with the release's hyperparameters for it
 (`configs/cityscapes.py:1_16,semi`, `...:1_16,supervised`): both baselines train at lr 0.001
 (AllSpark 0.005), the supervised one at global batch 16 (4 / GPU x 4 GPUs); loss_x is OHEM for all
 three, loss_u CE.
+
+An encoder argument puts the run on DINOv2 with UniMatch V2's DPT head (`configs/cityscapes.py:
+1_16,dinov2_base`, `...:1_16,semi,dinov2_small`; sizes small / base / large / giant; 'mit', the
+default, is the release's MiT-B5). UniMatch V2's settings then: crop 798 (57 patches), 180
+epochs, `pretrained/dinov2_vit{s,b,l,g}14_pretrain.pth` as the encoder's start, and its
+sliding-window evaluation with 798 px windows (multiples of 14, so the model runs each window at
+its own size; `eval.buckets` stays the canvas of the window sums, which the model never sees).
+The method's settings stay the release's: SGD at lr 0.005 (baselines 0.001) x lr_multi 1, the
+global batch (8; supervised 16), OHEM(0.7, 200000), warm-up 15 epochs. UniMatch V2's own recipe
+(AdamW at 5e-6 x 40, confidence threshold 0.95) is its method's, not these.
 """
 from allspark_jax.configs import default
 
@@ -18,7 +28,8 @@ SPLITS = ("1_30", "1_16", "1_8", "1_4", "1_2")
 
 
 def get_config(arg: str = "1_16"):
-    split, method = default.split_and_method(arg, "cityscapes.py", SPLITS)
+    split, method, encoder = default.config_arg(arg, "cityscapes.py", default.DATASET_ENCODERS,
+                                                SPLITS)
     config = default.get_config()
     config.method = method
     config.data.name = "cityscapes"
@@ -40,4 +51,7 @@ def get_config(arg: str = "1_16"):
     config.train.ohem_min_kept = 200000
     config.eval.mode = "sliding_window"
     config.eval.buckets = ((1024, 2048),)  # the canvas of the window sums
+    if encoder != "mit":
+        # the windows: eval.crop_size None follows the 798 px crop
+        default.use_dinov2(config, encoder, crop_size=798, epochs=180)
     return config

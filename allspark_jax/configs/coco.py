@@ -11,6 +11,15 @@ schedule as Pascal's 5 of 80 is 6%, Cityscapes' 15 of 240 is 6%; COCO's epochs a
 A second argument picks the method with the release's hyperparameters for it
 (`configs/coco.py:1_512,semi`, `...:1_512,supervised`): the baselines share AllSpark's except the
 supervised global batch, 32 (8 / GPU x 4 GPUs).
+
+An encoder argument puts the run on DINOv2 with UniMatch V2's DPT head (`configs/coco.py:1_512,
+dinov2_base`, `...:1_512,semi,dinov2_small`; sizes small / base / large / giant; 'mit', the
+default, is the release's MiT-B5). UniMatch V2's settings then: crop 518, 20 epochs,
+`pretrained/dinov2_vit{s,b,l,g}14_pretrain.pth` as the encoder's start, whole-image evaluation as
+UniMatch V2's (each image resized to a multiple of 14 and the logits back) in 14-multiple buckets.
+The method's settings stay the release's: SGD at lr 0.001 x lr_multi 10, the global batch (16;
+supervised 32), CE, warm-up 1 epoch. UniMatch V2's own recipe (AdamW at 5e-6 x 40, confidence
+threshold 0.95) is its method's, not these.
 """
 from allspark_jax.configs import default
 
@@ -18,7 +27,7 @@ SPLITS = ("1_512", "1_256", "1_128", "1_64", "1_32")
 
 
 def get_config(arg: str = "1_512"):
-    split, method = default.split_and_method(arg, "coco.py", SPLITS)
+    split, method, encoder = default.config_arg(arg, "coco.py", default.DATASET_ENCODERS, SPLITS)
     config = default.get_config()
     config.method = method
     config.data.name = "coco"
@@ -39,4 +48,8 @@ def get_config(arg: str = "1_512"):
     config.eval.mode = "original"
     # COCO images are at most 640 x 640, most of them 640 x 480 or 480 x 640 (or smaller)
     config.eval.buckets = ((480, 640), (640, 480), (640, 640))
+    if encoder != "mit":
+        # 490 / 644 = 35 / 46 patches hold the 480 / 640 px sides
+        default.use_dinov2(config, encoder, crop_size=518, epochs=20,
+                           buckets=((490, 644), (644, 490), (644, 644)))
     return config

@@ -18,7 +18,8 @@ as the release's 4 DDP processes each average over their own pixels; 1 = one ave
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
 'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
 argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer; `--config.method=semi` switches the method and keeps every other key but those
+that trainer, and the encoder as another (`configs/pascal.py:1_16,semi,dinov2_base`: `config_arg`,
+`use_dinov2`); `--config.method=semi` switches the method and keeps every other key but those
 the new method does not read, which go back to their values here unless the command line sets
 them too (`allspark_jax.commands.config_flag`). A key that
 the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
@@ -33,21 +34,63 @@ from ml_collections.config_dict import placeholder
 from allspark_jax.method import METHODS
 
 
-def split_and_method(arg: str, config_file: str, splits) -> tuple[str, str]:
-    """A dataset config's argument 'SPLIT' or 'SPLIT,METHOD' -> (split, method); unknown -> error."""
-    split, _, method = str(arg).partition(",")
-    method = method or "allspark"
-    if split not in splits:
-        raise ValueError(f"configs/{config_file}:{arg}: unknown split {split!r}; expected one of "
-                         f"{', '.join(splits)}")
-    check_method(method, f"configs/{config_file}:{arg}")
-    return split, method
+# facebookresearch's DINOv2 encoders (`dinov2_vit{s,b,l,g}14_pretrain.pth`, the files UniMatch V2
+# loads as its backbone) by size, the sizes of `allspark_jax.models.dinov2.DINOV2_PRESETS`.
+DINOV2_CHECKPOINTS = {"small": "dinov2_vits14_pretrain.pth", "base": "dinov2_vitb14_pretrain.pth",
+                      "large": "dinov2_vitl14_pretrain.pth", "giant": "dinov2_vitg14_pretrain.pth"}
+# The dataset configs' encoder arguments: the release's MiT-B5, or a DINOv2 size with UniMatch V2's
+# DPT head (`use_dinov2`).
+DATASET_ENCODERS = ("mit",) + tuple(f"dinov2_{size}" for size in DINOV2_CHECKPOINTS)
 
 
-def check_method(method: str, spec: str) -> None:
-    """Raises ValueError naming the config argument `spec` if `method` is not a method."""
-    if method not in METHODS:
-        raise ValueError(f"{spec}: unknown method {method!r}; expected one of {', '.join(METHODS)}")
+def config_arg(arg: str, config_file: str, encoders, splits=None) -> tuple[str | None, str, str]:
+    """A shipped config's argument -> (split, method, encoder); anything unknown -> ValueError.
+
+    The argument is 'SPLIT[,METHOD][,ENCODER]' for a config with `splits` (the split first), else
+    '[METHOD][,ENCODER]'; METHOD and ENCODER may come in either order, each at most once;
+    defaults 'allspark' and 'mit' (split None without `splits`).
+    """
+    spec = f"configs/{config_file}:{arg}"
+    parts = str(arg).split(",") if str(arg) else []
+    split = None
+    if splits is not None:
+        split = parts.pop(0) if parts else ""
+        if split not in splits:
+            raise ValueError(f"{spec}: unknown split {split!r}; expected one of {', '.join(splits)}")
+    method = encoder = None
+    for part in parts:
+        if part in METHODS and method is None:
+            method = part
+        elif part in encoders and encoder is None:
+            encoder = part
+        elif part in METHODS or part in encoders:
+            raise ValueError(f"{spec}: {part!r} is a second "
+                             f"{'method' if part in METHODS else 'encoder'}; give one")
+        else:
+            raise ValueError(f"{spec}: unknown method or encoder {part!r}; expected a method "
+                             f"({', '.join(METHODS)}) or an encoder ({', '.join(encoders)})")
+    return split, method or "allspark", encoder or "mit"
+
+
+def use_dinov2(config, encoder: str, *, crop_size: int, epochs: int, buckets=None) -> None:
+    """A dataset config on the DINOv2 encoder `encoder` ('dinov2_SIZE') with UniMatch V2's DPT head
+    of that size, as UniMatch V2 trains and evaluates it: its training crop (a multiple of the
+    14-px patch) and epochs, its `dinov2_vit*14_pretrain.pth` encoder as `model.pretrained`, and
+    `buckets` (None: the config's) for whole images: multiples of 14 holding the dataset's images,
+    so that each bucket's evaluation size (`models.dpt.eval_input_size`, the program's canvas) is
+    the bucket itself. The rest (the method's optimiser, batch, loss, warm-up; the evaluation
+    mode) stays the config's; the MiT-only keys keep their defaults, as validation requires."""
+    size = encoder.removeprefix("dinov2_")
+    if size not in DINOV2_CHECKPOINTS:
+        raise ValueError(f"unknown DINOv2 encoder {encoder!r}; expected one of "
+                         f"{', '.join(DATASET_ENCODERS[1:])}")
+    config.model.encoder = "dinov2"
+    config.model.backbone = size  # UniMatch V2's DPT head of this size (model.dpt.* None)
+    config.model.pretrained = f"pretrained/{DINOV2_CHECKPOINTS[size]}"
+    config.data.crop_size = crop_size
+    config.train.epochs = epochs
+    if buckets is not None:
+        config.eval.buckets = buckets
 
 
 def get_config():

@@ -17,12 +17,25 @@ images of 9 classes (other shape / colour / stripe pairings; rendering seed 1000
 the comparison), shared by every row and seed. `--config.learning.pretrain_steps=0` trains every
 run from scratch instead.
 `--config.KEY=VALUE` overrides any key, as in main.py.
+
+The argument `dinov2` (`--config configs/learning.py:dinov2`) runs the same comparison on the
+demo's tiny DINOv2 with its DPT head (`configs/demo.py:dinov2`: 56 px crops, 4 x 4 tokens) at lr
+0.05 for every row and the source task, every run's encoder started from the same kind of
+source-task model (a DINOv2 of that size, written as a `dinov2_vit*14_pretrain.pth`-style state
+dict).
 """
 from allspark_jax.configs import demo
 
 
-def get_config():
-    config = demo.get_config()
+def get_config(encoder: str = "mit"):
+    if encoder not in ("mit", "dinov2"):
+        raise ValueError(f"configs/learning.py:{encoder}: unknown encoder {encoder!r}; expected "
+                         f"mit or dinov2 (the methods are the benchmark's --methods)")
+    config = demo.get_config(encoder)
+    if encoder == "dinov2":
+        # one rate for every row and the source task: the demo's supervised one (the supervised
+        # source task diverges at the semi-supervised demo's 0.1)
+        config.optim.lr = 0.05
     config.data.synthetic.num_train = 320
     config.data.synthetic.num_labeled = 40  # 1/8 of the training images
     config.data.synthetic.num_val = 64

@@ -12,6 +12,15 @@ original splits; AllSpark's released pascal config does not) and evaluates whole
 A second argument picks the method with the release's hyperparameters for it
 (`configs/pascal.py:1_16,semi`, `configs/pascal.py:1_16,supervised`): the baselines share AllSpark's
 except the supervised global batch, 16 (4 / GPU x 4 GPUs).
+
+An encoder argument puts the run on DINOv2 with UniMatch V2's DPT head (`configs/pascal.py:92,
+dinov2_base`, `...:1_16,semi,dinov2_small`; sizes small / base / large / giant; 'mit', the
+default, is the release's MiT-B5). UniMatch V2's settings then: crop 518, 60 epochs,
+`pretrained/dinov2_vit{s,b,l,g}14_pretrain.pth` as the encoder's start, whole-image evaluation as
+UniMatch V2's (each image resized to a multiple of 14 and the logits back) in 14-multiple buckets.
+The method's settings stay the release's: SGD at lr 0.001 x lr_multi 10, the global batch (8;
+supervised 16), CE, warm-up 5 epochs. UniMatch V2's own recipe (AdamW at 5e-6 x 40, batch 16,
+confidence threshold 0.95) is its method's, not these.
 """
 from allspark_jax.configs import default
 
@@ -20,7 +29,8 @@ AUGMENTED = ("1_16", "1_8", "1_4", "1_2", "u2pl_1_16", "u2pl_1_8", "u2pl_1_4")
 
 
 def get_config(arg: str = "1_16"):
-    split, method = default.split_and_method(arg, "pascal.py", ORIGINAL + AUGMENTED)
+    split, method, encoder = default.config_arg(arg, "pascal.py", default.DATASET_ENCODERS,
+                                                ORIGINAL + AUGMENTED)
     config = default.get_config()
     config.method = method
     config.data.name = "pascal"
@@ -38,4 +48,8 @@ def get_config(arg: str = "1_16"):
     config.train.warmup_epoch = 5
     config.train.loss_x = "ce"
     config.eval.mode = "original"
+    if encoder != "mit":
+        # 378 / 504 = 27 / 36 patches hold VOC's 375 / 500 px sides
+        default.use_dinov2(config, encoder, crop_size=518, epochs=60,
+                           buckets=((378, 504), (504, 378), (504, 504)))
     return config

@@ -57,6 +57,7 @@ from absl import logging
 from allspark_jax import method as method_lib
 from allspark_jax.commands import config_flag
 from allspark_jax.config.checks import error, in_range
+from allspark_jax.errors import NonFiniteError
 
 ALL_LABELED = "<all labeled>"  # replaced by the list of every training image (`write_all_labeled`)
 # Row name -> (method, config overrides). The extension values are UniMatch's (threshold 0.95,
@@ -183,18 +184,26 @@ INSPECTED_BRANCHES = ("memory", "unlabeled")
 def check_branches(base) -> None:
     """--branches: the memory branch needs validation inputs on the training crop's token grid."""
     from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models.dpt import eval_input_size  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.mit import token_grid  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
     if base.eval.mode == "original":
         raise app.UsageError("--branches: the memory branch needs validation crops on the "
                              "training crop's token grid; config.eval.mode='original' feeds whole "
                              "images (use 'center_crop' or 'sliding_window')")
-    backbone = model_config_from(base).backbone
-    train_side = token_grid(int(base.data.crop_size), backbone)[-1]
+    model = model_config_from(base)
+    if model.encoder == "dinov2":  # the grid of the input as evaluated (resized to 14-multiples)
+        p = model.backbone.patch_size
+        side_of = lambda s: eval_input_size((s,), p)[0] // p  # noqa: E731
+        grid = "token grid"
+    else:  # MiT's stage 4
+        side_of = lambda s: token_grid(s, model.backbone)[-1]  # noqa: E731
+        grid = "stage-4 grid"
+    train_side = side_of(int(base.data.crop_size))
     eval_crop = evaluator.eval_crop_size(base)
-    eval_side = token_grid(eval_crop, backbone)[-1]
+    eval_side = side_of(eval_crop)
     if eval_side != train_side:
-        raise app.UsageError(f"--branches: config.eval.crop_size={eval_crop} gives a stage-4 grid "
+        raise app.UsageError(f"--branches: config.eval.crop_size={eval_crop} gives a {grid} "
                              f"of {eval_side} x {eval_side} tokens, config.data.crop_size="
                              f"{base.data.crop_size} {train_side} x {train_side}: the memory "
                              "branch needs the training crop's grid")
@@ -405,6 +414,9 @@ def main(argv):
     except startup.user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:  # a run diverged (its message names the run's folder), as main.py
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if not FLAGS.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
