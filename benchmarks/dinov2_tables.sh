@@ -22,6 +22,11 @@ bench small_518_allspark allspark small 518 --what=matmul,train,infer --steps=3
 bench base_518_allspark allspark base 518 --what=matmul,train,infer --steps=2
 bench small_518_semi semi small 518 --what=train,infer --steps=3
 bench base_518_semi semi base 518 --what=train,infer --steps=2
+# MiT-B5 (the release's model) at its Pascal crop beside them, in the same session.
+[ -f "$out/mit_b5_513_allspark.json" ] || { echo "== mit_b5_513_allspark $(date +%T)"; \
+    python -m allspark_jax.benchmark --config "configs/pascal.py:1_16" --config.model.pretrained=None \
+        --per_device_batch=1 --json="$out/mit_b5_513_allspark.json" --what=train,infer --steps=2 \
+        > "$out/mit_b5_513_allspark.log" 2>&1 || echo "   FAILED"; }
 # XLA's memory estimate of the train step, compiled only: AllSpark's share at both crops.
 for size in small base large; do
     for crop in 518 798; do
