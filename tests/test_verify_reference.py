@@ -180,3 +180,35 @@ def test_file_that_is_not_a_reference_fails(tmp_path, recorded, capsys):
     status, out = run_main(tmp_path, {"meta_json": recorded["meta_json"]}, capsys)
     assert status == 1
     assert "not a reference file: it lacks inputs/x_l, inputs/x_u, inputs/mask_l, state0/*" in out
+
+
+# -- UniMatch V2's DPT recordings (allspark_jax.tools.verify_dpt) ---------------------------------
+
+
+def test_dpt_recordings_pass_and_a_perturbed_one_fails(tmp_path, capsys):
+    """dpt_tiny.npz (its forward: layers and logits of every case) and dpt_tiny_eval.npz (its
+    evaluate, alone and padded) pass; a copy with one logit tensor off by 1e-3 (its weights beside
+    it) fails that case only; without its weights file it cannot be verified."""
+    import os
+    import shutil
+    from reference_model import DATA
+    files = [os.path.join(DATA, f) for f in ("dpt_tiny.npz", "dpt_tiny_eval.npz")]
+    assert verify_reference.main(files) == 0
+    out = capsys.readouterr().out
+    assert "dpt_tiny.npz: 6 cases ok, 0 failed" in out
+    assert "dpt_tiny_eval.npz: 2 cases ok, 0 failed" in out
+    with np.load(files[1]) as f:
+        data = {k: f[k] for k in f.files}
+    data["image1_logits"] = data["image1_logits"] * (1 + 1e-3)
+    np.savez(tmp_path / "dpt_tiny_eval.npz", **data)
+    assert verify_reference.main([str(tmp_path / "dpt_tiny_eval.npz")]) == 1  # nothing beside it
+    assert "cannot verify: " in capsys.readouterr().out
+    for f in ("dpt_tiny.npz", "dpt_tiny.pth"):
+        shutil.copy(os.path.join(DATA, f), tmp_path / f)
+    assert verify_reference.main([str(tmp_path / "dpt_tiny_eval.npz")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL evaluate, each image alone" in out and "FAIL evaluate, one padded batch" in out
+    os.remove(tmp_path / "dpt_tiny.pth")
+    assert verify_reference.main([str(tmp_path / "dpt_tiny_eval.npz")]) == 1
+    out = capsys.readouterr().out
+    assert "cannot verify: " in out and "dpt_tiny.pth is missing" in out, out

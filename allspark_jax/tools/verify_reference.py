@@ -5,8 +5,9 @@ r"""Checks this port against numbers recorded from the official release.
 allspark_tiny.npz holds AllSpark's numbers (train_allspark.py), baselines_tiny.npz those of the
 release's semi and supervised baselines (semidec_base.SemiDecoder: `meta_json` "allspark": false;
 train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`);
-allspark_dinov2_tiny.npz (`meta_json` "encoder": "dinov2") the release's AllSpark module on UniMatch
-V2's DINOv2 + DPT head (state dict of `allspark_jax.weights.dinov2.segmentor_from_state_dict`),
+dpt_tiny.npz and dpt_tiny_eval.npz UniMatch V2's DPT model's forward and evaluation, from its own
+code (`allspark_jax.tools.verify_dpt`); allspark_dinov2_tiny.npz (`meta_json` "encoder": "dinov2")
+the release's AllSpark module on UniMatch V2's DINOv2 + DPT head (state dict of `allspark_jax.weights.dinov2.segmentor_from_state_dict`),
 with `train_step/*` (AllSpark) and `semi_step/*` (the same model without AllSpark, state0 less its
 `allspark.*` keys). The file follows the layout of the reference README: `meta_json` gives the
 architecture, `state0/*` the official state dict, and each case its inputs and outputs in PyTorch
@@ -30,7 +31,6 @@ with the flipped positions, never as a plain `ok`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import re
@@ -53,6 +53,9 @@ from allspark_jax.models.dinov2 import DINOv2Config
 from allspark_jax.models.dpt import DPTConfig
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import PRECISIONS, AllSparkSegmentor, ModelConfig, init_variables
+from allspark_jax.tools import verify_dpt
+# The comparison and its forward tolerance are shared with the DPT recordings' verifier.
+from allspark_jax.tools.comparison import FORWARD_RTOL, Result, compare, nhwc  # noqa: F401
 from allspark_jax.weights import dinov2 as dinov2_weights
 from allspark_jax.weights import release
 
@@ -60,11 +63,6 @@ from allspark_jax.weights import release
 # Per tensor, ||ours - reference|| / ||reference||; integer tensors (mIoU counts, write pointers,
 # num_batches_tracked) must be equal.
 #
-# Forward computations from the recorded state (encoder, eval_single, train_forward_*, losses,
-# learning rates, the losses of step 0) agree to float32 round-off: <= 5.1e-7 on the shipped file.
-# 2e-6 leaves headroom for other BLAS/XLA builds yet fails real mistakes of that size, e.g. a
-# BatchNorm running variance from the biased estimator (5.9e-6 on the shipped file).
-FORWARD_RTOL = 2e-6
 # Gradients, states after optimizer steps and the losses computed from those states accumulate
 # round-off through backward passes and updates (<= 3.3e-6 on the shipped file).
 TRAINED_RTOL = 1e-4
@@ -79,66 +77,6 @@ KINK_FRACTION = 1e-5
 MAX_KINK_FLIPS = 8
 # A gradient tensor whose norm is below this fraction of the whole gradient's is round-off.
 GRAD_FLOOR = 1e-6
-
-
-@dataclasses.dataclass
-class Result:
-    name: str
-    max_rel: float
-    max_abs: float
-    ok: bool
-    rtol: float
-    note: str = ""
-    fallback: str = ""  # set when the case passed only through the ReLU-kink fallback
-
-    @property
-    def status(self) -> str:
-        return "FAIL" if not self.ok else "ok*" if self.fallback else "ok"
-
-    def line(self) -> str:
-        notes = "; ".join(filter(None, (self.fallback and f"fallback: {self.fallback}", self.note)))
-        return (f"{self.status:<4} {self.name:<34} max rel {self.max_rel:.2e}  "
-                f"max abs {self.max_abs:.2e}  tol {self.rtol:.0e}"
-                + (f"  ({notes})" if notes else ""))
-
-
-def nhwc(x):
-    return np.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
-
-
-def _non_finite(side: str, key: str, x: np.ndarray) -> str:
-    if x.dtype.kind not in "fc" or np.isfinite(x).all():
-        return ""
-    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
-    return f"{side} {key}: {nan} NaN, {inf} inf"
-
-
-def compare(name: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]], rtol: float,
-            note: str = "") -> Result:
-    """Per-tensor relative error for floats, which must all be finite; integers must be equal."""
-    max_rel = max_abs = 0.0
-    ok, problems = True, []
-    for key, (out, ref) in pairs.items():
-        out, ref = np.asarray(out), np.asarray(ref)
-        if out.shape != ref.shape:
-            return Result(name, np.inf, np.inf, False, rtol,
-                          f"{key}: shape {out.shape} vs {ref.shape}")
-        bad = [m for m in (_non_finite("ours", key, out), _non_finite("reference", key, ref)) if m]
-        if bad:  # the norms below would be NaN, which max() drops: it used to print as 0.0
-            problems += bad
-            ok, max_rel, max_abs = False, np.inf, np.inf
-            continue
-        diff = out.astype(np.float64) - ref.astype(np.float64)
-        abs_err = float(np.abs(diff).max()) if diff.size else 0.0
-        if ref.dtype.kind in "iub":
-            rel = 0.0 if abs_err == 0 else np.inf
-        else:
-            rel = float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30))
-        ok &= rel <= rtol
-        max_rel, max_abs = max(max_rel, rel), max(max_abs, abs_err)
-    if problems:
-        note = "; ".join(filter(None, ["NON-FINITE " + ", ".join(problems), note]))
-    return Result(name, max_rel, max_abs, ok, rtol, note)
 
 
 def _tuples(fields: dict) -> dict:
@@ -545,6 +483,10 @@ CASE_KEYS = ("encoder_eval/", "encoder_eval_u/", "eval_single/logits", "train_fo
 
 
 def verify(path: str, print_fn=print) -> list[Result]:
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta_json"])) if "meta_json" in f.files else {}
+        if verify_dpt.is_dpt_recording(meta):  # UniMatch V2's DPT recordings
+            return verify_dpt.verify(path, {k: f[k] for k in f.files}, meta, print_fn)
     ref = Reference(path)
     described = ("encoder", "backbone", "embed_dims", "depths", "num_classes")
     print_fn(f"{path}: {json.dumps({k: ref.meta[k] for k in described if k in ref.meta})}, "
