@@ -20,6 +20,7 @@ from allspark_jax.models import resize as resample
 from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, interpolate_pos_embed
 from allspark_jax.models.dpt import DPTConfig, complementary_dropout_scale
 from allspark_jax.models.segmentor import dpt_model
+from allspark_jax.tools import verify_dpt
 from allspark_jax.weights import dinov2 as weights
 from reference_model import DATA, nhwc, rel_err
 
@@ -34,14 +35,7 @@ HF_CASES = ("rect", "up", "masked")
 
 def unimatch_model(name):
     """The recorded UniMatch V2 model (`dpt_model`; configs from the recording's meta)."""
-    m = META["models"][name]
-    e = m["encoder"]
-    encoder = DINOv2Config(embed_dim=e["embed_dim"], depth=e["depth"], num_heads=e["num_heads"],
-                           pos_grid=e["img_size"] // 14,
-                           ffn="mlp" if e["ffn_layer"] == "mlp" else "swiglu")
-    head = DPTConfig(num_classes=META["nclass"], features=m["head"]["features"],
-                     out_channels=tuple(m["head"]["out_channels"]), layers=tuple(m["layers"]))
-    return dpt_model(encoder, head)
+    return verify_dpt.recorded_model(META, name)
 
 
 def template(model):

@@ -150,17 +150,22 @@ def test_layouts_are_decided_from_the_keys(files, tmp_path):
 # -- model.pretrained ----------------------------------------------------------------------------
 
 
+def initial_state(config):
+    """The run's initial train state (`train.initial_state`, model.pretrained applied)."""
+    from allspark_jax import method as method_lib
+    from allspark_jax import optimizer, sharding, train
+    tx, _ = optimizer.create_optimizer(config.optim, 10)
+    state, _ = train.initial_state(config, build_model(config), tx, sharding.create_mesh(),
+                                   method_lib.from_config(config))
+    return state
+
+
 def test_pretrained_from_a_facebookresearch_pth_through_training(files):
     """`model.pretrained` = a dinov2_vit*14_pretrain.pth: the run's initial encoder is the file's,
     exactly; the head keeps its initialisation (that of a run without model.pretrained)."""
-    from allspark_jax import method as method_lib
-    from allspark_jax import optimizer, sharding, train
     config = dpt_config()
     config.model.pretrained = files["fb"]
-    model = build_model(config)
-    tx, _ = optimizer.create_optimizer(config.optim, 10)
-    state, _ = train.initial_state(config, model, tx, sharding.create_mesh(),
-                                   method_lib.from_config(config))
+    state = initial_state(config)
     loaded = jax.device_get(state.params)
     theirs = dinov2.encoder_to_state_dict(loaded["backbone"], layout="dinov2")
     assert set(theirs) == set(encoder_state())
@@ -168,7 +173,7 @@ def test_pretrained_from_a_facebookresearch_pth_through_training(files):
         np.testing.assert_array_equal(theirs[k], v, err_msg=k)
     # The head is the model's initialisation from the run's seed (as train.initial_state draws it).
     init_rng = jax.random.split(jax.random.key(int(config.seed)))[0]
-    fresh = init_variables(model, init_rng, int(config.data.crop_size))["params"]
+    fresh = init_variables(build_model(config), init_rng, int(config.data.crop_size))["params"]
     assert_trees_equal(loaded["head"], jax.device_get(fresh["head"]))
     assert not np.array_equal(fresh["backbone"]["cls_token"], loaded["backbone"]["cls_token"])
 
@@ -213,14 +218,9 @@ def test_pretrained_from_a_huggingface_dinov2_dir_hub_id_and_safetensors(monkeyp
 def test_pretrained_from_a_huggingface_dir_through_training(files):
     """The run's initial encoder from a Dinov2Model directory (dpt_tiny's encoder exported in
     transformers' names) equals dpt_tiny's."""
-    from allspark_jax import method as method_lib
-    from allspark_jax import optimizer, sharding, train
     config = dpt_config()
     config.model.pretrained = files["hf"]
-    model = build_model(config)
-    tx, _ = optimizer.create_optimizer(config.optim, 10)
-    state, _ = train.initial_state(config, model, tx, sharding.create_mesh(),
-                                   method_lib.from_config(config))
+    state = initial_state(config)
     theirs = dinov2.encoder_to_state_dict(jax.device_get(state.params["backbone"]),
                                           layout="dinov2")
     for k, v in encoder_state().items():

@@ -41,7 +41,9 @@ def is_dpt_recording(meta: dict) -> bool:
     return "models" in meta or ("model" in meta and "sizes" in meta)
 
 
-def _model(meta: dict, name: str):
+def recorded_model(meta: dict, name: str):
+    """The DPT model (`models.segmentor.dpt_model`) of recording `meta`'s model `name` (its
+    architecture as record_dinov2.py writes it: UniMatch V2's encoder and head arguments)."""
     m = meta["models"][name] if "models" in meta else meta["model_config"]
     e = m["encoder"]
     encoder = DINOv2Config(embed_dim=e["embed_dim"], depth=e["depth"], num_heads=e["num_heads"],
@@ -65,7 +67,7 @@ def _variables(path: str, name: str, model) -> dict:
 def _forward_cases(path: str, data: dict, meta: dict) -> list[Result]:
     results = []
     for name in meta["models"]:
-        model = _model(meta, name)
+        model = recorded_model(meta, name)
         v = _variables(path, name, model)
         layers = model.config.dpt.layers
 
@@ -95,7 +97,7 @@ def _forward_cases(path: str, data: dict, meta: dict) -> list[Result]:
 def _evaluate_cases(path: str, data: dict, meta: dict) -> list[Result]:
     name = meta["model"]
     forward_meta = _forward_meta(path, name)
-    model = _model({**forward_meta, "nclass": meta["nclass"]}, name)
+    model = recorded_model({**forward_meta, "nclass": meta["nclass"]}, name)
     v = _variables(path, name, model)
     images = [nhwc(data[f"image{i}_x"])[0] for i in range(len(meta["sizes"]))]
     refs = [nhwc(data[f"image{i}_logits"])[0] for i in range(len(meta["sizes"]))]
