@@ -25,6 +25,7 @@ from allspark_jax.models.segmentor import build_model, init_variables
 from allspark_jax.weights import dinov2, huggingface, loader, release_files
 from allspark_jax.weights.pth_reader import load_pth
 from allspark_jax.weights.pth_writer import save_pth
+from test_weights_loader import serve_hub
 from reference_model import DATA, MIT_PTH, OFFICIAL_PTH, assert_trees_equal, nhwc
 from test_encoder import dinov2_config, set_backbone
 
@@ -195,14 +196,7 @@ def test_pretrained_into_allspark_on_dinov2_keeps_allspark_and_memory(files):
 def test_pretrained_from_a_huggingface_dinov2_dir_hub_id_and_safetensors(monkeypatch):
     """A transformers Dinov2Model (directory, .safetensors beside config.json, or a hub id through
     the hub download) gives the encoder params exactly equal to the file's; the rest is kept."""
-    calls = []
-
-    def snapshot_download(repo_id, allow_patterns):
-        calls.append(repo_id)
-        return HF_DIR
-
-    monkeypatch.setitem(sys.modules, "huggingface_hub",
-                        types.SimpleNamespace(snapshot_download=snapshot_download))
+    calls = serve_hub(monkeypatch, HF_DIR)
     file_state = safetensors.numpy.load_file(os.path.join(HF_DIR, huggingface.WEIGHTS_NAME))
     variables = hf_variables()
     for spec in (HF_DIR, os.path.join(HF_DIR, huggingface.WEIGHTS_NAME), "facebook/dinov2-small"):

@@ -23,18 +23,23 @@ def shapes(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    """huggingface_hub whose snapshot_download serves SEG_DIR; the calls it got."""
+def serve_hub(monkeypatch, directory):
+    """huggingface_hub whose snapshot_download serves `directory`; the calls it got."""
     calls = []
 
     def snapshot_download(repo_id, allow_patterns):
         calls.append(repo_id)
-        return SEG_DIR
+        return directory
 
     monkeypatch.setitem(sys.modules, "huggingface_hub",
                         types.SimpleNamespace(snapshot_download=snapshot_download))
     return calls
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub whose snapshot_download serves SEG_DIR; the calls it got."""
+    return serve_hub(monkeypatch, SEG_DIR)
 
 
 @pytest.fixture(scope="module")
