@@ -168,8 +168,8 @@ def test_a_users_config_files_elsewhere(tmp_path):
      r"config.data.custom.class_names='names.txt': expected None: it is read only when data.name"),
     ("data.custom.ignore_index", 0, r"config.data.custom.ignore_index=0: expected 255: it is read only"),
     ("model.dtype", "float8", r"config.model.dtype='float8': expected one of"),
-    ("model.backbone", "b9", r"config.model.backbone='b9' \(model.encoder='mit'\): unknown MiT "
-                             r"variant 'b9'; expected one of \['b0', 'b1', 'b2', 'b3', 'b4', 'b5'\]"),
+    ("model.backbone", "b9", r"config.model.backbone='b9': unknown MiT variant 'b9'; expected one "
+                             r"of \['b0', 'b1', 'b2', 'b3', 'b4', 'b5'\]"),
     ("optim.lr", 0.0, r"config.optim.lr=0.0: expected a number > 0.0"),
     ("train.loss_x", "dice", r"config.train.loss_x='dice': expected one of 'ce', 'ohem'"),
     ("train.teacher", "mean", r"config.train.teacher='mean': expected one of 'online', 'ema'"),

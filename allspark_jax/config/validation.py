@@ -80,8 +80,8 @@ def _validate_model(config) -> None:
         backbone = config.model.backbone
         family = {"mit": "MiT", "dinov2": "DINOv2"}[config.model.encoder]
         shown = repr(backbone) if isinstance(backbone, str) else f"a dict of {family} fields"
-        raise ConfigError(f"config.model.backbone={shown} (model.encoder="
-                          f"{config.model.encoder!r}): {e}") from None
+        family_note = "" if config.model.encoder == "mit" else " (model.encoder='dinov2')"
+        raise ConfigError(f"config.model.backbone={shown}{family_note}: {e}") from None
     if config.data.crop_size % model.patch_multiple:
         raise error("data.crop_size", config.data.crop_size,
                     f"a multiple of {model.patch_multiple} (the {config.model.encoder} encoder's "
