@@ -135,6 +135,10 @@ def test_allspark_sits_on_the_last_map_the_dpt_head_reads(allspark_dinov2):
     # The Semantic Memory: (classes, channels D, tokens of the crop's 14-px grid).
     assert v["memory"]["allspark"]["attn"]["kv_queue"].shape == (5, d, (CROP // 14) ** 2)
     assert v["params"]["allspark"]["map_in"]["kernel"].shape[-2:] == (d, d)
+    head = v["params"]["head"]  # model.dpt.out_channels and features are the head's widths
+    assert [head[f"projects_{i}"]["kernel"].shape[-1] for i in range(4)] == list(
+        TINY_DPT["out_channels"])
+    assert head["layer1_rn"]["kernel"].shape[-1] == TINY_DPT["features"]
     x = jax.random.normal(jax.random.key(1), (4, CROP, CROP, 3))
     t = jax.random.normal(jax.random.key(2), (2, CROP, CROP, 5))
     logits, updates = model.apply(v, x, mode="train", teacher_logits=t, use_memory=True,
