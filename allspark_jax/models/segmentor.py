@@ -109,8 +109,8 @@ class AllSparkSegmentor(nn.Module):
     dropout and stochastic depth need a ``"dropout"`` PRNG stream, and ``batch_stats`` and
     ``memory`` must be mutable.
 
-    `branch` (`allspark_jax.models.allspark.BRANCHES`): which AllSpark branch produces the stage-4
-    map in "eval" mode. The release's inference is "labeled"; the others are for inspection
+    `branch` (`allspark_jax.models.allspark.BRANCHES`): which AllSpark branch produces the map it
+    transforms in "eval" mode. The release's inference is "labeled"; the others are for inspection
     ("memory" needs the ``memory`` collection: `inference_collections`).
 
     `valid_size` ("eval" mode only) (B, 2) int, or None: x is a padded batch and image b is
@@ -118,8 +118,10 @@ class AllSparkSegmentor(nn.Module):
     output, then equal those of the image alone at its own size, as the release evaluates; the
     rest of the output is 0. The sizes are traced: one program serves every size up to (H, W)
     (see `allspark_jax.bucketing`). Each layer's rule is documented where it is applied: the
-    encoder's masks (`MixVisionTransformer`), AllSpark's token sums (`CrossAttnMem`), the true-size
-    upsampling (`LinearFuse`, `resize_bilinear_valid`).
+    encoder's masks (`MixVisionTransformer`; DINOv2's in `models.dinov2`), AllSpark's token sums
+    (`CrossAttnMem`), the true-size upsampling (`LinearFuse`, `resize_bilinear_valid`; the DPT
+    head's in `models.dpt`). For DINOv2 "eval" mode is UniMatch V2's evaluation (`_dinov2`).
+    `feature_scale` (DINOv2 only, training): UniMatch V2's complementary channel dropout.
     """
 
     config: ModelConfig
