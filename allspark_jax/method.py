@@ -1,11 +1,20 @@
-"""The training method of a run, resolved once from its config: one of the release's three trainers.
+"""The training method of a run, resolved once from its config: one of the release's three
+trainers, or UniMatch V2's recipe with or without the AllSpark module.
 
   'allspark'    train_allspark.py: self-training (a teacher's pseudo-labels on unlabeled images)
                 with the AllSpark module and its Semantic Memory between encoder and head;
-  'semi'        train_baseline_semi.py: the same self-training, the SegFormer head straight on the
+  'semi'        train_baseline_semi.py: the same self-training, the head straight on the
                 encoder (no AllSpark module);
   'supervised'  train_baseline_sup.py: labeled images only (no unlabeled list, teacher or
                 pseudo-labels).
+  'unimatch_v2' UniMatch V2's unimatch_v2.py: an EMA teacher (decay min(1 - 1/(t + 1),
+                train.ema_decay)) labels the weak view; the student learns them on two strong
+                views, each with its own CutMix box, with complementary channel dropout between
+                the two; loss (loss_x + (loss_s1 + loss_s2) / 2) / 2 (`allspark_jax.train_step`).
+  'unimatch_v2_allspark'
+                the same recipe with the AllSpark module in student and teacher (this project's
+                combination: the release never trained it): the Semantic Memory is filled from
+                both strong views, and the labeled features are reborn from them.
 
 `Method` holds what the rest of the package asks of the method (whether the AllSpark module is on,
 whether training is labeled-only, which teacher, the unlabeled student's view and CutMix), so no
@@ -20,7 +29,9 @@ import dataclasses
 
 from allspark_jax.errors import ConfigError
 
-METHODS = ("allspark", "semi", "supervised")
+METHODS = ("allspark", "semi", "supervised", "unimatch_v2", "unimatch_v2_allspark")
+# Training recipes: the release's iteration ('allspark', 'semi', 'supervised') or UniMatch V2's.
+RECIPES = ("release", "unimatch_v2")
 TEACHERS = ("online", "ema")
 STUDENT_VIEWS = ("weak", "strong")
 
@@ -41,7 +52,9 @@ _UNREAD_BECAUSE = {
 class Method:
     """A run's method. The self-training fields are None (CutMix 0) when `labeled_only`.
 
-    name: 'allspark' | 'semi' | 'supervised'.
+    name: one of METHODS.
+    recipe: 'release' (the release's trainers) | 'unimatch_v2' (two strong views, each with its
+      own CutMix box, complementary dropout, the EMA teacher on its schedule, its loss).
     allspark: the AllSpark module and its Semantic Memory are part of the model (and a run compiles
       one step before the memory's warm-up and one after).
     labeled_only: epochs walk the labeled list; no unlabeled images, teacher or pseudo-labels.
@@ -51,6 +64,7 @@ class Method:
     """
 
     name: str
+    recipe: str
     allspark: bool
     labeled_only: bool
     teacher: str | None
@@ -63,9 +77,16 @@ class Method:
         return self.teacher == "ema"
 
     @property
+    def strong_views(self) -> int:
+        """Strong views (each with its CutMix box) of every unlabeled image: 2 under UniMatch V2's
+        recipe, else 1 (the student view)."""
+        return 2 if self.recipe == "unimatch_v2" else 1
+
+    @property
     def images_per_labeled_image(self) -> int:
-        """Images a step reads per labeled image: 1 (labeled only) or 2 (+ an unlabeled one)."""
-        return 1 if self.labeled_only else 2
+        """Images the student's passes read per labeled image: 1 (labeled only), 2 (+ an
+        unlabeled one) or 3 (+ its two strong views, UniMatch V2)."""
+        return 1 if self.labeled_only else 1 + self.strong_views
 
     def unread_keys(self) -> dict[str, str]:
         """The config keys this method does not read -> why."""
@@ -81,16 +102,25 @@ def resolve(name: str, *, teacher: str, student_view: str, cutmix_prob: float) -
         raise ConfigError(f"config.method={name!r}: expected one of "
                           + ", ".join(repr(m) for m in METHODS))
     if name == "supervised":
-        return Method(name, allspark=False, labeled_only=True, teacher=None, student_view=None,
-                      cutmix_prob=0.0)
+        return Method(name, "release", allspark=False, labeled_only=True, teacher=None,
+                      student_view=None, cutmix_prob=0.0)
     if teacher not in TEACHERS:
         raise ConfigError(f"config.train.teacher={teacher!r}: expected one of "
                           + ", ".join(repr(t) for t in TEACHERS))
     if student_view not in STUDENT_VIEWS:
         raise ConfigError(f"config.data.student_view={student_view!r}: expected one of "
                           + ", ".join(repr(v) for v in STUDENT_VIEWS))
-    return Method(name, allspark=name == "allspark", labeled_only=False, teacher=teacher,
-                  student_view=student_view, cutmix_prob=float(cutmix_prob))
+    recipe = "unimatch_v2" if name.startswith("unimatch_v2") else "release"
+    if recipe == "unimatch_v2" and (teacher, student_view) != ("ema", "strong"):
+        key, value, want = (("train.teacher", teacher, "ema") if teacher != "ema"
+                            else ("data.student_view", student_view, "strong"))
+        raise ConfigError(f"config.{key}={value!r}: method {name!r} (UniMatch V2's recipe) trains "
+                          f"with {'its EMA teacher' if key == 'train.teacher' else 'strong views'};"
+                          f" expected {want!r} (the dataset configs' {name!r} argument sets the "
+                          "recipe, e.g. configs/pascal.py:1_16," + name + ")")
+    return Method(name, recipe, allspark=name in ("allspark", "unimatch_v2_allspark"),
+                  labeled_only=False, teacher=teacher, student_view=student_view,
+                  cutmix_prob=float(cutmix_prob))
 
 
 def from_config(config) -> Method:
@@ -103,7 +133,7 @@ def from_config(config) -> Method:
 def unread_keys(name: str) -> dict[str, str]:
     """The config keys that method `name` does not read -> why."""
     out = {}
-    if name != "allspark":
+    if name not in ("allspark", "unimatch_v2_allspark"):
         out.update(dict.fromkeys(ALLSPARK_ONLY_KEYS, _UNREAD_BECAUSE["allspark"]))
     if name == "supervised":
         out.update(dict.fromkeys(UNLABELED_ONLY_KEYS, _UNREAD_BECAUSE["unlabeled"]))

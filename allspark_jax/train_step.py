@@ -35,10 +35,17 @@ LOSS_KEYS = ("loss", "loss_x", "loss_u")
 BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u")
 
 
+# The batch entries a UniMatch V2 step reads (CutMix off): two strong views of each unlabeled image.
+TWO_VIEW_BATCH_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s1", "image_u_s2", "pad_u")
+
+
 def batch_keys(method: Method) -> tuple[str, ...]:
-    """The batch entries a step of `method` reads (CutMix's boxes when its probability is > 0)."""
+    """The batch entries a step of `method` reads (CutMix's boxes when its probability is > 0:
+    `cutmix_u`, or under UniMatch V2's recipe one per strong view, `cutmix_u1`, `cutmix_u2`)."""
     if method.labeled_only:
         return ("image_l", "mask_l")
+    if method.strong_views == 2:
+        return TWO_VIEW_BATCH_KEYS + (("cutmix_u1", "cutmix_u2") if method.cutmix_prob > 0 else ())
     return BATCH_KEYS + (("cutmix_u",) if method.cutmix_prob > 0 else ())
 
 

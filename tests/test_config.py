@@ -90,14 +90,14 @@ def test_the_encoder_argument_is_optional_and_checked():
             == load("coco.py:1_32,semi,dinov2_base").to_dict())
     for spec, message in [
             ("pascal.py:1_16,dinov2_huge", r"configs/pascal.py:1_16,dinov2_huge: unknown method "
-             r"or encoder 'dinov2_huge'; expected a method \(allspark, semi, supervised\) or an "
+             r"or encoder 'dinov2_huge'; expected a method \(allspark, semi, supervised, unimatch_v2, unimatch_v2_allspark\) or an "
              r"encoder \(mit, dinov2_small, dinov2_base, dinov2_large, dinov2_giant\)"),
             ("cityscapes.py:1_16,dinov2_base,dinov2_small",
              r"'dinov2_small' is a second encoder; give one"),
             ("coco.py:1_16,dinov2_base", r"configs/coco.py:1_16,dinov2_base: unknown split "
              r"'1_16'"),
             ("demo.py:dinov2_base", r"configs/demo.py:dinov2_base: unknown method or encoder "
-             r"'dinov2_base'; expected a method \(allspark, semi, supervised\) or an encoder "
+             r"'dinov2_base'; expected a method \(allspark, semi, supervised, unimatch_v2, unimatch_v2_allspark\) or an encoder "
              r"\(mit, dinov2\)"),
             ("demo.py:semi,supervised", r"'supervised' is a second method")]:
         with pytest.raises(ValueError, match=message):
@@ -211,7 +211,7 @@ def test_command_line_override_keys_and_values():
     config = make_config()
     config_lib.check_override_keys(config, ["optim.lr", "model.backbone", "data.synthetic.size"])
     with pytest.raises(errors.ConfigError, match=r"^config.optim.learning_rate is not a key; "
-                                                     r"config.optim has: lr, lr_multi, momentum,"):
+                                                     r"config.optim has: betas, lr, lr_multi, momentum,"):
         config_lib.check_override_keys(config, ["optim.lr", "optim.learning_rate"])
     with pytest.raises(errors.ConfigError, match=r"config.seed.x is not a key: config.seed is 0"):
         config_lib.check_override_keys(config, ["seed.x"])

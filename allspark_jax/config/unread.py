@@ -37,6 +37,10 @@ def unread_by_setting(config) -> dict[str, str]:
     if not config.profile:
         out.update(dict.fromkeys(("profile_first_step", "profile_num_steps"),
                                  "only profile=True reads it (profile=False)"))
+    if config.optim.name != "sgd":
+        out["optim.momentum"] = f"only optim.name 'sgd' reads it (optim.name={config.optim.name!r})"
+    if config.optim.name != "adamw":
+        out["optim.betas"] = f"only optim.name 'adamw' reads it (optim.name={config.optim.name!r})"
     encoder = config.model.encoder
     if encoder == "mit":
         out.update(dict.fromkeys(("model.dpt.features", "model.dpt.out_channels",

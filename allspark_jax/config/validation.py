@@ -17,6 +17,7 @@ LOSSES_X = ("ce", "ohem")
 SOURCES = ("files", "tfds")
 CHECK_FILES = ("none", "exist", "decode")
 BEST_OF = ("student", "ema")
+OPTIMIZERS = ("sgd", "adamw")  # allspark_jax.optimizer.create_optimizer
 
 BOOL_KEYS = ("data.labeled_strong", "model.remat", "train.loss_u_ignore_padding",
              "train.progress_bar", "train.stop_on_nan", "eval.progress_bar", "profile",
@@ -149,7 +150,13 @@ def validate(config) -> None:
     _validate_model(config)
     in_range(config, "optim.lr", 0.0, lo_open=True)
     in_range(config, "optim.lr_multi", 0.0, lo_open=True)
+    one_of(config, "optim.name", OPTIMIZERS)
     in_range(config, "optim.momentum", 0.0, 1.0, hi_open=True)
+    betas = config.optim.betas
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                       for b in betas)):
+        raise error("optim.betas", betas, "two numbers in [0, 1) (beta1, beta2)")
     in_range(config, "optim.weight_decay", 0.0)
     in_range(config, "optim.poly_power", 0.0)
     _validate_train(config)

@@ -96,7 +96,9 @@ def use_dinov2(config, encoder: str, *, crop_size: int, epochs: int, buckets=Non
 def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 0  # PRNG seed: model init, dropout / stochastic depth, data order and augmentation.
-    config.method = "allspark"  # 'allspark' | 'semi' | 'supervised' (see the module docstring).
+    # 'allspark' | 'semi' | 'supervised' | 'unimatch_v2' | 'unimatch_v2_allspark' (see the module
+    # docstring and allspark_jax.method).
+    config.method = "allspark"
 
     # ------------------------------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
@@ -182,10 +184,16 @@ def get_config():
 
     # -------------------------------------------------------------------------------- optimiser
     config.optim = optim = ml_collections.ConfigDict()
+    # 'sgd' (the release's: SGD with momentum, PyTorch-coupled weight decay) | 'adamw' (UniMatch
+    # V2's: PyTorch's AdamW, decoupled weight decay). Both: two learning-rate groups, poly schedule.
+    optim.name = "sgd"
     optim.lr = 0.001  # Encoder learning rate at the paper's global batch (see the module docstring).
     optim.lr_multi = 10.0  # The rest (AllSpark + head) trains at lr * lr_multi.
-    optim.momentum = 0.9  # SGD momentum.
-    optim.weight_decay = 1e-4  # Coupled (PyTorch SGD) weight decay on every parameter.
+    optim.momentum = 0.9  # SGD momentum (optim.name 'sgd').
+    optim.betas = (0.9, 0.999)  # AdamW's moment decays (beta1, beta2) (optim.name 'adamw').
+    # Weight decay on every parameter the forward applies: 'sgd' adds wd * p to the gradient
+    # (PyTorch SGD); 'adamw' shrinks p by lr * wd each step (PyTorch AdamW; UniMatch V2: 0.01).
+    optim.weight_decay = 1e-4
     optim.poly_power = 0.9  # Poly schedule lr * (1 - t / total)^power.
 
     # --------------------------------------------------------------------------------- training
@@ -200,7 +208,9 @@ def get_config():
     train.ohem_min_kept = 200000  # OHEM minimum kept pixels (per loss group).
     train.loss_groups = 1  # Losses averaged per group of the batch; 4 = the release's 4 GPUs.
     train.teacher = "online"  # 'online' (release: the student itself in inference mode) | 'ema'.
-    train.ema_decay = 0.999  # EMA teacher decay (teacher == 'ema').
+    # EMA teacher decay (teacher == 'ema'). UniMatch V2's methods: the cap of its schedule, decay
+    # min(1 - 1 / (t + 1), ema_decay) after step t (0.996 in its code).
+    train.ema_decay = 0.999
     train.conf_thresh = 0.0  # Pseudo-label confidence threshold (release: 0 = every pixel).
     train.loss_u_ignore_padding = False  # Ignore padded pixels in loss_u (release: no).
     # AllSpark's labeled-to-unlabeled keys in the teacher pass and (before warmup_epoch) the
