@@ -13,28 +13,34 @@ import jax.numpy as jnp
 from allspark_jax.data.datasets import IGNORE_INDEX
 
 
-def _per_group(fn, logits, target, groups: int):
-    b = logits.shape[0]
+def _per_group(fn, groups: int, *arrays):
+    """mean over `groups` equal batch groups of fn(*each array's group)."""
+    b = arrays[0].shape[0]
     if b % groups:
         raise ValueError(f"loss groups={groups} must divide the batch of {b}")
     split = lambda x: x.reshape(groups, b // groups, *x.shape[1:])  # noqa: E731
-    return jnp.mean(jax.vmap(fn)(split(logits), split(target)))
+    return jnp.mean(jax.vmap(fn)(*map(split, arrays)))
 
 
-def _masked_ce(logits, target, keep):
-    """Mean of -log p[target] over pixels where `keep`; 0 when no pixel is kept."""
+def _nll(logits, target):
+    """-log p[target] per pixel (float32); target values outside [0, K) give 0."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     # A select against the class index rather than a gather: the gradient of a gather is a
     # scatter-add, which XLA:CPU runs as a serial loop over the pixels; a select's is elementwise.
     hit = target[..., None] == jnp.arange(logp.shape[-1], dtype=target.dtype)
-    nll = -jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
+    return -jnp.sum(jnp.where(hit, logp, 0.0), axis=-1)
+
+
+def _masked_ce(logits, target, keep):
+    """Mean of -log p[target] over pixels where `keep`; 0 when no pixel is kept."""
+    nll = _nll(logits, target)
     return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(jnp.sum(keep), 1)
 
 
 def cross_entropy(logits, target, *, ignore_index: int = IGNORE_INDEX, groups: int = 1):
     """`nn.CrossEntropyLoss(ignore_index=...)`: mean over the non-ignored pixels."""
     fn = lambda lg, t: _masked_ce(lg, t, t != ignore_index)  # noqa: E731
-    return _per_group(fn, logits, target, groups)
+    return _per_group(fn, groups, logits, target)
 
 
 def ohem_cross_entropy(logits, target, *, thresh: float = 0.7, min_kept: int = 200000,
@@ -59,4 +65,19 @@ def ohem_cross_entropy(logits, target, *, thresh: float = 0.7, min_kept: int = 2
         use_ohem = (jnp.sum(valid) >= min_kept) & (min_kept > 0)
         return jnp.where(use_ohem, _masked_ce(lg, t, keep), _masked_ce(lg, t, valid))
 
-    return _per_group(fn, logits, target, groups)
+    return _per_group(fn, groups, logits, target)
+
+
+def confident_cross_entropy(logits, target, confident, valid, *, groups: int = 1):
+    """UniMatch V2's unlabeled loss: -log p[target] summed over the pixels that are `confident`
+    (the teacher's confidence >= its threshold) and `valid` (not ignored), divided by the count of
+    `valid` pixels (confident or not); 0 for a group without a valid pixel.
+
+    confident, valid: (B, H, W) bool; target (B, H, W) int, the teacher's argmax.
+    """
+
+    def fn(lg, t, conf, ok):
+        nll = _nll(lg, t)
+        return jnp.sum(jnp.where(conf & ok, nll, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+
+    return _per_group(fn, groups, logits, target, confident, valid)

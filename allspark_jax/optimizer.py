@@ -1,5 +1,6 @@
-"""The release's optimiser: SGD with momentum, PyTorch-coupled weight decay, two learning-rate groups
-(`lr` for the encoder, `lr * lr_multi` for the rest) and the poly schedule with its offset."""
+"""The optimisers (`optim.name`): the release's SGD with momentum and PyTorch-coupled weight decay,
+or UniMatch V2's PyTorch AdamW (decoupled weight decay); both with two learning-rate groups (`lr`
+for the encoder, `lr * lr_multi` for the rest) and the poly schedule with its offset."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -59,12 +60,18 @@ def add_decayed_weights(weight_decay: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
-    """SGD, momentum, PyTorch-coupled weight decay on every parameter the forward applies
-    (`decayed`), two learning-rate groups.
+# PyTorch AdamW's default epsilon (added to sqrt of the bias-corrected second moment).
+ADAMW_EPS = 1e-8
 
-    PyTorch SGD adds `wd * p` to the gradient before the momentum buffer and multiplies by the
-    learning rate after it; optax's add_decayed_weights -> trace -> scale does the same.
+
+def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, dict]:
+    """The `optim.name` optimiser with two learning-rate groups and weight decay on every parameter
+    the forward applies (`decayed`).
+
+    'sgd': PyTorch SGD adds `wd * p` to the gradient before the momentum buffer and multiplies by
+    the learning rate after it; add_decayed_weights -> trace -> scale does the same.
+    'adamw': PyTorch AdamW (UniMatch V2's) updates p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)
+    with p before the step; scale_by_adam -> add_decayed_weights -> scale does the same.
     Returns the transformation and the two schedules {'encoder': fn, 'rest': fn} for logging. The
     optimizer state's structure does not depend on `total_steps`.
     """
@@ -73,10 +80,15 @@ def create_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTran
         "rest": poly_schedule(optim_config.lr * optim_config.lr_multi, total_steps,
                               optim_config.poly_power),
     }
-    tx = optax.chain(
-        add_decayed_weights(optim_config.weight_decay),
-        optax.trace(decay=optim_config.momentum, nesterov=False),
-        optax.multi_transform({g: optax.scale_by_learning_rate(s) for g, s in schedules.items()},
-                              param_groups),
-    )
+    by_group = optax.multi_transform(
+        {g: optax.scale_by_learning_rate(s) for g, s in schedules.items()}, param_groups)
+    if optim_config.name == "adamw":
+        b1, b2 = optim_config.betas
+        tx = optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=ADAMW_EPS),
+                         add_decayed_weights(optim_config.weight_decay), by_group)
+    elif optim_config.name == "sgd":
+        tx = optax.chain(add_decayed_weights(optim_config.weight_decay),
+                         optax.trace(decay=optim_config.momentum, nesterov=False), by_group)
+    else:
+        raise ValueError(f"optim.name={optim_config.name!r}: expected 'sgd' or 'adamw'")
     return tx, schedules

@@ -58,7 +58,7 @@ def global_batches(size: int, steps: int):
 def main():
     ref = reference()
     assert jax.device_count() == args.devices * args.processes
-    optim = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9,
+    optim = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, lr_multi=10.0, momentum=0.9,
                                            weight_decay=1e-4, poly_power=0.9))
     tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
                                           loss_u_ignore_padding=False, key_group_size=None))

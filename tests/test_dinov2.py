@@ -18,7 +18,8 @@ from allspark_jax.weights import pth_reader as pth
 from allspark_jax.errors import WeightImportError
 from allspark_jax.models import resize as resample
 from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, interpolate_pos_embed
-from allspark_jax.models.dpt import DPTConfig, complementary_dropout_scale
+from allspark_jax.models.dpt import DPTConfig
+from allspark_jax.models.layers import complementary_dropout_scale
 from allspark_jax.models.segmentor import dpt_model
 from allspark_jax.tools import verify_dpt
 from allspark_jax.weights import dinov2 as weights

@@ -215,7 +215,7 @@ def test_weight_decay_skips_the_dpt_parameters_the_forward_never_applies():
     _, v = _init(dinov2_config("semi"))
     params = jax.tree.map(lambda p: p + 0.01, v["params"])  # zero-initialised biases too
     tx, _ = optimizer.create_optimizer(ml_collections.ConfigDict(dict(
-        lr=0.1, lr_multi=10.0, momentum=0.9, weight_decay=0.5, poly_power=0.9)), 10)
+        name="sgd", lr=0.1, lr_multi=10.0, momentum=0.9, weight_decay=0.5, poly_power=0.9)), 10)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zeros, tx.init(params), params)
     moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)

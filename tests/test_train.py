@@ -15,8 +15,8 @@ from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
 from reference_model import reference
 
-OPTIM = ml_collections.ConfigDict(dict(lr=0.01, lr_multi=10.0, momentum=0.9, weight_decay=1e-4,
-                                       poly_power=0.9))
+OPTIM = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, lr_multi=10.0, momentum=0.9,
+                                       weight_decay=1e-4, poly_power=0.9))
 
 
 def train_config(**overrides):

@@ -181,8 +181,11 @@ def update_memory(memory: jax.Array, ptr: jax.Array, cls: jax.Array, feats: jax.
 class CrossAttnMem(nn.Module):
     """Channel self-attention on unlabeled tokens + labeled-to-unlabeled channel cross-attention.
 
-    `__call__(emb)`: emb (2B, n, C) in "train" mode (labeled first), (B, n, C) otherwise.
-    Returns (2B, n, C) = concat(out_l2u, out_u) in "train" mode, (B, n, C) = out_l2u otherwise.
+    `__call__(emb)`: emb (B + B_u, n, C) in "train" mode (B labeled first, then the B_u =
+    teacher_logits' batch unlabeled: the release's B, or UniMatch V2's two strong views, 2B, view
+    after view), (B, n, C) otherwise. Returns (B + B_u, n, C) = concat(out_l2u, out_u) in "train"
+    mode, (B, n, C) = out_l2u otherwise. Before the memory is read, labeled image i's keys are the
+    unlabeled images of its group of `key_group_size` (every view's).
     `token_mask` ("eval" mode only) (B, n) bool, or None: padded tokens are zeroed before the
     (bias-free) projections, so the attention's sums over tokens run over true tokens only.
     """
@@ -246,7 +249,13 @@ class CrossAttnMem(nn.Module):
         if train:
             if teacher_logits is None:
                 raise ValueError("AllSpark train mode needs the teacher's logits (teacher_logits=)")
-            emb_l, emb_u = jnp.split(emb, 2, axis=0)
+            n_u = teacher_logits.shape[0]
+            n_l = emb.shape[0] - n_u
+            if n_l <= 0 or n_u % n_l:
+                raise ValueError(f"AllSpark train mode: {emb.shape[0]} images with {n_u} "
+                                 f"unlabeled (teacher_logits); expected the unlabeled count a "
+                                 f"multiple of the labeled one")
+            emb_l, emb_u = emb[:n_l], emb[n_l:]
         else:
             emb_l = emb_u = emb
 
@@ -279,10 +288,13 @@ class CrossAttnMem(nn.Module):
             source = jnp.swapaxes(kv_queue, 1, 2)[None]  # (1, K, n, C): class-major keys
             queries = q[None]
         else:
-            g = {"eval": 1}.get(mode, key_group_size or emb_u.shape[0])
-            if emb_u.shape[0] % g:
-                raise ValueError(f"key_group_size={g} does not divide the batch of {emb_u.shape[0]}")
-            source = emb_u.reshape(-1, g, *emb_u.shape[1:])  # (G, g, n, C): sample-major keys
+            views = emb_u.shape[0] // b  # unlabeled images per query image (1, or 2 views)
+            g = {"eval": 1}.get(mode, key_group_size or b)
+            if b % g:
+                raise ValueError(f"key_group_size={g} does not divide the batch of {b}")
+            # (G, views * g, n, C): group j's keys are its g images of every view, view-major.
+            source = emb_u.reshape(views, b // g, g, *emb_u.shape[1:]).swapaxes(0, 1)
+            source = source.reshape(b // g, views * g, *emb_u.shape[1:])
             queries = q.reshape(source.shape[0], -1, *q.shape[1:])
         keys, values = k_proj(source), v_proj(source)  # (G, M, n, HC)
         g_, m = keys.shape[:2]

@@ -11,8 +11,8 @@ to `features` channels; four fusion blocks (`refinenet4` .. `refinenet1`) merge 
 UniMatch V2's `DPT` model (DINOv2 encoder + this head, the logits resized to the 14-multiple grid)
 is `allspark_jax.models.segmentor.AllSparkSegmentor` with a DINOv2 backbone (`dpt_model`). Its
 complementary channel dropout (`comp_drop`, training only) is a per-(image, channel) scale of the
-encoder maps, passed in (drawn by `complementary_dropout_scale`) so that the forward stays a pure
-function.
+encoder maps, passed in (drawn by `models.layers.complementary_dropout_scale`) so that the forward
+stays a pure function.
 
 Padded batches (`valid_grid=` of `DINOv2`, `DPTHead`; `valid_size=` of the segmentor, evaluation
 only): images of different sizes zero-padded (bottom / right) into one static shape, with their
@@ -224,26 +224,6 @@ class DPTHead(nn.Module):
         path = FeatureFusionBlock(dt, name="refinenet1")(path, l1, valid=s1, valid_out=out)
         y = nn.relu(conv3x3(cfg.features, "output_conv_0", dt)(zero_outside(path, out)))
         return zero_outside(Conv1x1(cfg.num_classes, dtype=dt, name="output_conv_2")(y), out)
-
-
-def complementary_dropout_scale(key: jax.Array, batch: int, dim: int) -> jax.Array:
-    """UniMatch V2's complementary channel dropout as a (batch, dim) float32 scale.
-
-    Image i of the first half and image i of the second half drop complementary channel sets: a
-    Bernoulli(0.5) draw m gives 2 m to the first and 2 - 2 m to the second; for a random
-    int(batch / 2 * 0.5) of the pairs both keep every channel (scale 1). `batch` must be even (the
-    two halves are the two strong views of the same images).
-    """
-    if batch % 2:
-        raise ValueError(f"complementary dropout needs an even batch (two halves), got {batch}")
-    half = batch // 2
-    k_mask, k_keep = jax.random.split(key)
-    first = jax.random.bernoulli(k_mask, 0.5, (half, dim)).astype(jnp.float32) * 2.0
-    # The values of a random permutation below n mark a uniformly random n-subset of the pairs.
-    kept = (jax.random.permutation(k_keep, half) < int(half * 0.5))[:, None]
-    first = jnp.where(kept, 1.0, first)
-    second = jnp.where(kept, 1.0, 2.0 - first)
-    return jnp.concatenate([first, second], axis=0)
 
 
 def eval_input_size(size: Sequence[int], patch: int = 14) -> tuple[int, int]:

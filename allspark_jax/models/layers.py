@@ -1,5 +1,6 @@
 """Layers with PyTorch's semantics that the heads and AllSpark's module share, NHWC: the default
-Linear / Conv initialisation, the 1x1 convolution as a matmul, and BatchNorm.
+Linear / Conv initialisation, the 1x1 convolution as a matmul, BatchNorm, and UniMatch V2's
+complementary channel dropout (`complementary_dropout_scale`).
 
 Same parameters, initialisation and results as PyTorch's `nn.Conv2d(k=1)` and `nn.BatchNorm2d`,
 so state dicts map unchanged.
@@ -129,3 +130,23 @@ class TorchBatchNorm(nn.Module):
             var_v.value = (1 - m) * var_v.value + m * jax.lax.stop_gradient(var) * n / max(n - 1, 1)
             count_v.value = count_v.value + 1
         return y.reshape(x.shape).astype(x.dtype)
+
+
+def complementary_dropout_scale(key: jax.Array, batch: int, dim: int) -> jax.Array:
+    """UniMatch V2's complementary channel dropout as a (batch, dim) float32 scale.
+
+    Image i of the first half and image i of the second half drop complementary channel sets: a
+    Bernoulli(0.5) draw m gives 2 m to the first and 2 - 2 m to the second; for a random
+    int(batch / 2 * 0.5) of the pairs both keep every channel (scale 1). `batch` must be even (the
+    two halves are the two strong views of the same images).
+    """
+    if batch % 2:
+        raise ValueError(f"complementary dropout needs an even batch (two halves), got {batch}")
+    half = batch // 2
+    k_mask, k_keep = jax.random.split(key)
+    first = jax.random.bernoulli(k_mask, 0.5, (half, dim)).astype(jnp.float32) * 2.0
+    # The values of a random permutation below n mark a uniformly random n-subset of the pairs.
+    kept = (jax.random.permutation(k_keep, half) < int(half * 0.5))[:, None]
+    first = jnp.where(kept, 1.0, first)
+    second = jnp.where(kept, 1.0, 2.0 - first)
+    return jnp.concatenate([first, second], axis=0)

@@ -31,6 +31,7 @@ from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map, token_gr
 from allspark_jax.models.dpt import (DPTConfig, DPTHead, eval_input_size, resize_eval_input,
                                      resize_eval_output, resize_to_patch_grid)
 from allspark_jax.models.head import SegFormerHead
+from allspark_jax.models.layers import complementary_dropout_scale
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer, grid_mask, token_grid_sizes
 from allspark_jax.models.mit import token_grid as mit_token_grid
 from allspark_jax.models.resize import (checked_sizes, resize_bilinear,
@@ -121,7 +122,13 @@ class AllSparkSegmentor(nn.Module):
     encoder's masks (`MixVisionTransformer`; DINOv2's in `models.dinov2`), AllSpark's token sums
     (`CrossAttnMem`), the true-size upsampling (`LinearFuse`, `resize_bilinear_valid`; the DPT
     head's in `models.dpt`). For DINOv2 "eval" mode is UniMatch V2's evaluation (`_dinov2`).
-    `feature_scale` (DINOv2 only, training): UniMatch V2's complementary channel dropout.
+    `feature_scale` ("train" / "teacher" mode) or None: UniMatch V2's complementary channel
+    dropout (`draw_feature_scale`) of the maps the head reads, after AllSpark: for DINOv2 one
+    (B, D) scale of all four maps (its `comp_drop=True` forward), for MiT one (B, C_i) scale per
+    stage map (UniMatch V2's dropout applied to each of MiT's four maps, which differ in width).
+    In "train" mode with AllSpark the batch is ``concat(labeled, unlabeled)`` with B_u =
+    teacher_logits' batch unlabeled images, B_u a multiple of the labeled count (UniMatch V2's
+    recipe: both strong views, `allspark_jax.models.allspark.CrossAttnMem`).
     """
 
     config: ModelConfig
@@ -136,10 +143,16 @@ class AllSparkSegmentor(nn.Module):
         if cfg.encoder == "dinov2":
             return self._dinov2(x, mode, teacher_logits, use_memory, key_group_size, valid_size,
                                 feature_scale)
-        if feature_scale is not None:
-            raise ValueError("feature_scale (complementary channel dropout of the maps the head "
-                             "reads) is a DINOv2-encoder input: MiT's four maps differ in width")
         train = mode == "train"
+        if feature_scale is not None:
+            widths = tuple(cfg.backbone.embed_dims)
+            if mode == "eval":
+                raise ValueError("feature_scale (complementary channel dropout) is a training "
+                                 "input, got mode='eval'")
+            shapes = tuple(getattr(f, "shape", None) for f in feature_scale)
+            if shapes != tuple((x.shape[0], w) for w in widths):
+                raise ValueError(f"feature_scale of a MiT encoder: one (B, C) scale per stage map, "
+                                 f"{tuple((x.shape[0], w) for w in widths)}, got {shapes}")
         if valid_size is None:
             grids = None
         else:
@@ -158,8 +171,11 @@ class AllSparkSegmentor(nn.Module):
                                                                valid_size)
         c4 = self._allspark(c4, mode, teacher_logits, use_memory, key_group_size,
                             None if grids is None else grid_mask(grids[3], c4.shape[1:3]))
+        maps = [c1, c2, c3, c4]
+        if feature_scale is not None:
+            maps = [m * f[:, None, None, :].astype(m.dtype) for m, f in zip(maps, feature_scale)]
         logits = SegFormerHead(cfg.num_classes, cfg.decoder_dim, cfg.head_dropout, self.dtype,
-                               name="head")([c1, c2, c3, c4], train, grids)
+                               name="head")(maps, train, grids)
         if grids is None:
             return resize_bilinear(logits.astype(jnp.float32), x.shape[1:3])
         return resize_bilinear_valid(logits.astype(jnp.float32), x.shape[1:3], grids[0],
@@ -232,6 +248,17 @@ class AllSparkSegmentor(nn.Module):
         if logits.shape[1:3] != size:
             logits = resize_bilinear_align_corners(logits, size)
         return logits
+
+
+def draw_feature_scale(config: ModelConfig, key: jax.Array, batch: int):
+    """UniMatch V2's complementary channel dropout for a strong batch of `batch` images (its two
+    views concatenated), as `AllSparkSegmentor`'s `feature_scale`: DINOv2 one (batch, D) scale
+    (`complementary_dropout_scale`), MiT a tuple of one per stage map (independent keys)."""
+    if config.encoder == "dinov2":
+        return complementary_dropout_scale(key, batch, config.backbone.embed_dim)
+    widths = config.backbone.embed_dims
+    return tuple(complementary_dropout_scale(k, batch, w)
+                 for k, w in zip(jax.random.split(key, len(widths)), widths))
 
 
 def init_variables(model: AllSparkSegmentor, rng: jax.Array, crop_size: int | tuple[int, int],

@@ -322,7 +322,7 @@ def kink_positions(ref: Reference, variables, batch: dict, tau_fraction: float,
 def train_setup(ref: Reference):
     """The optimizer, its learning-rate schedules and the train config of the README's protocol."""
     m = ref.meta
-    optim = ml_collections.ConfigDict(dict(lr=m["lr"], lr_multi=m["lr_multi"],
+    optim = ml_collections.ConfigDict(dict(name="sgd", lr=m["lr"], lr_multi=m["lr_multi"],
                                            momentum=m["momentum"], weight_decay=m["weight_decay"],
                                            poly_power=0.9))
     tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1,
