@@ -45,7 +45,10 @@ from allspark_jax.weights import loader
 
 # Config keys that decide the train state's arrays (for mismatch messages).
 STATE_KEYS = ("model.* (backbone, decoder_dim, allspark_heads, num_classes), data.crop_size (the "
-              "Semantic Memory's length) and train.teacher")
+              "Semantic Memory's length), train.teacher and optim.name")
+# Where each optimiser's state keeps its per-parameter arrays (`optimizer.create_optimizer`'s
+# chains, in orbax's saved layout): SGD's momentum, AdamW's first moment.
+_OPTIMIZER_ARRAYS = {"sgd": "opt_state/1/trace/", "adamw": "opt_state/0/mu/"}
 MAX_LISTED_DIFFERENCES = 12
 
 
@@ -89,8 +92,8 @@ def _fmt(entry) -> str:
 def state_differences(saved: dict, wanted: dict) -> list[str]:
     """What differs between two `_flat_arrays` maps (a checkpoint's, this config's), one line each.
 
-    The teacher (EMA arrays or none) and the method (AllSpark arrays or plain SegFormer) are named
-    first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed
+    The teacher (EMA arrays or none), the optimiser (SGD or AdamW) and the method (AllSpark arrays
+    or plain SegFormer) are named first and their arrays are not listed; optimizer / EMA arrays that only mirror a listed
     parameter are left out.
     """
     lines = []
@@ -105,6 +108,12 @@ def state_differences(saved: dict, wanted: dict) -> list[str]:
         lines.append(f"teacher: the checkpoint was written with train.teacher={teacher[ema[0]]}, "
                      f"this config has train.teacher={teacher[ema[1]]}")
         explained.append(lambda k: k.startswith(("ema_params/", "ema_batch_stats/")))
+    optim = [next((n for n, p in _OPTIMIZER_ARRAYS.items() if has(flat, p)), None)
+             for flat in (saved, wanted)]
+    if None not in optim and optim[0] != optim[1]:
+        lines.append(f"optimizer: the checkpoint was written with optim.name={optim[0]!r}, this "
+                     f"config has optim.name={optim[1]!r}")
+        explained.append(lambda k: k.startswith("opt_state/"))
     allspark = has(saved, "params/allspark/"), has(wanted, "params/allspark/")
     if allspark[0] != allspark[1]:
         method = {True: "AllSpark (params/allspark, the Semantic Memory)",

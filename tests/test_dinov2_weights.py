@@ -488,3 +488,33 @@ def test_huggingface_dinov2_export_round_trip(tmp_path):
         huggingface.save_checkpoint(blank, model.config, tmp_path / "whole")
     with pytest.raises(errors.WeightImportError, match="is not the DINOv2 encoder of model_config"):
         huggingface.save_checkpoint(blank, HF_ENCODER, tmp_path / "wrong", encoder_only=True)
+
+
+def test_unimatch_trainer_checkpoint_export(tmp_path):
+    """save_unimatch_checkpoint(ema=...) writes UniMatch V2's trainer `latest.pth` (model and
+    model_ema, `module.` keys): --checkpoint reads them back as student and ema."""
+    config = dpt_config()
+    student = checkpoints.load_inference_variables(config, None, DPT_PTH)[0]["student"]
+    teacher = jax.tree.map(lambda x: x * 0.5, student)
+    path = tmp_path / "latest.pth"
+    release_files.save_unimatch_checkpoint(student, path, ema=teacher, epoch=7,
+                                           previous_best=61.5, previous_best_ema=62.0)
+    saved = load_pth(path)
+    assert {k: saved[k] for k in ("epoch", "previous_best", "previous_best_ema", "best_epoch",
+                                  "best_epoch_ema")} == {
+        "epoch": 7, "previous_best": 61.5, "previous_best_ema": 62.0, "best_epoch": 7,
+        "best_epoch_ema": 7}
+    assert set(saved["model"]) == set(saved["model_ema"]) == {f"module.{k}" for k in dpt_state()}
+    loaded = checkpoints.load_inference_variables(config, None, path)[0]
+    assert_trees_equal(loaded["student"], student)
+    assert_trees_equal(loaded["ema"], teacher)
+    with pytest.raises(errors.WeightImportError, match=r"x.npz: UniMatch V2's trainer checkpoint"):
+        release_files.save_unimatch_checkpoint(student, tmp_path / "x.npz", ema=teacher)
+    # AllSpark's teacher has no memory of its own: both entries carry the student's.
+    allspark, _ = blank_variables(dpt_config("allspark"))
+    release_files.save_unimatch_checkpoint(
+        allspark, tmp_path / "a.pth", ema={k: allspark[k] for k in ("params", "batch_stats")})
+    saved = load_pth(tmp_path / "a.pth")
+    assert set(saved["model"]) == set(saved["model_ema"])
+    np.testing.assert_array_equal(saved["model_ema"]["module.allspark.attn.kv_queue"],
+                                  saved["model"]["module.allspark.attn.kv_queue"])

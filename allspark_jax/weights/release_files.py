@@ -114,14 +114,40 @@ def save_official_checkpoint(variables: Mapping, path: str | os.PathLike, *, epo
              path)
 
 
-def save_unimatch_checkpoint(variables: Mapping, path: str | os.PathLike) -> None:
+def save_unimatch_checkpoint(variables: Mapping, path: str | os.PathLike, *,
+                             ema: Mapping | None = None, epoch: int = 0,
+                             previous_best: float = 0.0, previous_best_ema: float = 0.0) -> None:
     """Writes a DINOv2 model's `variables` as UniMatch V2's DPT state dict (`backbone.*` +
     `head.*`, what its `DPT.load_state_dict` takes; AllSpark on DINOv2 adds `allspark.*`, the
     release's module names, Semantic Memory included): `.npz` when `path` ends so, else
     torch.save's format. The loader reads it back as a whole model (`load_variables`,
-    `--checkpoint`)."""
+    `--checkpoint`).
+
+    With `ema` (the EMA teacher's variables) it writes UniMatch V2's trainer checkpoint instead,
+    its `latest.pth` object (torch.save's format only): `model` and `model_ema` (keys prefixed
+    `module.`, as its DDP model saves them), an empty `optimizer`, `epoch`, `previous_best`,
+    `previous_best_ema`, `best_epoch`, `best_epoch_ema`; `--checkpoint` evaluates `model` as
+    'student' and `model_ema` as 'ema'. A teacher without a Semantic Memory of its own (the
+    AllSpark module's teacher does not read one) is written with the student's, so that both
+    entries hold the same keys."""
+    path = os.fspath(path)
     if not dinov2.holds_dinov2(variables):
-        raise WeightImportError(f"{os.fspath(path)}: UniMatch V2's checkpoints hold DINOv2 "
+        raise WeightImportError(f"{path}: UniMatch V2's checkpoints hold DINOv2 "
                                 f"models; these variables are a MiT model's "
                                 f"(save_official_checkpoint writes the release's)")
-    _save_state(dinov2.variables_to_state_dict(variables), path)
+    state = dinov2.variables_to_state_dict(variables)
+    if ema is None:
+        _save_state(state, path)
+        return
+    if path.endswith(".npz"):
+        raise WeightImportError(f"{path}: UniMatch V2's trainer checkpoint (model + model_ema) is "
+                                f"a torch.save file; name it .pth, or leave out ema= for a "
+                                f"state dict")
+    if "memory" in variables and "memory" not in ema:
+        ema = {**ema, "memory": variables["memory"]}
+    prefixed = lambda sd: {f"module.{k}": v for k, v in sd.items()}  # noqa: E731
+    save_pth({"model": prefixed(state),
+              EMA_ENTRY: prefixed(dinov2.variables_to_state_dict(ema)),
+              "optimizer": {"state": {}, "param_groups": []}, "epoch": epoch,
+              "previous_best": previous_best, "previous_best_ema": previous_best_ema,
+              "best_epoch": epoch, "best_epoch_ema": epoch}, path)
