@@ -207,7 +207,8 @@ def test_synthetic_batch_of_each_method():
 
 
 def test_pipeline_options_follow_the_method(tmp_path):
-    """The pipeline measurement reads what the method's step reads (UniMatch V2: two strong views)."""
+    """The pipeline measurement reads what the method's step reads (UniMatch V2: two strong
+    views)."""
     from allspark_jax.data import input_pipeline, synthetic
     synthetic.write_dataset(str(tmp_path), 8, 0, 48, 5, seed=0, num_labeled=4)
     opts = pipeline.make_options(str(tmp_path), 32, 2, method="unimatch_v2", teacher="ema")

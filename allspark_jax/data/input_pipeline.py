@@ -459,7 +459,7 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
       (UniMatch V2's recipe) image_l, mask_l, image_u_w, pad_u and, for each strong view k = 1, 2
       (one geometry with the weak view, its own photometric draw and box), image_u_s{k}
       (b, S, S, 3) float32 and cutmix_u{k} (b, S, S) bool (all False when off).
-    `train_step.batch_keys(method)` names the entries a step reads (the boxes only when CutMix is on).
+    `train_step.batch_keys(method)` names the entries a step reads (the boxes only with CutMix on).
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents,
     naming the step and every bad file of its batch).
     """
