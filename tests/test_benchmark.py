@@ -10,9 +10,13 @@ import json
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from allspark_jax.benchmark import measure, profile, report
+from allspark_jax import method as method_lib
+from allspark_jax import train_step
+from allspark_jax.benchmark import measure, pipeline, profile, programs, report
 from run_config import ROOT, cli_flags, compilation_cache_off, subprocess_env, tiny_config
 
 
@@ -176,6 +180,41 @@ def test_train_figures_of_the_baselines():
         t = out["train"]
         assert t["images_per_step"] == out["batch"] * (1 if method == "supervised" else 2)
         assert t["seconds"] > 0 and t["flops"] > 0
+
+
+def test_synthetic_batch_of_each_method():
+    """The benchmark's resident batch holds the entries the method's step reads: UniMatch V2's two
+    strong views and two boxes; the one-view entries do not change with the keys asked."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    one = programs.synthetic_batch(4, 8, 5, sharding, keys=train_step.BATCH_KEYS + ("cutmix_u",))
+    for cutmix in (0.0, 0.5):
+        method = method_lib.resolve("unimatch_v2", teacher="ema", student_view="strong",
+                                    cutmix_prob=cutmix)
+        keys = train_step.batch_keys(method)
+        b = {k: np.asarray(v) for k, v in programs.synthetic_batch(4, 8, 5, sharding,
+                                                                    keys=keys).items()}
+        assert set(b) == set(keys)
+        assert ("cutmix_u1" in b) == (cutmix > 0)
+        for k in ("image_l", "image_u_w", "image_u_s1", "image_u_s2"):
+            assert b[k].shape == (4, 8, 8, 3) and b[k].dtype == np.float32
+        assert b["mask_l"].dtype == np.int32 and b["pad_u"].dtype == bool
+        assert not np.array_equal(b["image_u_s1"], b["image_u_s2"])
+        for k in ("image_l", "mask_l", "image_u_w", "pad_u"):
+            np.testing.assert_array_equal(b[k], np.asarray(one[k]))
+    for k in ("cutmix_u1", "cutmix_u2"):
+        assert b[k].shape == (4, 8, 8) and b[k].dtype == bool and b[k].sum() == 2 * 16
+    assert not np.array_equal(b["cutmix_u1"], b["cutmix_u2"])
+
+
+def test_pipeline_options_follow_the_method(tmp_path):
+    """The pipeline measurement reads what the method's step reads (UniMatch V2: two strong
+    views)."""
+    from allspark_jax.data import input_pipeline, synthetic
+    synthetic.write_dataset(str(tmp_path), 8, 0, 48, 5, seed=0, num_labeled=4)
+    opts = pipeline.make_options(str(tmp_path), 32, 2, method="unimatch_v2", teacher="ema")
+    b = next(input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))
+    assert set(train_step.batch_keys(opts.method)) == set(b)
+    assert b["image_u_s2"].shape == (2, 32, 32, 3)
 
 
 def test_cli_refuses_a_bad_config_in_one_line():

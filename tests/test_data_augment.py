@@ -118,6 +118,65 @@ def test_weak_and_strong_views_share_geometry():
         np.testing.assert_allclose(both["image_u_s"], expected, atol=2e-4)
 
 
+TWO_VIEW_KEYS = {"image_u_w", "image_u_s1", "image_u_s2", "pad_u", "cutmix_u1", "cutmix_u2"}
+
+
+def test_two_strong_views_share_geometry_with_their_own_photometric_draws():
+    """UniMatch V2's unlabeled chain: view 1 is the one-view chain's strong view (its seeds), view 2
+    the same weak crop through photometric with its own seed (fold_seed(seed, 2))."""
+    rng = np.random.default_rng(2)
+    image = tf.constant(rng.integers(0, 256, (30, 45, 3)), tf.uint8)
+    differ = strong = 0
+    for i in range(8):
+        seed = _seed(i, 3)
+        one = augment.augment_unlabeled(image, 40, seed, strong_student=True, cutmix_prob=0.5)
+        two = augment.augment_unlabeled(image, 40, seed, strong_student=True, cutmix_prob=0.5,
+                                        strong_views=2)
+        assert set(two) == TWO_VIEW_KEYS
+        for k in ("image_u_w", "image_u_s1", "image_u_s2"):
+            assert two[k].shape == (40, 40, 3) and two[k].dtype == tf.float32
+        for k in ("pad_u", "cutmix_u1", "cutmix_u2"):
+            assert two[k].shape == (40, 40) and two[k].dtype == tf.bool
+        # view 1 and the geometry are the one-view chain's, unchanged
+        for a, b in (("image_u_w", "image_u_w"), ("image_u_s1", "image_u_s"), ("pad_u", "pad_u"),
+                     ("cutmix_u1", "cutmix_u")):
+            np.testing.assert_array_equal(two[a], one[b])
+        # view 2 = photometric(the same weak crop) with its own seed: the same geometry
+        s_photo2 = tf.random.experimental.stateless_split(augment.fold_seed(seed, 2), 2)[0]
+        weak01 = tf.constant(_denorm255(two["image_u_w"].numpy()) / 255.0, tf.float32)
+        np.testing.assert_allclose(two["image_u_s2"],
+                                   augment.normalize(augment.photometric(weak01, s_photo2)),
+                                   atol=2e-4)
+        differ += not np.array_equal(two["image_u_s1"], two["image_u_s2"])
+        for k in ("image_u_s1", "image_u_s2"):
+            strong += not np.array_equal(two[k], two["image_u_w"])
+    assert differ == 8
+    # a view skips jitter, grey and blur w.p. 0.2 x 0.8 x 0.5 = 0.08 and is then the weak view
+    assert strong >= 13
+    with pytest.raises(ValueError, match="strong_student"):
+        augment.augment_unlabeled(image, 40, _seed(0), strong_student=False, strong_views=2)
+    with pytest.raises(ValueError, match="strong_views=3"):
+        augment.augment_unlabeled(image, 40, _seed(0), strong_student=True, strong_views=3)
+
+
+def test_two_views_draw_independent_cutmix_boxes():
+    """Each strong view's box is its own draw: on/off disagree about half the time, and two boxes
+    that are both on differ."""
+    image = tf.constant(np.full((12, 12, 3), 100, np.uint8))
+    on1, on2, both_same = [], [], 0
+    for i in range(64):
+        out = augment.augment_unlabeled(image, 16, _seed(i, 5), strong_student=True,
+                                        cutmix_prob=0.5, strong_views=2)
+        b1, b2 = out["cutmix_u1"].numpy(), out["cutmix_u2"].numpy()
+        on1.append(b1.any())
+        on2.append(b2.any())
+        both_same += b1.any() and b2.any() and np.array_equal(b1, b2)
+    on1, on2 = np.array(on1), np.array(on2)
+    assert 16 <= on1.sum() <= 48 and 16 <= on2.sum() <= 48  # p = 0.5 each
+    assert 16 <= (on1 != on2).sum() <= 48  # independent: they disagree in half the draws
+    assert (on1 & on2).sum() > 0 and both_same == 0
+
+
 def test_photometric_ops_semantics():
     x = tf.random.stateless_uniform((16, 16, 3), _seed(0))
     np.testing.assert_allclose(augment.adjust_brightness(x, 1.0), x)

@@ -8,10 +8,14 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from allspark_jax import config as config_lib
+from allspark_jax import train_step
+from allspark_jax.data import augment
+from allspark_jax.data import datasets
 from allspark_jax.data import input_pipeline
 from allspark_jax.data import prepare
 from allspark_jax.data import synthetic
-from conftest import make_options
+from conftest import make_config, make_options
 
 KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s", "pad_u", "cutmix_u")
 N_STEPS = 5  # 2 steps per epoch (9 unlabeled // 4): crosses two epoch boundaries
@@ -89,6 +93,96 @@ def test_tfds_source_gives_the_same_batches(fresh, data_synthetic_root, data_syn
             np.testing.assert_array_equal(got[t][k], fresh[t][k][2:])
     assert input_pipeline.train_plan(config).steps_per_epoch == 2
     assert len(config.class_names) == 5
+
+
+# ------------------------------------------------------------------ two strong views (UniMatch V2)
+
+MEAN, STD = np.array(datasets.IMAGENET_MEAN), np.array(datasets.IMAGENET_STD)
+TWO_VIEW_KEYS = ("image_l", "mask_l", "image_u_w", "image_u_s1", "image_u_s2", "pad_u", "cutmix_u1",
+                 "cutmix_u2")
+
+
+def _two_view_config(root, seed=1, **overrides):
+    """`_config`'s data (strong view, CutMix 0.5) under method 'unimatch_v2' (its EMA teacher)."""
+    data = {"name": "synthetic", "root": root, "split": "default", "num_classes": 5,
+            "crop_size": 40, "batch_size": 4, "student_view": "strong", "cutmix_prob": 0.5}
+    data.update(overrides)
+    config = make_config(seed, **data)
+    config.method, config.train.teacher = "unimatch_v2", "ema"
+    return config_lib.data_options(config)
+
+
+@pytest.fixture(scope="module")
+def two_view(data_synthetic_root):
+    """The first N_STEPS global batches of one process under 'unimatch_v2' (`fresh`'s seed)."""
+    return _take(_two_view_config(data_synthetic_root), process_index=0, process_count=1)
+
+
+def test_two_view_contract(two_view, fresh, data_synthetic_root):
+    opts = _two_view_config(data_synthetic_root)
+    assert opts.method.strong_views == 2
+    assert set(two_view[0]) == set(TWO_VIEW_KEYS) == set(train_step.batch_keys(opts.method))
+    for b in two_view:
+        for k in ("image_l", "image_u_w", "image_u_s1", "image_u_s2"):
+            assert b[k].shape == (4, 40, 40, 3) and b[k].dtype == np.float32, k
+        assert b["mask_l"].shape == (4, 40, 40) and b["mask_l"].dtype == np.int32
+        for k in ("pad_u", "cutmix_u1", "cutmix_u2"):
+            assert b[k].shape == (4, 40, 40) and b[k].dtype == bool, k
+    # one geometry and strong view 1 are the one-view pipeline's (`fresh`: same seed, same data)
+    for b, f in zip(two_view, fresh):
+        for k in ("image_l", "mask_l", "image_u_w", "pad_u"):
+            np.testing.assert_array_equal(b[k], f[k])
+        np.testing.assert_array_equal(b["image_u_s1"], f["image_u_s"])
+        np.testing.assert_array_equal(b["cutmix_u1"], f["cutmix_u"])
+    s1, s2, w = (np.concatenate([b[k] for b in two_view]) for k in ("image_u_s1", "image_u_s2",
+                                                                      "image_u_w"))
+    assert all(not np.array_equal(a, b) for a, b in zip(s1, s2))  # own photometric draws
+    # a view skips jitter, grey and blur w.p. 0.08 (then it is the weak view)
+    assert sum(not np.array_equal(a, b) for a, b in zip(s2, w)) >= 0.75 * len(w)
+    assert sum(not np.array_equal(a, b) for a, b in zip(s1, w)) >= 0.75 * len(w)
+    # view 2's geometry: padding is black in the weak crop, which every photometric op keeps one
+    # grey colour; away from the image (blur reach), view 2 is that one grey on padding
+    padded = 0
+    for x, pad in zip(s2, np.concatenate([b["pad_u"] for b in two_view])):
+        inner = pad.copy()
+        r = augment.BLUR_RADIUS
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                inner &= np.roll(np.pad(pad, r, constant_values=True), (dy, dx), (0, 1))[r:-r, r:-r]
+        if inner.any():
+            padded += 1
+            grey = x[inner] * STD + MEAN
+            np.testing.assert_allclose(grey, np.broadcast_to(grey[0, 0], grey.shape), atol=1e-5)
+    assert padded >= 3
+    c1, c2 = (np.concatenate([b[k] for b in two_view]) for k in ("cutmix_u1", "cutmix_u2"))
+    assert c1.any() and c2.any() and not np.array_equal(c1, c2)
+
+
+def test_two_views_without_cutmix(data_synthetic_root):
+    opts = _two_view_config(data_synthetic_root, cutmix_prob=0.0)
+    b = _take(opts, 1, process_index=0, process_count=1)[0]
+    keys = set(train_step.batch_keys(opts.method))
+    assert keys == set(TWO_VIEW_KEYS) - {"cutmix_u1", "cutmix_u2"} and keys <= set(b)
+    assert not b["cutmix_u1"].any() and not b["cutmix_u2"].any()
+
+
+@pytest.mark.parametrize("start", [1, 3])
+def test_two_views_resume(two_view, data_synthetic_root, start):
+    resumed = _take(_two_view_config(data_synthetic_root), N_STEPS - start, start_step=start,
+                    process_index=0, process_count=1)
+    for i, b in enumerate(resumed):
+        for k in TWO_VIEW_KEYS:
+            np.testing.assert_array_equal(b[k], two_view[start + i][k],
+                                          err_msg=f"{k}, step {start + i}")
+
+
+def test_two_views_split_across_processes(two_view, data_synthetic_root):
+    parts = [_take(_two_view_config(data_synthetic_root), 3, process_index=p, process_count=2)
+             for p in (0, 1)]
+    for t in range(3):
+        for k in TWO_VIEW_KEYS:
+            np.testing.assert_array_equal(np.concatenate([parts[0][t][k], parts[1][t][k]]),
+                                          two_view[t][k])
 
 
 def test_epoch_order_follows_the_release():

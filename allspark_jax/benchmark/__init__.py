@@ -21,8 +21,9 @@ with `block_until_ready`; compile time excludes tracing, which is reported apart
   * profile  where the step's time goes: a profiler trace of a few steps, each XLA op's time summed
              and attributed to its phase (teacher / forward / backward / update) and module (encoder
              stage and sub-layer, AllSpark, head) through the op metadata of the compiled program.
-  * pipeline the training input pipeline (synthetic Pascal-sized JPEGs at the crop) alone, in
-             examples/s, against the examples/s the step consumes; and the step fed by it.
+  * pipeline the training input pipeline of the config's method (synthetic Pascal-sized JPEGs at
+             the crop) alone, in examples/s, against the examples/s the step consumes; and the
+             step fed by it.
   * compile  the train step compiled, not run: compile time, FLOPs and XLA's memory estimate, for
              configurations that do not fit the host.
   * eval     cold-start evaluation of a set of images in many sizes (`--eval_images`,

@@ -101,7 +101,9 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
     """The input pipeline alone and the step fed by it, against the step on a resident batch.
 
     The data: `num_images` synthetic Pascal-layout JPEGs (half labeled) with sides in
-    [0.75, 1] x `image_size` (Pascal VOC images are about 500 x 375). Returns (figures, state).
+    [0.75, 1] x `image_size` (Pascal VOC images are about 500 x 375), read as the config's method
+    reads them (its student view, and its batch entries: two strong views under UniMatch V2's
+    recipe, labeled images only for a labeled-only method), CutMix p 0.5. Returns (figures, state).
     """
     # tf.data: imported here, so that the model measurements run where TensorFlow is not installed.
     from allspark_jax.benchmark import pipeline as data_benchmark  # pylint: disable=g-import-not-at-top
@@ -109,10 +111,11 @@ def bench_pipeline(s: programs.Setup, config, state, step, steps: int, warmup: i
     with tempfile.TemporaryDirectory() as root:
         synthetic.write_dataset(root, num_images, 0, image_size, int(config.data.num_classes),
                                 seed=0, num_labeled=num_images // 2)
-        rate = data_benchmark.measure(root, s.crop, s.batch, steps, warmup,
-                                      student_view=config.data.student_view)
-        opts = data_benchmark.make_options(root, s.crop, s.batch,
-                                           student_view=config.data.student_view)
+        # the run's method decides what a batch holds (UniMatch V2: two strong views)
+        which = dict(student_view=config.data.student_view, method=config.method,
+                     teacher=config.train.teacher)
+        rate = data_benchmark.measure(root, s.crop, s.batch, steps, warmup, **which)
+        opts = data_benchmark.make_options(root, s.crop, s.batch, **which)
         keys = train_step_lib.batch_keys(method_lib.from_config(config))
         it = ({k: b[k] for k in keys}
               for b in input_pipeline.create_train_iterator(opts, process_index=0, process_count=1))

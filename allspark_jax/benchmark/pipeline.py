@@ -22,10 +22,13 @@ import time
 from allspark_jax.data import datasets
 
 
-def make_options(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong"):
-    """DataOptions of the synthetic dataset at `root` (configs/default.py with these data keys)."""
+def make_options(root: str, crop: int, batch: int, parallel: int = -1, student_view="strong", *,
+                 method: str = "allspark", teacher: str = "online"):
+    """DataOptions of the synthetic dataset at `root` (configs/default.py with these data keys, and
+    `method` with `teacher`, which decide the entries of a batch: `input_pipeline`)."""
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     config = config_lib.default_config()
+    config.method, config.train.teacher = method, teacher
     config.data.update(name="synthetic", root=root, split="default", crop_size=crop,
                        batch_size=batch, student_view=student_view, cutmix_prob=0.5,
                        source="files", num_parallel_calls=parallel, prefetch=2)
@@ -34,11 +37,13 @@ def make_options(root: str, crop: int, batch: int, parallel: int = -1, student_v
 
 
 def measure(root: str, crop: int, batch: int, steps: int, warmup: int = 3,
-            student_view: str = "strong") -> float:
+            student_view: str = "strong", *, method: str = "allspark",
+            teacher: str = "online") -> float:
     """Training examples per second of create_train_iterator (numpy batches, as the trainer sees)."""
     from allspark_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
     it = input_pipeline.create_train_iterator(
-        make_options(root, crop, batch, student_view=student_view), process_index=0, process_count=1)
+        make_options(root, crop, batch, student_view=student_view, method=method, teacher=teacher),
+        process_index=0, process_count=1)
     for _ in range(warmup):
         next(it)
     t = time.perf_counter()

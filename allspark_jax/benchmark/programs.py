@@ -76,19 +76,27 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
 
 def synthetic_batch(batch: int, crop: int, num_classes: int, sharding, seed: int = 0,
                     keys=train_step_lib.BATCH_KEYS) -> dict:
-    """A training batch (the entries `keys`) of random normalised images and labels, placed with
-    `sharding`."""
+    """A training batch (the entries `keys`, drawn in that order) of random normalised images and
+    labels, no padding, and CutMix boxes on every other image (a quarter of the crop; the second
+    strong view's in the opposite corner), placed with `sharding`."""
     r = np.random.default_rng(seed)
-    host = {
-        "image_l": r.standard_normal((batch, crop, crop, 3), np.float32),
-        "mask_l": r.integers(0, num_classes, (batch, crop, crop), dtype=np.int32),
-        "image_u_w": r.standard_normal((batch, crop, crop, 3), np.float32),
-        "image_u_s": r.standard_normal((batch, crop, crop, 3), np.float32),
-        "pad_u": np.zeros((batch, crop, crop), bool),
-        "cutmix_u": np.zeros((batch, crop, crop), bool),
-    }
-    host["cutmix_u"][::2, : crop // 2, : crop // 2] = True
-    return sharding_lib.put_global({k: host[k] for k in keys}, {k: sharding for k in keys})
+
+    def image():
+        return r.standard_normal((batch, crop, crop, 3), np.float32)
+
+    def box(corner: int):
+        b = np.zeros((batch, crop, crop), bool)
+        b[::2, corner:corner + crop // 2, corner:corner + crop // 2] = True
+        return b
+
+    make = {"image_l": image,
+            "mask_l": lambda: r.integers(0, num_classes, (batch, crop, crop), dtype=np.int32),
+            "image_u_w": image, "image_u_s": image, "image_u_s1": image, "image_u_s2": image,
+            "pad_u": lambda: np.zeros((batch, crop, crop), bool),
+            "cutmix_u": lambda: box(0), "cutmix_u1": lambda: box(0),
+            "cutmix_u2": lambda: box(crop - crop // 2)}
+    host = {k: make[k]() for k in keys}
+    return sharding_lib.put_global(host, {k: sharding for k in keys})
 
 
 def train_program(s: Setup, config):

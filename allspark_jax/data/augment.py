@@ -10,6 +10,10 @@ mask nearest) -> pad right/bottom to S (image 0, mask 255) -> random S x S crop 
 order as torchvision's ColorJitter) -> grayscale p 0.2 -> Gaussian blur p 0.5, sigma U[0.1, 2.0]
 -> [0, 1] -> ImageNet normalisation. Photometric ops work on float images in [0, 1], clipped after
 each op (the release works on uint8 PIL images, so it also rounds after each op).
+UniMatch V2 (its dataset/semi.py) takes the same geometry, marking the padding for its ignore mask,
+and draws this same strong chain (same ops, probabilities and ranges, on uint8 PIL images as the
+release) independently for each of its two strong views of one crop, then a CutMix box per view
+(probability 0.5: `data.cutmix_prob` here): `augment_unlabeled(strong_views=2)`.
 
 `random_rescale` + `pad_crop_flip` are the literal chain; the pipeline uses `rescale_pad_crop_flip`,
 which gives the same result (tested) while resampling only the pixels under the crop window.
@@ -477,18 +481,37 @@ def augment_labeled(image: tf.Tensor, mask: tf.Tensor, crop: int, seed, strong: 
 
 
 def augment_unlabeled(image: tf.Tensor, crop: int, seed, strong_student: bool,
-                      cutmix_prob: float = 0.0, scale_range=(0.5, 2.0)) -> dict[str, tf.Tensor]:
-    """Unlabeled chain: one geometry, two views.
+                      cutmix_prob: float = 0.0, scale_range=(0.5, 2.0),
+                      strong_views: int = 1) -> dict[str, tf.Tensor]:
+    """Unlabeled chain: one geometry (rescale, crop, flip) shared by every view of the image.
 
-    Returns dict of `image_u_w` (S, S, 3) float32 (teacher: no photometric), `image_u_s` (S, S, 3)
-    float32 (student: photometric(weak) if `strong_student`, else the weak view), `pad_u` (S, S) bool,
-    `cutmix_u` (S, S) bool.
+    strong_views=1 (the release's): returns dict of `image_u_w` (S, S, 3) float32 (teacher: no
+    photometric), `image_u_s` (S, S, 3) float32 (student: photometric(weak) if `strong_student`,
+    else the weak view), `pad_u` (S, S) bool (True on padding), `cutmix_u` (S, S) bool.
+    strong_views=2 (UniMatch V2's dataset/semi.py; needs `strong_student`): `image_u_w`,
+    `image_u_s1`, `image_u_s2` (each photometric(weak) with its own draw), `pad_u`, `cutmix_u1`,
+    `cutmix_u2` (each view's own box, probability `cutmix_prob`).
+
+    Seeds: `seed` splits into geometry, photometric and box seeds, the one-view chain's and strong
+    view 1's; view 2 draws its photometric and box seeds from fold_seed(seed, 2). So view 1 of two
+    is the one-view student view of the same seed, and the one-view outputs do not depend on
+    `strong_views`.
     """
+    if strong_views not in (1, 2):
+        raise ValueError(f"strong_views={strong_views}: expected 1 or 2")
+    if strong_views == 2 and not strong_student:
+        raise ValueError("strong_views=2 needs strong_student=True (two strong views)")
     s_geo, s_photo, s_cut = _split(seed, 3)
     s_scale, s_crop = _split(s_geo, 2)
     image, _, pad = rescale_pad_crop_flip(image, None, crop, s_scale, s_crop, scale_range)
     x = image / 255.0
     weak = normalize(x)
-    strong = normalize(photometric(x, s_photo)) if strong_student else weak
-    return {"image_u_w": weak, "image_u_s": strong, "pad_u": pad,
-            "cutmix_u": cutmix_box(crop, s_cut, cutmix_prob)}
+    if strong_views == 1:
+        strong = normalize(photometric(x, s_photo)) if strong_student else weak
+        return {"image_u_w": weak, "image_u_s": strong, "pad_u": pad,
+                "cutmix_u": cutmix_box(crop, s_cut, cutmix_prob)}
+    s_photo2, s_cut2 = _split(fold_seed(seed, 2), 2)
+    return {"image_u_w": weak, "image_u_s1": normalize(photometric(x, s_photo)),
+            "image_u_s2": normalize(photometric(x, s_photo2)), "pad_u": pad,
+            "cutmix_u1": cutmix_box(crop, s_cut, cutmix_prob),
+            "cutmix_u2": cutmix_box(crop, s_cut2, cutmix_prob)}

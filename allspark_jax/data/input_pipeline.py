@@ -413,7 +413,7 @@ def create_train_dataset(opts, *, start_step: int = 0, plan: TrainPlan | None = 
         out = augment.augment_unlabeled(u, crop, augment.fold_seed(step_seed, 1),
                                         opts.method.student_view == "strong",
                                         opts.method.cutmix_prob,
-                                        opts.scale_range)
+                                        opts.scale_range, opts.method.strong_views)
         out.update(image_l=image_l, mask_l=mask_l)
         return out
 
@@ -455,7 +455,11 @@ def create_train_iterator(opts, *, start_step: int = 0, plan: TrainPlan | None =
       image_l (b, S, S, 3) float32 normalised; mask_l (b, S, S) int32 (255 ignore);
       image_u_w (b, S, S, 3) float32 teacher view; image_u_s (b, S, S, 3) float32 student view;
       pad_u (b, S, S) bool, True on padding; cutmix_u (b, S, S) bool CutMix box (all False when off);
-      with `opts.method.labeled_only` only image_l and mask_l.
+      with `opts.method.labeled_only` only image_l and mask_l; with `opts.method.strong_views` == 2
+      (UniMatch V2's recipe) image_l, mask_l, image_u_w, pad_u and, for each strong view k = 1, 2
+      (one geometry with the weak view, its own photometric draw and box), image_u_s{k}
+      (b, S, S, 3) float32 and cutmix_u{k} (b, S, S) bool (all False when off).
+    `train_step.batch_keys(method)` names the entries a step reads (the boxes only with CutMix on).
     Bad inputs raise DataError (eagerly for options and lists, on the failing batch for file contents,
     naming the step and every bad file of its batch).
     """
