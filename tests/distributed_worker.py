@@ -1,11 +1,13 @@
 """Runs a few AllSpark train steps on a given device/process layout and saves the final state.
 
     python tests/distributed_worker.py OUT.npz --devices 8 [--processes 2 --process_id 0 --port P]
-        [--shard_params] [--teacher ema]
+        [--shard_params] [--teacher ema] [--method unimatch_v2_allspark]
 
 The global batch (8 labeled + 8 unlabeled, 65x65, CutMix boxes on half of the unlabeled images,
 whose partners lie on other devices) and the weights (the reference's tiny model) are the same for
-every layout, so every layout must end in the same state.
+every layout, so every layout must end in the same state. `--method unimatch_v2_allspark`: UniMatch
+V2's iteration with the AllSpark module instead (two strong views with their own boxes, the
+CutMix partners mirrored within each of 2 loss groups of 4 images, across devices).
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ parser.add_argument("--process_id", type=int, default=0)
 parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--shard_params", action="store_true")
 parser.add_argument("--teacher", default="online")
+parser.add_argument("--method", default="allspark")
 args = parser.parse_args()
 import run_config  # noqa: E402  (the session's XLA flags, in the inherited environment, stay)
 
@@ -50,9 +53,16 @@ def global_batches(size: int, steps: int):
         x_u = rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32)
         box = np.zeros((GLOBAL_BATCH, size, size), bool)
         box[::2, 10:40, 5:50] = True
-        yield {"image_l": rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32),
-               "mask_l": mask, "image_u_w": x_u, "image_u_s": x_u,
-               "pad_u": np.zeros((GLOBAL_BATCH, size, size), bool), "cutmix_u": box}
+        batch = {"image_l": rng.normal(size=(GLOBAL_BATCH, size, size, 3)).astype(np.float32),
+                 "mask_l": mask, "image_u_w": x_u, "image_u_s": x_u,
+                 "pad_u": np.zeros((GLOBAL_BATCH, size, size), bool), "cutmix_u": box}
+        if args.method == "unimatch_v2_allspark":
+            batch["pad_u"][:, :, -8:] = True
+            batch["image_u_s1"] = batch.pop("image_u_s")
+            batch["image_u_s2"] = rng.normal(size=x_u.shape).astype(np.float32)
+            batch["cutmix_u1"] = batch.pop("cutmix_u")
+            batch["cutmix_u2"] = np.roll(box, 1, axis=0)
+        yield batch
 
 
 def main():
@@ -65,6 +75,15 @@ def main():
     # the batch carries CutMix boxes: the step mixes whenever they are there
     method = method_lib.resolve("allspark", teacher=args.teacher, student_view="weak",
                                 cutmix_prob=0.5)
+    if args.method == "unimatch_v2_allspark":
+        # SGD, not its AdamW: Adam's first steps divide each gradient entry by its own size, so
+        # entries near zero (~ its eps) turn float32 summation-order noise, which differs between
+        # layouts as between PyTorch DDP's GPU counts, into update differences far above float32
+        # round-off; what is checked here (partners, views, memory across devices) is the step's.
+        tcfg.update(loss_groups=2, ema_decay=0.996, conf_thresh=0.0, loss_u_ignore_padding=True,
+                    key_group_size=2)
+        method = method_lib.resolve(args.method, teacher="ema", student_view="strong",
+                                    cutmix_prob=0.5)
     tx, _ = optimizer.create_optimizer(optim, 10)
     state = state_lib.create_train_state(ref.model, tx, jax.random.key(0), 65,
                                      ema=method.ema, variables=ref.variables)

@@ -1,6 +1,7 @@
 """Data parallelism: 1 device, 8 simulated devices (replicated or sharded parameters) and two
 processes on 127.0.0.1 (4 devices each, gloo collectives) end three train steps (CutMix partners
-across devices included) in the same state."""
+across devices included) in the same state; UniMatch V2's iteration with AllSpark on 1 and 8
+devices too."""
 import os
 import socket
 import subprocess
@@ -63,3 +64,9 @@ def test_two_processes_match_one(single_device, tmp_path):
         log, _ = other.communicate(timeout=600)
     assert other.returncode == 0, log[-3000:]
     assert_same_state(single_device, state)
+
+
+def test_unimatch_v2_allspark_on_eight_devices_matches_one(tmp_path):
+    method = ("--method", "unimatch_v2_allspark")
+    one = run_worker(tmp_path / "one.npz", "--devices", 1, *method)
+    assert_same_state(one, run_worker(tmp_path / "eight.npz", "--devices", 8, *method))
