@@ -84,9 +84,9 @@ class Method:
 
     @property
     def images_per_labeled_image(self) -> int:
-        """Images the student's passes read per labeled image: 1 (labeled only), 2 (+ an
-        unlabeled one) or 3 (+ its two strong views, UniMatch V2)."""
-        return 1 if self.labeled_only else 1 + self.strong_views
+        """Training images a step reads per labeled image: 1 (labeled only) or 2 (+ an unlabeled
+        one, whatever number of views of it the teacher and student see)."""
+        return 1 if self.labeled_only else 2
 
     def unread_keys(self) -> dict[str, str]:
         """The config keys this method does not read -> why."""

@@ -111,6 +111,12 @@ def ema_decay(step, method: Method, train_config):
     return train_config.ema_decay
 
 
+def _average(ema, value, decay):
+    """decay * ema + (1 - decay) * value in ema's dtype: an integer buffer (BatchNorm's
+    num_batches_tracked) truncated toward zero, as PyTorch's `copy_` of the float result does."""
+    return (decay * ema + (1 - decay) * value).astype(ema.dtype)
+
+
 def _apply_update(state: TrainState, grads, tx: optax.GradientTransformation, batch_stats, memory,
                   method: Method, train_config):
     """The optimiser step, the EMA teacher's update and the step count: the new state."""
@@ -121,7 +127,7 @@ def _apply_update(state: TrainState, grads, tx: optax.GradientTransformation, ba
         d = ema_decay(state.step, method, train_config)
         ema_params = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params)
         if method.recipe == "unimatch_v2":  # its EMA runs over every buffer too
-            ema_batch_stats = jax.tree.map(lambda e, b: d * e + (1 - d) * b, ema_batch_stats,
+            ema_batch_stats = jax.tree.map(lambda e, b: _average(e, b, d), ema_batch_stats,
                                            batch_stats)
         else:  # BN running statistics are themselves averages: the teacher takes the student's.
             ema_batch_stats = batch_stats

@@ -147,6 +147,10 @@ def test_the_teacher_starts_as_the_updated_student_then_averages(mit_steps):
                                                                 atol=1e-7), got, old, new)
     assert not np.array_equal(s2.params["head"]["linear_pred"]["kernel"],
                               s1.params["head"]["linear_pred"]["kernel"])
+    # every teacher leaf keeps its dtype (BatchNorm's integer count too: the compiled step's
+    # state must keep its types)
+    assert (jax.tree.map(lambda a: a.dtype, s2.ema_batch_stats)
+            == jax.tree.map(lambda a: a.dtype, s0.ema_batch_stats))
 
 
 def test_the_student_runs_two_passes_each_with_its_batch_statistics(mit_steps):

@@ -13,7 +13,8 @@ with `block_until_ready`; compile time excludes tracing, which is reported apart
              utilisation is measured against (on CPU, the whole host: its threads serve every
              simulated device).
   * train    the full step as training runs it (`train.make_train_step`, memory read, state donated):
-             teacher pass + student forward/backward + SGD (+ EMA) on B labeled + B unlabeled images.
+             teacher pass + student forward/backward + the optimiser (+ EMA) on B labeled + B
+             unlabeled images (UniMatch V2's recipe: two strong views of each unlabeled one).
              images/s counts 2B (as the run loop logs); FLOPs from XLA's cost analysis; memory from
              XLA's buffer assignment (arguments + outputs + temporaries - aliased) and, where the
              backend reports it, the device's peak bytes in use.
