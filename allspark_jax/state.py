@@ -20,8 +20,8 @@ class TrainState:
     """step: () int32 optimizer steps taken. params / batch_stats / memory: the student's variables
     (memory = {'allspark': {'attn': {'kv_queue': (K, C, n), 'queue_ptr': (K,)}}}; None for a model
     without AllSpark, config.method 'semi' / 'supervised'). ema_params /
-    ema_batch_stats: the EMA teacher (None when the teacher is the online model). opt_state: SGD
-    momentum. rng: the run's base PRNG key as raw key data (uint32, so that it checkpoints and
+    ema_batch_stats: the EMA teacher (None when the teacher is the online model). opt_state: the
+    optimiser's (`optim.name`: SGD's momentum, or AdamW's step count and moments). rng: the run's base PRNG key as raw key data (uint32, so that it checkpoints and
     crosses hosts like any array); step t's dropout key is fold_in(rng, t).
     """
 
