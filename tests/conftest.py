@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # order. A module missing here only starts later.
 SLOW_MODULES = ("test_faults.py", "test_notebooks.py", "test_gpu_path.py", "test_main.py",
                 "test_learning.py", "test_topology.py", "test_distributed.py", "test_verify_reference.py",
-                "test_allspark_dinov2.py",
+                "test_allspark_dinov2.py", "test_verify_unimatch_v2.py",
                 "test_train.py", "test_methods.py", "test_checkpoints.py", "test_bucketed.py")
 
 

@@ -6,7 +6,9 @@ allspark_tiny.npz holds AllSpark's numbers (train_allspark.py), baselines_tiny.n
 release's semi and supervised baselines (semidec_base.SemiDecoder: `meta_json` "allspark": false;
 train_baseline_semi.py as `semi_step/*`, train_baseline_sup.py as `sup_step/*`);
 dpt_tiny.npz and dpt_tiny_eval.npz UniMatch V2's DPT model's forward and evaluation, from its own
-code (`allspark_jax.tools.verify_dpt`); allspark_dinov2_tiny.npz (`meta_json` "encoder": "dinov2")
+code (`allspark_jax.tools.verify_dpt`); unimatch_v2_tiny.npz three steps of UniMatch V2's own
+trainer (`meta_json` "method": "unimatch_v2"; `allspark_jax.tools.verify_unimatch_v2`);
+allspark_dinov2_tiny.npz (`meta_json` "encoder": "dinov2")
 the release's AllSpark module on UniMatch V2's DINOv2 + DPT head (state dict of `allspark_jax.weights.dinov2.segmentor_from_state_dict`),
 with `train_step/*` (AllSpark) and `semi_step/*` (the same model without AllSpark, state0 less its
 `allspark.*` keys). The file follows the layout of the reference README: `meta_json` gives the
@@ -53,21 +55,17 @@ from allspark_jax.models.dinov2 import DINOv2Config
 from allspark_jax.models.dpt import DPTConfig
 from allspark_jax.models.mit import MiTConfig, MixVisionTransformer
 from allspark_jax.models.segmentor import PRECISIONS, AllSparkSegmentor, ModelConfig, init_variables
-from allspark_jax.tools import verify_dpt
-# The comparison and its forward tolerance are shared with the DPT recordings' verifier.
-from allspark_jax.tools.comparison import FORWARD_RTOL, Result, compare, nhwc  # noqa: F401
+from allspark_jax.tools import verify_dpt, verify_unimatch_v2
+# The comparison and its tolerances are shared with the UniMatch V2 recordings' verifiers.
+from allspark_jax.tools.comparison import (  # noqa: F401
+    FORWARD_RTOL, PSEUDO_LABEL_AGREEMENT, TRAINED_RTOL, Result, compare, nhwc)
 from allspark_jax.weights import dinov2 as dinov2_weights
 from allspark_jax.weights import release
 
 # ---------------------------------------------------------------------------------- Tolerances
 # Per tensor, ||ours - reference|| / ||reference||; integer tensors (mIoU counts, write pointers,
-# num_batches_tracked) must be equal.
-#
-# Gradients, states after optimizer steps and the losses computed from those states accumulate
-# round-off through backward passes and updates (<= 3.3e-6 on the shipped file).
-TRAINED_RTOL = 1e-4
-# Pseudo-labels are argmaxes: a near-tie may flip; at most 1 pixel in 10^4 may differ.
-PSEUDO_LABEL_AGREEMENT = 0.9999
+# num_batches_tracked) must be equal. FORWARD_RTOL, TRAINED_RTOL and PSEUDO_LABEL_AGREEMENT:
+# `comparison` (shared with the UniMatch V2 recordings' verifiers).
 # |pre-activation| below this fraction of the activations' RMS is float32 noise (the forward
 # outputs agree to ~1e-6 relative), so its ReLU branch is ambiguous.
 KINK_FRACTION = 1e-5
@@ -487,6 +485,8 @@ def verify(path: str, print_fn=print) -> list[Result]:
         meta = json.loads(str(f["meta_json"])) if "meta_json" in f.files else {}
         if verify_dpt.is_dpt_recording(meta):  # UniMatch V2's DPT recordings
             return verify_dpt.verify(path, {k: f[k] for k in f.files}, meta, print_fn)
+        if verify_unimatch_v2.is_unimatch_v2_recording(meta):  # UniMatch V2's trainer
+            return verify_unimatch_v2.verify(path, {k: f[k] for k in f.files}, meta, print_fn)
     ref = Reference(path)
     described = ("encoder", "backbone", "embed_dims", "depths", "num_classes")
     print_fn(f"{path}: {json.dumps({k: ref.meta[k] for k in described if k in ref.meta})}, "
