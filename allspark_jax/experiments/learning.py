@@ -5,7 +5,8 @@ r"""The learning benchmark: supervised, semi and AllSpark on the same labels, se
 
 Every row trains one run per seed from the same config (`config.seed` = the seed: initialisation,
 data order, augmentation; the dataset itself is fixed by the config) and evaluates it once at the
-end. Rows (`ROWS`): one per method of `--methods`; with `allspark` the project's extensions on it
+end. Rows (`ROWS`): one per method of `--methods` (UniMatch V2's on an AllSpark base config with
+the demo's settings of that recipe: `recipe_config`); with `allspark` the project's extensions on it
 (`allspark_ema`: the EMA teacher; `allspark_strong_cutmix`: the strong student view, confidence
 threshold and CutMix); with `supervised` the ceiling `supervised_all_labels`, every training image
 labeled (the split's labeled and unlabeled lists together). Every run takes the same number of
@@ -70,6 +71,9 @@ ROWS = {
     "allspark_ema": ("allspark", {"train.teacher": "ema"}),
     "allspark_strong_cutmix": ("allspark", {"data.student_view": "strong",
                                             "train.conf_thresh": 0.95, "data.cutmix_prob": 0.5}),
+    # UniMatch V2's recipe, without and with AllSpark (`recipe_config`).
+    "unimatch_v2": ("unimatch_v2", {}),
+    "unimatch_v2_allspark": ("unimatch_v2_allspark", {}),
 }
 
 FLAGS = flags.FLAGS
@@ -165,8 +169,7 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
     the epochs that the common step count takes. `plan_fn(config)` -> its TrainPlan."""
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     method, overrides = ROWS[row]
-    # the keys the method does not read back at their defaults (the base config is AllSpark's)
-    config = config_lib.with_method(base, method)
+    config = recipe_config(base, method)
     config.seed = int(seed)
     for key, value in overrides.items():
         _set(config, key, all_labeled if value == ALL_LABELED else value)
@@ -175,6 +178,21 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
         per_epoch = plan_fn(config).steps_per_epoch
         config.train.epochs = max(1, math.ceil(total_steps / per_epoch))
     config_lib.validate(config)
+    return config
+
+
+def recipe_config(base, method: str):
+    """`base` switched to `method`: the keys the method does not read back at their defaults
+    (`config.with_method`). A UniMatch V2 method on a base config of another recipe (the
+    benchmark's default base is AllSpark's) also takes the demo's UniMatch V2 settings
+    (`configs/demo.py` `use_unimatch_v2`: AdamW at its rates, the EMA teacher, two strong views
+    with CutMix); a base config of that recipe (`configs/learning.py:unimatch_v2`) keeps its own,
+    command-line overrides included."""
+    from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from allspark_jax.configs import default, demo  # pylint: disable=g-import-not-at-top
+    config = config_lib.with_method(base, method)
+    if method in default.UNIMATCH_V2_METHODS and base.method not in default.UNIMATCH_V2_METHODS:
+        demo.use_unimatch_v2(config, method)
     return config
 
 
@@ -254,7 +272,7 @@ def summary(results: dict) -> dict:
     if "supervised" in results:
         sup = results["supervised"]["mean"]
         for name in ("semi", "allspark", "allspark_ema", "allspark_strong_cutmix",
-                     "supervised_all_labels"):
+                     "unimatch_v2", "unimatch_v2_allspark", "supervised_all_labels"):
             if name in results:
                 key = "ceiling" if name == "supervised_all_labels" else name
                 out[f"{key}_minus_supervised"] = results[name]["mean"] - sup
