@@ -20,7 +20,10 @@ CONFIGS = "configs"  # as a checkout's command lines name them: configs/NAME.py[
 @pytest.mark.parametrize("spec", ["default.py", "demo.py", "pascal.py:92", "pascal.py:u2pl_1_8",
                                   "cityscapes.py:1_30", "coco.py:1_512", "custom.py",
                                   "pascal.py:1_16,semi", "cityscapes.py:1_8,supervised",
-                                  "coco.py:1_32,supervised"])
+                                  "coco.py:1_32,supervised", "pascal.py:1_16,unimatch_v2",
+                                  "pascal.py:92,unimatch_v2_allspark,dinov2_base",
+                                  "demo.py:unimatch_v2", "demo.py:unimatch_v2,dinov2",
+                                  "learning.py:unimatch_v2_allspark"])
 def test_shipped_configs_load_by_name_and_validate(spec):
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
@@ -245,8 +248,137 @@ def test_dataset_configs_give_each_method_the_release_hyperparameters():
         load("pascal.py:1_16,mean_teacher")
 
 
+# UniMatch V2's yaml files (configs/{pascal,cityscapes,coco}.yaml of its release), per dataset:
+# (per-GPU batch, crop, epochs, loss_x, eval mode); its runs use 4 GPUs. The warm-up is AllSpark's
+# (the release's configs; COCO's is ours), read by unimatch_v2_allspark only.
+UNIMATCH_V2_YAML = {"pascal": (4, 518, 60, "ce", "original", 5),
+                    "cityscapes": (2, 798, 180, "ohem", "sliding_window", 15),
+                    "coco": (4, 518, 20, "ce", "original", 1)}
+# (encoder lr, lr_multi): its yaml files for DINOv2; its MiT-B5 run's log (table 9) for MiT.
+UNIMATCH_V2_RATES = {"dinov2": (5e-6, 40.0), "mit": (1e-5, 10.0)}
+UNIMATCH_V2_SPECS = ["pascal.py:1_16,unimatch_v2", "pascal.py:92,unimatch_v2_allspark,dinov2_base",
+                     "pascal.py:183,dinov2_small,unimatch_v2", "cityscapes.py:1_16,unimatch_v2",
+                     "cityscapes.py:1_8,unimatch_v2_allspark,dinov2_base",
+                     "coco.py:1_512,unimatch_v2,dinov2_large", "coco.py:1_32,unimatch_v2_allspark"]
+
+
+@pytest.mark.parametrize("spec", UNIMATCH_V2_SPECS)
+def test_dataset_configs_take_unimatch_v2s_recipe_with_its_yaml_values(spec):
+    """`configs/DATASET.py:SPLIT,unimatch_v2[_allspark][,ENCODER]`: UniMatch V2's unimatch_v2.py
+    and its dataset's yaml, on either encoder; it validates, and the keys the method does not read
+    keep their defaults."""
+    from allspark_jax.configs import default
+    from allspark_jax.evaluation import evaluator
+    config = config_lib.load_config(os.path.join(CONFIGS, spec))
+    config_lib.validate(config)
+    name = spec.split(".py")[0]
+    method = next(p for p in spec.split(",") if p.startswith("unimatch_v2"))
+    encoder = "dinov2" if "dinov2" in spec else "mit"
+    per_gpu, crop, epochs, loss_x, mode, warmup = UNIMATCH_V2_YAML[name]
+    resolved = method_lib.from_config(config)
+    assert (resolved.name, resolved.recipe, resolved.allspark, resolved.ema, resolved.strong_views
+            ) == (method, "unimatch_v2", method.endswith("allspark"), True, 2)
+    assert config.model.encoder == encoder
+    assert config.model.pretrained == ("pretrained/mit_b5.pth" if encoder == "mit" else
+                                       f"pretrained/dinov2_vit{spec.split('dinov2_')[1][0]}14_pretrain.pth")
+    # AdamW(betas=(0.9, 0.999), weight_decay=0.01), encoder lr and head lr x lr_multi, poly 0.9
+    assert (config.optim.name, tuple(config.optim.betas), config.optim.weight_decay,
+            config.optim.poly_power) == ("adamw", (0.9, 0.999), 0.01, 0.9)
+    assert (config.optim.lr, config.optim.lr_multi) == UNIMATCH_V2_RATES[encoder]
+    # the EMA teacher min(1 - 1/(t+1), 0.996); conf_thresh 0.95; the ignore mask (padding) out of
+    # loss_u; two strong views, CutMix p 0.5; labeled images: resize, crop, flip only
+    assert (config.train.teacher, config.train.ema_decay, config.train.conf_thresh,
+            config.train.loss_u_ignore_padding) == ("ema", 0.996, 0.95, True)
+    assert (config.data.student_view, config.data.cutmix_prob, config.data.labeled_strong,
+            tuple(config.data.scale_range)) == ("strong", 0.5, False, (0.5, 2.0))
+    # "batch_size: B # per GPU x 4 GPUs": the global batch, the losses averaged per GPU
+    assert (config.data.batch_size, config.train.loss_groups) == (4 * per_gpu, 4)
+    assert (config.data.crop_size, config.train.epochs, config.train.loss_x) == (crop, epochs, loss_x)
+    if loss_x == "ohem":
+        assert (config.train.ohem_thresh, config.train.ohem_min_kept) == (0.7, 200000)
+    # its evaluation: 'sliding_window' on Cityscapes (windows of its crop), else whole images
+    assert (config.eval.mode, evaluator.eval_crop_size(config)) == (mode, crop)
+    assert config.eval.best_of == "student"  # its best.pth: the student's mIoU
+    base = default.get_config()
+    assert config.train.warmup_epoch == (warmup if method.endswith("allspark")
+                                         else base.train.warmup_epoch)
+    assert config.train.key_group_size is None
+    for key in method_lib.unread_keys(method):  # AllSpark's keys under 'unimatch_v2'
+        *parents, leaf = key.split(".")
+        assert _node(config, parents)[leaf] == _node(base, parents)[leaf], key
+
+
+@pytest.mark.parametrize("spec", ["demo.py:unimatch_v2", "demo.py:unimatch_v2_allspark",
+                                  "demo.py:unimatch_v2,dinov2", "demo.py:dinov2,unimatch_v2_allspark",
+                                  "learning.py:unimatch_v2", "learning.py:unimatch_v2_allspark,dinov2"])
+def test_the_demo_and_learning_configs_take_unimatch_v2s_recipe(spec):
+    """The recipe on the demo's tiny models, at the demo's AdamW rates and EMA cap; the demo's
+    (or the learning task's) batch, crop and epochs."""
+    from allspark_jax.configs import demo
+    config = config_lib.load_config(os.path.join(CONFIGS, spec))
+    config_lib.validate(config)
+    plain = config_lib.load_config(os.path.join(CONFIGS, spec.split(":")[0] + ":"
+                                                + ("dinov2" if "dinov2" in spec else "mit")))
+    method = next(p for p in spec.split(":")[1].split(",") if p.startswith("unimatch_v2"))
+    encoder = "dinov2" if "dinov2" in spec else "mit"
+    assert (config.method, config.model.encoder) == (method, encoder)
+    assert (config.optim.name, config.train.teacher, config.data.student_view) == (
+        "adamw", "ema", "strong")
+    assert (config.optim.lr, config.optim.lr_multi) == demo.UNIMATCH_V2_LR[encoder]
+    assert config.train.ema_decay == demo.UNIMATCH_V2_EMA_DECAY
+    for key in ("data.batch_size", "data.crop_size", "train.epochs", "data.synthetic",
+                "model.backbone", "eval.mode", "eval.crop_size"):
+        *parents, leaf = key.split(".")
+        assert _node(config, parents)[leaf] == _node(plain, parents)[leaf], key
+    # AllSpark's warm-up (the demo's 4, the learning task's 2) for the AllSpark variant only
+    assert config.train.warmup_epoch == (plain.train.warmup_epoch if method.endswith("allspark")
+                                         else 5)
+
+
+def test_unimatch_v2s_recipe_refuses_what_it_does_not_train_with():
+    """One-line errors: two methods in an argument, the recipe without its teacher or strong views
+    (a switched method), a key the method does not read, another method's recipe."""
+    from allspark_jax.configs import default
+    load = lambda spec: config_lib.load_config(os.path.join(CONFIGS, spec))  # noqa: E731
+    with pytest.raises(ValueError, match=r"configs/pascal.py:1_16,unimatch_v2,semi: 'semi' is a "
+                                         r"second method; give one"):
+        load("pascal.py:1_16,unimatch_v2,semi")
+    with pytest.raises(ValueError, match=r"configs/demo.py:unimatch_v2,unimatch_v2_allspark: "
+                                         r"'unimatch_v2_allspark' is a second method"):
+        load("demo.py:unimatch_v2,unimatch_v2_allspark")
+    for key, value, message in [
+            ("train.teacher", "online",
+             r"^config.train.teacher='online': method 'unimatch_v2' \(UniMatch V2's recipe\) trains "
+             r"with its EMA teacher; expected 'ema' \(the dataset configs' 'unimatch_v2' argument "
+             r"sets the recipe, e.g. configs/pascal.py:1_16,unimatch_v2\)$"),
+            ("data.student_view", "weak",
+             r"^config.data.student_view='weak': method 'unimatch_v2' \(UniMatch V2's recipe\) "
+             r"trains with strong views; expected 'strong'"),
+            ("train.warmup_epoch", 4,
+             r"^config.train.warmup_epoch=4: expected 5 \(its configs/default.py value\) with "
+             r"method 'unimatch_v2': only AllSpark reads it"),
+            ("optim.momentum", 0.8,
+             r"^config.optim.momentum=0.8: expected 0.9 \(its configs/default.py value\): only "
+             r"optim.name 'sgd' reads it \(optim.name='adamw'\)$")]:
+        config = load("pascal.py:1_16,unimatch_v2")
+        *parents, leaf = key.split(".")
+        _node(config, parents)[leaf] = value
+        with pytest.raises(errors.UserError, match=message) as e:
+            config_lib.validate(config)
+        assert "\n" not in str(e.value)
+    # a config of the release's methods switched to the recipe keeps its online teacher: named
+    switched = config_lib.with_method(load("cityscapes.py:1_16"), "unimatch_v2_allspark")
+    with pytest.raises(errors.ConfigError, match=r"^config.train.teacher='online': method "
+                                                 r"'unimatch_v2_allspark' \(UniMatch V2's recipe\)"):
+        config_lib.validate(switched)
+    with pytest.raises(ValueError, match=r"method 'semi' does not train with UniMatch V2's recipe; "
+                                         r"expected one of unimatch_v2, unimatch_v2_allspark"):
+        default.use_unimatch_v2(default.get_config(), "semi")
+
+
 @pytest.mark.parametrize("name,allspark,labeled_only", [
-    ("allspark", True, False), ("semi", False, False), ("supervised", False, True)])
+    ("allspark", True, False), ("semi", False, False), ("supervised", False, True),
+    ("unimatch_v2", False, False), ("unimatch_v2_allspark", True, False)])
 def test_the_method_is_resolved_once_from_the_config(name, allspark, labeled_only):
     """config.method and the self-training keys -> one Method; the model (its parameter tree) and
     the data options follow it."""
@@ -280,7 +412,8 @@ UNLABELED_ONLY = [("data.unlabeled_split", "other/unlabeled.txt"), ("data.studen
 
 @pytest.mark.parametrize("method,key,value", [
     *[("supervised", k, v) for k, v in UNLABELED_ONLY + ALLSPARK_ONLY],
-    *[("semi", k, v) for k, v in ALLSPARK_ONLY]])
+    *[("semi", k, v) for k, v in ALLSPARK_ONLY],
+    *[("unimatch_v2", k, v) for k, v in ALLSPARK_ONLY]])
 def test_keys_the_method_does_not_read_must_keep_their_defaults(method, key, value):
     assert set(method_lib.unread_keys(method)) == {k for k, _ in (
         ALLSPARK_ONLY + (UNLABELED_ONLY if method == "supervised" else []))}

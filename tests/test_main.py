@@ -289,6 +289,21 @@ def test_missing_checkpoint_in_workdir_is_a_clear_error(tmp_path):
     (["--config=configs/demo.py:supervised", "--config.train.teacher=ema"],
      "config.train.teacher='ema': expected 'online' (its configs/default.py value) with method "
      "'supervised': it trains on labeled images only"),
+    (["--config=configs/demo.py:unimatch_v2", "--config.train.warmup_epoch=3"],
+     "config.train.warmup_epoch=3: expected 5 (its configs/default.py value) with method "
+     "'unimatch_v2': only AllSpark reads it"),
+    (["--config=configs/demo.py:unimatch_v2", "--config.optim.momentum=0.5"],
+     "config.optim.momentum=0.5: expected 0.9 (its configs/default.py value): only optim.name "
+     "'sgd' reads it (optim.name='adamw')"),
+    # UniMatch V2's recipe switched onto a config of the release's (online teacher, weak view)
+    (["--config.method=unimatch_v2"],
+     "config.train.teacher='online': method 'unimatch_v2' (UniMatch V2's recipe) trains with its "
+     "EMA teacher; expected 'ema' (the dataset configs' 'unimatch_v2' argument sets the recipe, "
+     "e.g. configs/pascal.py:1_16,unimatch_v2)"),
+    (["--config=configs/pascal.py:1_16,unimatch_v2,dinov2"],
+     "configs/pascal.py:1_16,unimatch_v2,dinov2: unknown method or encoder 'dinov2'; expected a "
+     "method (allspark, semi, supervised, unimatch_v2, unimatch_v2_allspark) or an encoder (mit, "
+     "dinov2_small, dinov2_base, dinov2_large, dinov2_giant)"),
     # a backbone that is no preset, on a config whose backbone is a dict of MiT fields
     (["--config.model.backbone=b9"], "config.model.backbone='b9': unknown MiT variant 'b9'; "
                                      "expected one of ['b0', 'b1', 'b2', 'b3', 'b4', 'b5']"),

@@ -1,36 +1,46 @@
 """Default configuration: every key the code reads, with its meaning. The ONLY place hyperparameters live.
 
 Dataset configs (`pascal.py`, `cityscapes.py`, `coco.py`, `demo.py`) start from `get_config()` here and
-change what the paper changes. Override anything on the command line:
+change what the paper changes (for UniMatch V2's methods, what its yaml files change). Override
+anything on the command line:
 
     python main.py --config configs/pascal.py:1_16 --workdir /tmp/voc --config.optim.lr=0.002
 
 (`configs/NAME.py` and `NAME` both name the config shipped here as allspark_jax/configs/NAME.py.)
 
 Batch sizes are GLOBAL (summed over every device of every host). The paper trains on 4 GPUs with
-2 labeled + 2 unlabeled images each (COCO 4 + 4): global `data.batch_size` 8 (COCO 16). With a
-different global batch B, scale the learning rate linearly, `optim.lr = paper_lr * B / paper_B`
-(the release's recipe was only tuned at the paper's batch; keep it when you can).
-`train.loss_groups = 4` computes the losses (and OHEM's ranking) per group of B/4 images and averages,
-as the release's 4 DDP processes each average over their own pixels; 1 = one average over the batch.
+2 labeled + 2 unlabeled images each (COCO 4 + 4): global `data.batch_size` 8 (COCO 16); UniMatch
+V2 also on 4 GPUs, 4 + 4 each (Cityscapes 2 + 2): 16 (Cityscapes 8). With a different global batch
+B, scale the learning rate linearly, `optim.lr = paper_lr * B / paper_B` (the recipes were only
+tuned at their batch; keep it when you can). `train.loss_groups = 4` (UniMatch V2's methods set
+it) computes the losses (and OHEM's ranking) per group of B/4 images and averages, as the 4 DDP
+processes each average over their own pixels; 1 = one average over the batch.
 
 `method` picks one of the release's three trainers: 'allspark' (train_allspark.py), 'semi'
 (train_baseline_semi.py: the same self-training with the SegFormer head straight on the encoder) and
-'supervised' (train_baseline_sup.py: labeled images only). The dataset configs take it as a second
-argument (`configs/pascal.py:1_16,supervised`) and then also set the release's hyperparameters of
-that trainer, and the encoder as another (`configs/pascal.py:1_16,semi,dinov2_base`: `config_arg`,
-`use_dinov2`); `--config.method=semi` switches the method and keeps every other key but those
-the new method does not read, which go back to their values here unless the command line sets
-them too (`allspark_jax.commands.config_flag`). A key that
-the method does not read (AllSpark's own under 'semi' / 'supervised', the unlabeled-data keys under
-'supervised': `allspark_jax.method.unread_keys`) must keep its value here, else validation names it.
-So must a key that another key's value leaves unread (`allspark_jax.config.unread.unread_by_setting`:
-OHEM's keys under loss_x 'ce', profile_* without profile, data.tfds_data_dir without source
-'tfds').
+'supervised' (train_baseline_sup.py: labeled images only), or UniMatch V2's recipe (its
+unimatch_v2.py: an EMA teacher, two strong views each with its CutMix box, complementary dropout,
+AdamW): 'unimatch_v2', and 'unimatch_v2_allspark', this project's combination, AllSpark's module in
+its student and teacher. The dataset configs take it as a second argument
+(`configs/pascal.py:1_16,supervised`, `configs/pascal.py:92,unimatch_v2`) and then also set that
+trainer's hyperparameters (the release's; UniMatch V2's: `use_unimatch_v2`), and the encoder as
+another (`configs/pascal.py:1_16,semi,dinov2_base`: `config_arg`, `use_dinov2`);
+`--config.method=semi` switches the method and keeps every other key but those the new method does
+not read, which go back to their values here unless the command line sets them too
+(`allspark_jax.commands.config_flag`). UniMatch V2's methods need its teacher and views
+(`train.teacher='ema'`, `data.student_view='strong'`), which the defaults here are not: on another
+method's config `--config.method=unimatch_v2` is refused with that message; give the argument. A key
+that the method does not read (AllSpark's own under 'semi' / 'supervised' / 'unimatch_v2', the
+unlabeled-data keys under 'supervised': `allspark_jax.method.unread_keys`) must keep its value here,
+else validation names it. So must a key that another key's value leaves unread
+(`allspark_jax.config.unread.unread_by_setting`: OHEM's keys under loss_x 'ce', profile_* without
+profile, data.tfds_data_dir without source 'tfds', optim.momentum under 'adamw', optim.betas under
+'sgd', the MiT-only / DINOv2-only model keys under the other encoder).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from allspark_jax import method as method_lib
 from allspark_jax.method import METHODS
 
 
@@ -91,6 +101,60 @@ def use_dinov2(config, encoder: str, *, crop_size: int, epochs: int, buckets=Non
     config.train.epochs = epochs
     if buckets is not None:
         config.eval.buckets = buckets
+
+
+# UniMatch V2's AdamW rates per encoder family: (encoder lr, lr_multi for the rest). 'dinov2': its
+# configs/{pascal,cityscapes,coco}.yaml (the same on every dataset and batch). 'mit': its only MiT
+# run, MiT-B5 on Pascal with 183 labels (the log of its table 9: pascal.yaml's values but lr 1e-5
+# and lr_multi 10, at crop 518), which put a DPT head of its own on the MiT; here the MiT keeps
+# the release's SegFormer head, at that log's rates on every dataset.
+UNIMATCH_V2_LR = {"dinov2": (5e-6, 40.0), "mit": (1e-5, 10.0)}
+# The methods that train with UniMatch V2's recipe (`allspark_jax.method`): `use_unimatch_v2`.
+UNIMATCH_V2_METHODS = tuple(
+    m for m in METHODS if method_lib.resolve(m, teacher="ema", student_view="strong",
+                                             cutmix_prob=0.5).recipe == "unimatch_v2")
+# The GPUs its yaml files count ("per GPU x 4 GPUs"): its losses average per GPU.
+UNIMATCH_V2_GPUS = 4
+
+
+def use_unimatch_v2(config, method: str, *, batch_per_gpu: int | None = None,
+                    crop_size: int | None = None, epochs: int | None = None) -> None:
+    """UniMatch V2's recipe (its `unimatch_v2.py`) on a config for `method` ('unimatch_v2' |
+    'unimatch_v2_allspark'), with the rates of the config's encoder family (`model.encoder`, set
+    before: `use_dinov2`) from UNIMATCH_V2_LR.
+
+    Sets AdamW (betas (0.9, 0.999), weight decay 0.01), the EMA teacher (decay min(1 - 1/(t+1),
+    0.996)), confidence threshold 0.95, the strong student views with CutMix probability 0.5,
+    padding out of loss_u (its ignore mask), no photometric augmentation of labeled images (its
+    SemiDataset's train_l), and the losses averaged per group of one GPU's images
+    (`train.loss_groups` UNIMATCH_V2_GPUS). The dataset's values of its yaml file, where given:
+    `batch_per_gpu` (its `batch_size`; `data.batch_size` becomes the global batch, x
+    UNIMATCH_V2_GPUS), `crop_size`, `epochs`. The rest stays the config's: loss_x (its criterion),
+    evaluation, the scale range, and AllSpark's warm-up and key groups (read by
+    'unimatch_v2_allspark' only; the other keys it does not read keep their defaults).
+    """
+    if method not in UNIMATCH_V2_METHODS:
+        raise ValueError(f"method {method!r} does not train with UniMatch V2's recipe; expected "
+                         f"one of {', '.join(UNIMATCH_V2_METHODS)}")
+    config.method = method
+    config.optim.name = "adamw"
+    config.optim.lr, config.optim.lr_multi = UNIMATCH_V2_LR[config.model.encoder]
+    config.optim.betas = (0.9, 0.999)
+    config.optim.weight_decay = 0.01
+    config.train.teacher = "ema"
+    config.train.ema_decay = 0.996  # the cap of its schedule
+    config.train.conf_thresh = 0.95
+    config.train.loss_u_ignore_padding = True
+    config.train.loss_groups = UNIMATCH_V2_GPUS
+    config.data.student_view = "strong"
+    config.data.cutmix_prob = 0.5
+    config.data.labeled_strong = False
+    if batch_per_gpu is not None:
+        config.data.batch_size = batch_per_gpu * UNIMATCH_V2_GPUS
+    if crop_size is not None:
+        config.data.crop_size = crop_size
+    if epochs is not None:
+        config.train.epochs = epochs
 
 
 def get_config():

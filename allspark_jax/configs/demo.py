@@ -9,8 +9,9 @@ trains, evaluates (centre crops, one compiled shape) at the end of every few epo
 and resumes if started again with the same workdir. Predicting background everywhere scores an
 mIoU of 15.9 (79% of the labeled validation pixels are background); README.md gives the demo's.
 The optional argument is the method with its keys (`configs/demo.py:semi`,
-`configs/demo.py:supervised`); `--config.method=...` switches the method of the AllSpark config,
-its AllSpark-only keys back at their defaults.
+`configs/demo.py:supervised`, `configs/demo.py:unimatch_v2`); `--config.method=...` switches the
+method of the AllSpark config, its AllSpark-only keys back at their defaults (UniMatch V2's methods
+need the argument: their teacher and views are not the AllSpark config's).
 
 `dinov2` in the argument (`configs/demo.py:dinov2`, `configs/demo.py:semi,dinov2`) trains a tiny
 DINOv2 with a small DPT head instead, also from scratch (`DINOV2`, `DPT`), at lr 0.1 (supervised
@@ -18,7 +19,14 @@ DINOv2 with a small DPT head instead, also from scratch (`DINOV2`, `DPT`), at lr
 (4 x 4 tokens of 14 px; the stored position grid is that grid), evaluated as UniMatch V2 evaluates
 (the 60 px centre crops resized to 56 px: the training crop's grid). The MiT-only keys keep their
 defaults.
+
+`unimatch_v2` and `unimatch_v2_allspark` (`configs/demo.py:unimatch_v2`,
+`configs/demo.py:unimatch_v2_allspark,dinov2`) train the same model with UniMatch V2's recipe
+(`use_unimatch_v2`: `default.use_unimatch_v2` with the demo's batch, crop and epochs): AdamW, the
+EMA teacher, two strong views with CutMix, losses per group of 2 images, at rates for a tiny model
+from scratch (UNIMATCH_V2_LR, UNIMATCH_V2_EMA_DECAY; UniMatch V2's own are for a pretrained encoder).
 """
+from allspark_jax import method as method_lib
 from allspark_jax.configs import default
 
 
@@ -26,6 +34,20 @@ from allspark_jax.configs import default
 DINOV2 = dict(embed_dim=64, depth=4, num_heads=4, pos_grid=4)
 DPT = dict(features=32, out_channels=(16, 32, 64, 64), layers=(0, 1, 2, 3))
 DINOV2_CROP = 56
+# UniMatch V2's recipe on the demo (`configs/demo.py:unimatch_v2`): AdamW rates (encoder lr,
+# lr_multi) of the tiny models from scratch, per encoder family, and the EMA teacher's cap; UniMatch
+# V2's own (5e-6 x 40 for a pretrained DINOv2, cap 0.996) barely move a random model in 384 steps.
+UNIMATCH_V2_LR = {"mit": (1e-3, 1.0), "dinov2": (1e-3, 1.0)}
+UNIMATCH_V2_EMA_DECAY = 0.99
+
+
+def use_unimatch_v2(config, method: str) -> None:
+    """UniMatch V2's recipe for `method` (`default.use_unimatch_v2`) on the demo's model (its
+    `model.encoder` set before) with the demo's rates (UNIMATCH_V2_LR, UNIMATCH_V2_EMA_DECAY); the
+    demo's batch, crop and epochs stay."""
+    default.use_unimatch_v2(config, method)
+    config.optim.lr, config.optim.lr_multi = UNIMATCH_V2_LR[config.model.encoder]
+    config.train.ema_decay = UNIMATCH_V2_EMA_DECAY
 
 
 def get_config(arg: str = "allspark"):
@@ -63,10 +85,12 @@ def get_config(arg: str = "allspark"):
         config.optim.lr = 0.05 if method == "supervised" else 0.1
     config.optim.lr_multi = 1.0
     config.train.epochs = 24
-    if method == "allspark":  # the Semantic Memory's warm-up (the baselines have no memory)
+    if "train.warmup_epoch" not in method_lib.unread_keys(method):  # AllSpark's memory warm-up
         config.train.warmup_epoch = 4
     config.eval.mode = "center_crop"
     config.eval.crop_size = 60  # every val image is at least 0.75 * 80 = 60 px on each side
+    if method in default.UNIMATCH_V2_METHODS:
+        use_unimatch_v2(config, method)
     config.log_every_steps = 16
     config.eval_every_steps = 96
     config.checkpoint_every_steps = 96

@@ -23,16 +23,22 @@ demo's tiny DINOv2 with its DPT head (`configs/demo.py:dinov2`: 56 px crops, 4 x
 0.05 for every row and the source task, every run's encoder started from the same kind of
 source-task model (a DINOv2 of that size, written as a `dinov2_vit*14_pretrain.pth`-style state
 dict).
+
+The argument is `[METHOD][,ENCODER]`, as the demo's: the base config's method with its keys
+(`configs/learning.py:unimatch_v2`, `...:unimatch_v2_allspark,dinov2`: UniMatch V2's recipe at the
+demo's AdamW rates and EMA cap, `demo.use_unimatch_v2`); every row derives from the base config
+(`config.with_method`), so the rows of other methods keep its optimiser. Default `allspark`.
 """
+from allspark_jax import method as method_lib
+from allspark_jax.configs import default
 from allspark_jax.configs import demo
 
 
-def get_config(encoder: str = "mit"):
-    if encoder not in ("mit", "dinov2"):
-        raise ValueError(f"configs/learning.py:{encoder}: unknown encoder {encoder!r}; expected "
-                         f"mit or dinov2 (the methods are the benchmark's --methods)")
-    config = demo.get_config(encoder)
-    if encoder == "dinov2":
+def get_config(arg: str = "allspark"):
+    _, method, encoder = default.config_arg(arg, "learning.py", ("mit", "dinov2"))
+    config = demo.get_config(arg)
+    recipe = method in default.UNIMATCH_V2_METHODS  # AdamW at the demo's rates, its EMA cap
+    if encoder == "dinov2" and not recipe:
         # one rate for every row and the source task: the demo's supervised one (the supervised
         # source task diverges at the semi-supervised demo's 0.1)
         config.optim.lr = 0.05
@@ -41,8 +47,10 @@ def get_config(encoder: str = "mit"):
     config.data.synthetic.num_val = 64
     config.data.synthetic.size = 80
     config.train.epochs = 8
-    config.train.warmup_epoch = 2
-    config.train.ema_decay = 0.99  # the EMA row: a teacher ~100 steps behind over a 280-step run
+    if "train.warmup_epoch" not in method_lib.unread_keys(method):  # AllSpark's memory warm-up
+        config.train.warmup_epoch = 2
+    if not recipe:
+        config.train.ema_decay = 0.99  # the EMA row: a teacher ~100 steps behind over 280 steps
     config.learning.pretrain_steps = 640
     config.learning.pretrain_num_classes = 9
     config.learning.pretrain_num_images = 640
