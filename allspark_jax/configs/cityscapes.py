@@ -21,15 +21,15 @@ its own size; `eval.buckets` stays the canvas of the window sums, which the mode
 The method's settings stay the release's: SGD at lr 0.005 (baselines 0.001) x lr_multi 1, the
 global batch (8; supervised 16), OHEM(0.7, 200000), warm-up 15 epochs.
 
-The methods 'unimatch_v2' and 'unimatch_v2_allspark' (`configs/cityscapes.py:1_16,unimatch_v2,
-dinov2_base`, `...:1_16,unimatch_v2_allspark`) train with UniMatch V2's recipe
-(`default.use_unimatch_v2`) and its cityscapes.yaml: global batch 8 (2 / GPU x 4 GPUs, the losses
-and OHEM's ranking per GPU's 2, min_kept 200000 each), crop 798, 180 epochs, OHEM(0.7, 200000),
-AdamW (betas 0.9 / 0.999, weight decay 0.01) at 5e-6 x lr_multi 40 on DINOv2, the EMA teacher
-capped at 0.996, confidence threshold 0.95, two strong views with CutMix 0.5, no photometric
-augmentation of labeled images, and its sliding-window evaluation in 798 px windows. On MiT-B5 (the
-release's SegFormer head) at 1e-5 x 10, the rates of UniMatch V2's only MiT-B5 run (Pascal).
-'unimatch_v2_allspark' keeps AllSpark's warm-up, 15 epochs.
+The methods 'unimatch_v2' and 'unimatch_v2_allspark'
+(`configs/cityscapes.py:1_16,unimatch_v2,dinov2_base`, `...:1_16,unimatch_v2_allspark`) train with
+UniMatch V2's recipe (`default.use_unimatch_v2`) and its cityscapes.yaml: global batch 8 (2 / GPU x
+4 GPUs, the losses and OHEM's ranking per GPU's 2, min_kept 200000 each), crop 798, 180 epochs,
+OHEM(0.7, 200000), AdamW (betas 0.9 / 0.999, weight decay 0.01) at 5e-6 x lr_multi 40 on DINOv2, the
+EMA teacher capped at 0.996, confidence threshold 0.95, two strong views with CutMix 0.5, no
+photometric augmentation of labeled images, and its sliding-window evaluation in 798 px windows. On
+MiT-B5 (the release's SegFormer head) at 1e-5 x 10, the rates of UniMatch V2's only MiT-B5 run
+(Pascal). 'unimatch_v2_allspark' keeps AllSpark's warm-up, 15 epochs.
 """
 from allspark_jax import method as method_lib
 from allspark_jax.configs import default

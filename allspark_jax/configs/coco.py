@@ -20,14 +20,14 @@ UniMatch V2's (each image resized to a multiple of 14 and the logits back) in 14
 The method's settings stay the release's: SGD at lr 0.001 x lr_multi 10, the global batch (16;
 supervised 32), CE, warm-up 1 epoch.
 
-The methods 'unimatch_v2' and 'unimatch_v2_allspark' (`configs/coco.py:1_512,unimatch_v2,
-dinov2_base`, `...:1_512,unimatch_v2_allspark`) train with UniMatch V2's recipe
-(`default.use_unimatch_v2`) and its coco.yaml: global batch 16 (4 / GPU x 4 GPUs, the losses
-averaged per GPU's 4), crop 518, 20 epochs, CE, AdamW (betas 0.9 / 0.999, weight decay 0.01) at
-5e-6 x lr_multi 40 on DINOv2, the EMA teacher capped at 0.996, confidence threshold 0.95, two strong
-views with CutMix 0.5, no photometric augmentation of labeled images, whole-image evaluation. On
-MiT-B5 (the release's SegFormer head) at 1e-5 x 10, the rates of UniMatch V2's only MiT-B5 run
-(Pascal). 'unimatch_v2_allspark' keeps the warm-up of 1 epoch.
+The methods 'unimatch_v2' and 'unimatch_v2_allspark'
+(`configs/coco.py:1_512,unimatch_v2,dinov2_base`, `...:1_512,unimatch_v2_allspark`) train with
+UniMatch V2's recipe (`default.use_unimatch_v2`) and its coco.yaml: global batch 16 (4 / GPU x 4
+GPUs, the losses averaged per GPU's 4), crop 518, 20 epochs, CE, AdamW (betas 0.9 / 0.999, weight
+decay 0.01) at 5e-6 x lr_multi 40 on DINOv2, the EMA teacher capped at 0.996, confidence threshold
+0.95, two strong views with CutMix 0.5, no photometric augmentation of labeled images, whole-image
+evaluation. On MiT-B5 (the release's SegFormer head) at 1e-5 x 10, the rates of UniMatch V2's only
+MiT-B5 run (Pascal). 'unimatch_v2_allspark' keeps the warm-up of 1 epoch.
 """
 from allspark_jax import method as method_lib
 from allspark_jax.configs import default
