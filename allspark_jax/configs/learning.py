@@ -26,8 +26,10 @@ dict).
 
 The argument is `[METHOD][,ENCODER]`, as the demo's: the base config's method with its keys
 (`configs/learning.py:unimatch_v2`, `...:unimatch_v2_allspark,dinov2`: UniMatch V2's recipe at the
-demo's AdamW rates and EMA cap, `demo.use_unimatch_v2`); every row derives from the base config
-(`config.with_method`), so the rows of other methods keep its optimiser. Default `allspark`.
+demo's AdamW rates and EMA cap, `demo.use_unimatch_v2`). Default `allspark`. Every row derives from
+the base config (`allspark_jax.experiments.learning.recipe_config`): on the default base the
+UniMatch V2 rows take the demo's settings of that recipe; on a UniMatch V2 base the other methods'
+rows keep its optimiser, teacher and views (the keys they read).
 """
 from allspark_jax import method as method_lib
 from allspark_jax.configs import default
