@@ -61,6 +61,22 @@ def test_resumed_run_ends_with_the_same_state(uninterrupted, resumed):
                                                               abs=1e-6)
 
 
+def test_unimatch_v2_allspark_resumes_exactly(tmp_path):
+    """UniMatch V2's iteration with AllSpark: the EMA teacher on its schedule, AdamW's moments,
+    the Semantic Memory and both strong views' positions all resume where the run stopped."""
+    config = lambda: run_config.tiny_config(method="unimatch_v2_allspark")  # noqa: E731
+    whole = train.train_and_evaluate(config(), str(tmp_path / "whole"))
+    assert whole["step"] == run_config.STEPS and set(whole["eval"][8]) == {"student", "ema"}
+    first = train.train_and_evaluate(config(), str(tmp_path / "resumed"), stop_after=5)
+    assert first["step"] == 5
+    second = train.train_and_evaluate(config(), str(tmp_path / "resumed"))
+    a, b = _leaves(whole["state"]), _leaves(second["state"])
+    assert [p for p, _ in a] == [p for p, _ in b]
+    assert any("mu" in jax.tree_util.keystr(p) for p, _ in a)  # AdamW's moments are there
+    for (path, x), (_, y) in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_restore_specs_and_state_contents(uninterrupted):
     workdir, out = uninterrupted
     ck = checkpoints.Checkpointer(workdir, read_only=True)

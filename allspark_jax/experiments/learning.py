@@ -9,7 +9,8 @@ end. Rows (`ROWS`): one per method of `--methods` (UniMatch V2's on an AllSpark 
 the demo's settings of that recipe: `recipe_config`); with `allspark` the project's extensions on it
 (`allspark_ema`: the EMA teacher; `allspark_strong_cutmix`: the strong student view, confidence
 threshold and CutMix); with `supervised` the ceiling `supervised_all_labels`, every training image
-labeled (the split's labeled and unlabeled lists together). Every run takes the same number of
+labeled (the split's labeled and unlabeled lists together), and, with a UniMatch V2 method too,
+`supervised_adamw` (the supervised baseline with the 'unimatch_v2' row's optimiser). Every run takes the same number of
 optimizer steps with the same labeled batch: that of the config's semi-supervised schedule
 (`train.epochs` x unlabeled // batch); the supervised rows, whose epochs walk the labeled list, get as
 many epochs as that takes (the schedule spans them, the run stops at the common step count).
@@ -74,7 +75,13 @@ ROWS = {
     # UniMatch V2's recipe, without and with AllSpark (`recipe_config`).
     "unimatch_v2": ("unimatch_v2", {}),
     "unimatch_v2_allspark": ("unimatch_v2_allspark", {}),
+    # The supervised baseline with the 'unimatch_v2' row's optimiser (`OPTIMIZER_ROWS`): what the
+    # optimiser alone is worth.
+    "supervised_adamw": ("supervised", {}),
 }
+# Rows that take the 'unimatch_v2' row's optimiser (optim.*) and nothing else of its recipe; listed
+# when --methods has 'supervised' and a UniMatch V2 method.
+OPTIMIZER_ROWS = ("supervised_adamw",)
 
 FLAGS = flags.FLAGS
 config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
@@ -104,6 +111,8 @@ def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str
         if name == "supervised_all_labels" and not ceiling:
             continue
         if name.startswith("allspark_") and not extensions:
+            continue
+        if name in OPTIMIZER_ROWS and not any(m.startswith("unimatch_v2") for m in methods):
             continue
         rows.append(name)
     return rows
@@ -170,6 +179,8 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     method, overrides = ROWS[row]
     config = recipe_config(base, method)
+    if row in OPTIMIZER_ROWS:
+        config.optim = copy.deepcopy(recipe_config(base, "unimatch_v2").optim)
     config.seed = int(seed)
     for key, value in overrides.items():
         _set(config, key, all_labeled if value == ALL_LABELED else value)
@@ -272,7 +283,8 @@ def summary(results: dict) -> dict:
     if "supervised" in results:
         sup = results["supervised"]["mean"]
         for name in ("semi", "allspark", "allspark_ema", "allspark_strong_cutmix",
-                     "unimatch_v2", "unimatch_v2_allspark", "supervised_all_labels"):
+                     "unimatch_v2", "unimatch_v2_allspark", "supervised_adamw",
+                     "supervised_all_labels"):
             if name in results:
                 key = "ceiling" if name == "supervised_all_labels" else name
                 out[f"{key}_minus_supervised"] = results[name]["mean"] - sup
