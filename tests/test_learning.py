@@ -32,6 +32,32 @@ def test_every_row_is_a_valid_run_of_its_method():
     assert learning.summarize([1.0, 2.0, 3.0]) == (2.0, 1.0)
 
 
+def test_unimatch_v2_rows_take_the_demo_recipe_and_the_optimiser_row_its_optimiser():
+    base = config_lib.load_config("configs/learning.py")
+    plan = types.SimpleNamespace(steps_per_epoch=5)
+    rows = learning.rows_for(["supervised", "unimatch_v2", "unimatch_v2_allspark"], ceiling=False)
+    assert rows == ["supervised", "unimatch_v2", "unimatch_v2_allspark", "supervised_adamw"]
+    assert "supervised_adamw" not in learning.rows_for(["supervised", "semi"])
+    configs = {row: learning.row_config(base, row, 3, all_labeled="/x", total_steps=280,
+                                        plan_fn=lambda c: plan) for row in rows}
+    recipe = config_lib.load_config("configs/demo.py:unimatch_v2")
+    for row in ("unimatch_v2", "unimatch_v2_allspark"):
+        c = configs[row]
+        assert (c.method, c.train.teacher, c.data.student_view) == (row, "ema", "strong")
+        assert c.optim.to_dict() == recipe.optim.to_dict()
+        assert c.train.ema_decay == recipe.train.ema_decay
+        assert c.model.backbone.to_dict() == base.model.backbone.to_dict()  # the task's model
+    assert configs["unimatch_v2_allspark"].train.warmup_epoch == base.train.warmup_epoch
+    adamw = configs["supervised_adamw"]
+    assert adamw.method == "supervised" and adamw.optim.to_dict() == recipe.optim.to_dict()
+    assert adamw.data.to_dict() == configs["supervised"].data.to_dict()
+    # a base of the recipe keeps its own settings, a command-line rate included
+    own = config_lib.load_config("configs/learning.py:unimatch_v2")
+    own.optim.lr = 0.0123
+    assert learning.row_config(own, "unimatch_v2", 0, all_labeled="/x", total_steps=280,
+                               plan_fn=lambda c: plan).optim.lr == 0.0123
+
+
 def test_unknown_method_is_a_usage_error():
     with pytest.raises(learning.app.UsageError, match=r"--methods=mean_teacher: expected"):
         learning.rows_for(["mean_teacher"])
@@ -99,7 +125,8 @@ def test_end_to_end_one_seed(tmp_path):
 def test_the_tiny_dinov2_end_to_end(tmp_path):
     """configs/learning.py:dinov2 in process: the source task's DINOv2 encoder is written in
     facebookresearch's names and the run starts from it (one seed, AllSpark alone, 2 steps, 28 px
-    crops; the command line around it is the MiT test's above)."""
+    crops; the command line around it is the MiT test's above), and UniMatch V2's recipe with
+    AllSpark on it."""
     base = config_lib.load_config("configs/learning.py:dinov2")
     for key, value in {"data.synthetic.num_train": 14, "data.synthetic.num_labeled": 6,
                        "data.synthetic.num_val": 4, "data.synthetic.size": 40, "data.crop_size": 28,
@@ -111,10 +138,11 @@ def test_the_tiny_dinov2_end_to_end(tmp_path):
     config_lib.validate(base)
     learning.validate_learning(base)
     printed = []
-    ran = learning.run_benchmark(base, seeds=[0], rows=["allspark"], workdir=str(tmp_path),
-                                 print_fn=printed.append)
-    r = ran["results"]["allspark"]
-    assert r["steps"] == 2 and len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0
+    ran = learning.run_benchmark(base, seeds=[0], rows=["allspark", "unimatch_v2_allspark"],
+                                 workdir=str(tmp_path), print_fn=printed.append)
+    for r in ran["results"].values():
+        assert r["steps"] == 2 and len(r["miou"]) == 1 and 0.0 <= r["mean"] <= 100.0
+    assert len(ran["results"]["unimatch_v2_allspark"]["miou_ema"]) == 1  # its EMA teacher too
     pretrain = ran["pretrain"]
     assert pretrain["steps"] == 2 and pretrain["num_classes"] == 5
     with np.load(pretrain["path"]) as f:
