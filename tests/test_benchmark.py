@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from allspark_jax import errors
 from allspark_jax import method as method_lib
 from allspark_jax import train_step
 from allspark_jax.benchmark import measure, pipeline, profile, programs, report
@@ -173,13 +174,24 @@ def test_cli_scaling_at_fixed_per_device_batch(tmp_path):
 
 
 def test_train_figures_of_the_baselines():
-    """The step of each baseline method runs (no memory), counting the images it trains on."""
-    for method in ("supervised", "semi"):
+    """The step of each baseline method and of UniMatch V2's runs, counting the images it trains
+    on (an unlabeled image once, whatever its views)."""
+    for method in ("supervised", "semi", "unimatch_v2", "unimatch_v2_allspark"):
+        # UniMatch V2's configs average the losses per group of a quarter of the batch
         out = measure.run(tiny_config(method=method), what=["train"], steps=1, warmup=0,
-                          per_device_batch=2, log=lambda s: None)
+                          per_device_batch=4 if method.startswith("unimatch") else 2,
+                          log=lambda s: None)
         t = out["train"]
         assert t["images_per_step"] == out["batch"] * (1 if method == "supervised" else 2)
         assert t["seconds"] > 0 and t["flops"] > 0
+
+
+def test_a_batch_the_loss_groups_do_not_divide_is_named():
+    with pytest.raises(errors.ConfigError, match=r"--per_device_batch=2 on 1 device\(s\) gives a "
+                                                 r"global batch of 2, which config.train."
+                                                 r"loss_groups=4 does not divide"):
+        measure.run(tiny_config(method="unimatch_v2"), what=["train"], steps=1, warmup=0,
+                    per_device_batch=2, log=lambda s: None)
 
 
 def test_synthetic_batch_of_each_method():

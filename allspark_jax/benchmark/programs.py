@@ -17,6 +17,7 @@ from allspark_jax import optimizer
 from allspark_jax import sharding as sharding_lib
 from allspark_jax import state as state_lib
 from allspark_jax import train_step as train_step_lib
+from allspark_jax.errors import ConfigError
 from allspark_jax.models.segmentor import build_model, init_variables, small_crop
 
 
@@ -48,6 +49,12 @@ def setup(config, per_device_batch: int | None) -> tuple[Setup, state_lib.TrainS
         sharding_lib.check_batch_divisible(batch, mesh)
     else:
         batch = int(per_device_batch) * n_dev
+        groups = int(config.train.loss_groups)
+        if batch % groups:
+            raise ConfigError(f"--per_device_batch={per_device_batch} on {n_dev} device(s) gives a "
+                              f"global batch of {batch}, which config.train.loss_groups={groups} "
+                              f"does not divide; expected a multiple of {groups} (or "
+                              f"--config.train.loss_groups=1)")
     crop = int(config.data.crop_size)
     model = build_model(config)
     tx, _ = optimizer.create_optimizer(config.optim, 1000)
