@@ -255,7 +255,8 @@ class CrossAttnMem(nn.Module):
                 raise ValueError(f"AllSpark train mode: {emb.shape[0]} images with {n_u} "
                                  f"unlabeled (teacher_logits); expected the unlabeled count a "
                                  f"multiple of the labeled one")
-            emb_l, emb_u = emb[:n_l], emb[n_l:]
+            # split, not slices: the same program as the release methods' halves had, bit for bit
+            emb_l, emb_u = jnp.split(emb, [n_l], axis=0)
         else:
             emb_l = emb_u = emb
 
