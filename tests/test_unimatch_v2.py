@@ -77,10 +77,13 @@ def test_confident_cross_entropy_against_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_adamw_decoupled_weight_decay_and_groups():
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.8, 0.99)])
+def test_adamw_decoupled_weight_decay_and_groups(betas):
     """Two PyTorch AdamW steps by hand: m, v with bias correction, p -= lr (m_hat / (sqrt(v_hat)
     + eps) + wd p); the never-applied mask token gets no decay."""
-    tx, _ = optimizer.create_optimizer(ADAMW, total_steps=10)
+    b1, b2 = betas
+    tx, _ = optimizer.create_optimizer(ml_collections.ConfigDict({**ADAMW.to_dict(),
+                                                                   "betas": betas}), 10)
     params = {"backbone": {"w": jnp.array([1.0, -2.0]), "mask_token": jnp.array([0.7])},
               "head": {"w": jnp.array([0.5])}}
     grads = {"backbone": {"w": jnp.array([0.1, 0.2]), "mask_token": jnp.array([0.0])},
@@ -94,9 +97,9 @@ def test_adamw_decoupled_weight_decay_and_groups():
         params = jax.tree.map(lambda a, u: a + u, params, updates)
         for k, lr in (("backbone", 1e-3), ("head", 1e-2)):  # steps 0 and 1 run at the base rate
             g = np.asarray(grads[k]["w"], np.float64)
-            m[k] = 0.9 * m[k] + 0.1 * g
-            v[k] = 0.999 * v[k] + 0.001 * g * g
-            step = (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            step = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + 1e-8)
             p[k] = p[k] - lr * (step + 0.01 * p[k])
     for k in p:
         np.testing.assert_allclose(params[k]["w"], p[k], rtol=1e-6)
