@@ -8,9 +8,11 @@ newest one, and the pipeline restarts at that step's batch.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
+from typing import Callable, Iterable
 
 import jax
 from absl import logging
@@ -125,7 +127,9 @@ class _ProgressBar:
             self.bar.close()
 
 
-def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       batches: Iterable[dict] | None = None,
+                       on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Trains, evaluates and checkpoints; resumes from the latest checkpoint in `workdir`.
 
     Args:
@@ -133,6 +137,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
       workdir: checkpoints, TensorBoard events, eval JSON (and the synthetic data) go here.
       stop_after: stop after this many steps of THIS call without a final evaluation or
         checkpoint, as if the process were killed (for tests of resumption).
+      batches: host batches in place of the input pipeline, the first for step 0 (a resumed run
+        skips those of the steps taken): dicts holding at least the method's
+        `train_step.batch_keys`, global batch, as the pipeline yields them. For experiments on
+        fixed inputs (`experiments.versus_release_training`); one process only.
+      on_step: called after every step with (steps taken, that step's metrics as Python floats);
+        the metrics come to the host each step.
     Returns:
       {'state': the final TrainState, 'step': int, 'eval': {step: results}, 'best': meta or None}.
     """
@@ -247,7 +257,13 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 f" in {workdir}. Lower optim.lr, or set train.stop_on_nan=False to "
                 "train on regardless.") from None
 
-    train_iter = input_pipeline.create_train_iterator(opts, start_step=start_step, plan=plan)
+    if batches is None:
+        train_iter = input_pipeline.create_train_iterator(opts, start_step=start_step, plan=plan)
+    elif jax.process_count() > 1:
+        raise ValueError("train_and_evaluate(batches=...) feeds one process; this run has "
+                         f"{jax.process_count()}")
+    else:
+        train_iter = itertools.islice(iter(batches), start_step, None)
     keys = train_step_lib.batch_keys(method)
     train_iter = ({k: b[k] for k in keys} for b in train_iter)
     device_iter = input_pipeline.prefetch_to_device(train_iter, b_sharding, size=opts.prefetch)
@@ -266,6 +282,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
                 state, metrics = steps[step >= warmup_steps](state, batch_arrays)
             logger.add(metrics)
             step += 1
+            if on_step is not None:
+                on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
             progress.step()
             watch.add(step, metrics)
             for hook in hooks:

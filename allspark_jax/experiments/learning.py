@@ -84,18 +84,22 @@ ROWS = {
 OPTIMIZER_ROWS = ("supervised_adamw",)
 
 FLAGS = flags.FLAGS
-config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
-                   "keys with --config.key=value.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
-flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
-flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
-                  "allspark_strong_cutmix.")
-flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
-flags.DEFINE_bool("branches", False, "AllSpark rows: also score each run's final student through "
-                  "the module's 'memory' and 'unlabeled' branches (inspection).")
-flags.DEFINE_string("json", None, "Write the results here.")
-flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a temporary folder, "
-                    "removed at the end).")
+
+
+def _define_flags() -> None:
+    """The command's flags (defined when it runs, so that other commands can import this module)."""
+    config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
+                       "keys with --config.key=value.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
+    flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
+    flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
+                      "allspark_strong_cutmix.")
+    flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
+    flags.DEFINE_bool("branches", False, "AllSpark rows: also score each run's final student through "
+                      "the module's 'memory' and 'unlabeled' branches (inspection).")
+    flags.DEFINE_string("json", None, "Write the results here.")
+    flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a temporary folder, "
+                        "removed at the end).")
 
 
 def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str]:
@@ -468,5 +472,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main)
