@@ -411,18 +411,18 @@ def run(base, *, methods, seeds, sources, workdir: str, release: dict, dropout: 
     base = copy.deepcopy(base)
     base.compilation_cache = False
     base.train.progress_bar = False
-    base.data.labeled_strong = True  # the release's dataset code jitters every labeled image
-    if not dropout:
-        for key in DROPOUT_KEYS:
-            _set(base, key, 0.0)
     opts = config_lib.data_options(base, os.path.join(workdir, "data"))
     base.data.root = opts.root
     pretrain = None
-    if int(base.learning.pretrain_steps) > 0:
+    if int(base.learning.pretrain_steps) > 0:  # the learning benchmark's source task, as it is
         pretrain = learning.pretrain_encoder(base, workdir, print_fn)
         base.model.pretrained = pretrain["path"]
         base.learning.pretrain_steps = 0
         base.learning.pretrain_lr = None
+    base.data.labeled_strong = True  # the release's dataset code jitters every labeled image
+    if not dropout:
+        for key in DROPOUT_KEYS:
+            _set(base, key, 0.0)
     plan = input_pipeline.train_plan(config_lib.data_options(config_lib.with_method(base, "allspark")))
     total_steps = int(base.train.epochs) * plan.steps_per_epoch
     plan_fn = lambda c: input_pipeline.train_plan(config_lib.data_options(c))  # noqa: E731
