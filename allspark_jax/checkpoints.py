@@ -376,9 +376,9 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
     checkpoints give `model` as 'student' and `model_ema` as 'ema'), or a Hugging Face
     `SegformerForSemanticSegmentation` checkpoint for a MiT `config.model`: its config.json builds
     the model (SegFormer without AllSpark, as transformers computes it; `config.model` is not
-    used). The
-    model's class count must be `config.data.num_classes`. Workdir checkpoints are read onto this
-    process's devices as `restore_template` places them, whatever topology wrote them.
+    used, and `model.inference_branch` must be the release's 'labeled'). The model's class count
+    must be `config.data.num_classes`. Workdir checkpoints are read onto this process's devices as
+    `restore_template` places them, whatever topology wrote them.
     """
     parsed = parse_spec(spec)
     model = build_model(config)
@@ -390,6 +390,11 @@ def load_inference_variables(config, workdir: str | None, spec) -> tuple[dict, d
             raise CheckpointError(
                 f"--checkpoint={spec}: the checkpoint predicts {network.model.config.num_classes} "
                 f"classes{labels}, but config.data.num_classes={config.data.num_classes}")
+        if network.model.branch != model.branch:  # a Hugging Face SegFormer: no AllSpark module
+            raise CheckpointError(
+                f"--checkpoint={spec}: a model without the AllSpark module has no branch to "
+                f"predict with; config.model.inference_branch={model.branch!r}: expected "
+                f"'labeled'")
         out = {"student": network.variables}
         if network.ema is not None:
             out["ema"] = network.ema

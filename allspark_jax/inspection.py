@@ -28,6 +28,8 @@ import numpy as np
 
 from allspark_jax.data.datasets import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, voc_palette
 from allspark_jax.evaluation import evaluator
+from allspark_jax.evaluation.bucketing import inference_collections
+from allspark_jax.models.segmentor import teacher_model
 
 
 # ------------------------------------------------------------------------------------------- display
@@ -94,10 +96,11 @@ def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, m
 
     Args:
       config: the run's ConfigDict (model.*, eval.mode, eval.crop_size, data.crop_size are read).
-      variables: {'params', 'batch_stats', ...} (extra collections such as 'memory' are dropped).
+      variables: {'params', 'batch_stats', ...} (the 'memory' collection is read by the branch
+        "memory" alone, `model.inference_branch`; other collections are dropped).
       examples: dicts with 'image' (H, W, 3) normalised float32 and 'mask' (H, W) int (e.g.
         `input_pipeline.create_val_dataset(opts).as_numpy_iterator()`); 'name' is passed through.
-      model: the Flax module; default `build_model(config)`.
+      model: the Flax module; default `build_model(config)` (its branch `model.inference_branch`).
       max_images: stop after this many.
     Returns:
       one dict per image, in the order of `examples`: 'image' (h, w, 3) and 'mask' (h, w) as the
@@ -117,17 +120,21 @@ def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, m
 # --------------------------------------------------------------------------------- AllSpark internals
 
 
-def teacher_outputs(model, variables: Mapping, images_u, *, key_group_size: int | None = None
-                    ) -> tuple[jax.Array, jax.Array]:
-    """The training step's teacher pass ("teacher" mode) on unlabeled (weak) images.
+def teacher_outputs(model, variables: Mapping, images_u, *, key_group_size: int | None = None,
+                    use_memory: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The training step's teacher pass ("teacher" mode) on unlabeled (weak) images, through the
+    model's AllSpark branch as the step takes it (`segmentor.teacher_model`).
 
     Args:
-      images_u: (B, S, S, 3) normalised.
+      images_u: (B, S, S, 3) normalised (S the training crop).
+      use_memory: the step is past the warm-up (read only by the branch "memory", which then needs
+        the 'memory' collection in `variables`).
     Returns:
       (logits (B, S, S, K) float32, pseudo_labels (B, S, S) int32 = argmax).
     """
-    v = {k: variables[k] for k in ("params", "batch_stats")}
-    logits = model.apply(v, jnp.asarray(images_u), mode="teacher", key_group_size=key_group_size)
+    teacher = teacher_model(model, use_memory)
+    v = {k: variables[k] for k in inference_collections(teacher) if k in variables}
+    logits = teacher.apply(v, jnp.asarray(images_u), mode="teacher", key_group_size=key_group_size)
     return logits, jnp.argmax(logits, -1).astype(jnp.int32)
 
 

@@ -27,6 +27,15 @@ def test_every_row_is_a_valid_run_of_its_method():
             assert config.train.epochs == 56  # 280 steps of 5 per epoch
         # the memory's warm-up is AllSpark's: the other methods' rows keep the default
         assert config.train.warmup_epoch == (2 if method == "allspark" else 5)
+        # the branch option: its row's alone (the others predict as the release)
+        assert config.model.inference_branch == (
+            "unlabeled" if row == "allspark_unlabeled_branch" else "labeled")
+        # --branches scores the branches other than the row's own
+        others = (("labeled", "memory") if row == "allspark_unlabeled_branch"
+                  else ("memory", "unlabeled"))
+        assert learning.inspected_branches(config) == others
+    assert learning.rows_for(["allspark"]) == ["allspark", "allspark_ema", "allspark_strong_cutmix",
+                                               "allspark_unlabeled_branch"]
     assert learning.rows_for(["allspark"], extensions=False) == ["allspark"]
     assert learning.rows_for(["supervised"], ceiling=False) == ["supervised"]
     assert learning.summarize([1.0, 2.0, 3.0]) == (2.0, 1.0)

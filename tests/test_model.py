@@ -134,9 +134,14 @@ def test_inspection_branches_equal_the_training_students():
         apply(e4[:3, :, :2], "memory")
     with pytest.raises(ValueError, match="branch must be one of"):
         apply(e4[:3], "teacher")
-    with pytest.raises(ValueError, match=r"branch='unlabeled' is an \"eval\" mode choice"):
+    with pytest.raises(ValueError, match=r"branch='unlabeled' is an \"eval\" / \"teacher\" mode "
+                                         r"choice, got mode='train'"):
         module.apply(after, e4, mode="train", teacher_logits=t, branch="unlabeled",
                      mutable=["memory"])
+    # each image alone: the teacher pass through these branches is their "eval" mode
+    for branch in ("unlabeled", "memory"):
+        np.testing.assert_array_equal(
+            module.apply(after, e4[:3], mode="teacher", branch=branch), apply(e4[:3], branch))
 
 
 def release_memory_update(memory, ptr, cls, feats):

@@ -23,6 +23,7 @@ from PIL import Image
 from allspark_jax.commands import predict as predict_lib
 from allspark_jax.benchmark.timing import CompileCounter, compile_stats, host_peak_rss_bytes
 from allspark_jax.data import datasets
+from allspark_jax.errors import ConfigError
 from allspark_jax.evaluation import bucketing
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.segmentor import build_model, init_variables, small_crop
@@ -44,6 +45,16 @@ def _images(sizes, num_images: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal((*sizes[i % len(sizes)], 3)).astype(np.float32)
             for i in range(num_images)]
+
+
+def check_config(config) -> None:
+    """Whole images ('original', what these benchmarks time) are refused by the AllSpark branch
+    'memory', which needs the training crop's token grid: a one-line ConfigError."""
+    if config.model.inference_branch == "memory":
+        raise ConfigError("config.model.inference_branch='memory': expected 'labeled' or "
+                          "'unlabeled' for the 'eval' / 'predict' benchmarks (they time whole "
+                          "images, eval.mode 'original'; the memory branch needs the training "
+                          "crop's token grid)")
 
 
 def _setup(config, num_sizes: int, min_side: int, max_side: int):

@@ -20,6 +20,7 @@ from allspark_jax.benchmark import programs
 from allspark_jax.benchmark.timing import (compile_stats, device_peak_bytes, host_peak_rss_bytes,
                                            median_time)
 from allspark_jax.data import synthetic
+from allspark_jax.evaluation import bucketing
 from allspark_jax.models.segmentor import DTYPES
 
 ALL = ("matmul", "train", "infer", "profile", "pipeline", "scaling", "compile", "eval", "predict")
@@ -86,8 +87,10 @@ def bench_infer(s: programs.Setup, config, state, steps: int, warmup: int,
                 peak: float | None) -> dict:
     """The eval-mode forward of a batch of B images at the crop."""
     fn, x = programs.infer_program(s, config)
-    variables = jax.device_put({"params": state.params, "batch_stats": state.batch_stats},
-                               programs.sharding_lib.replicated(s.mesh))
+    # the collections the model's branch reads (the memory for `model.inference_branch` 'memory')
+    variables = {k: v for k, v in state.variables().items()
+                 if k in bucketing.inference_collections(s.model)}
+    variables = jax.device_put(variables, programs.sharding_lib.replicated(s.mesh))
     compiled, stats = compile_stats(fn, variables, x)
     seconds, times = median_time(lambda: compiled(variables, x).block_until_ready(), steps, warmup)
     return {"seconds": seconds, "times": times, "images_per_step": s.batch,
@@ -168,6 +171,8 @@ def run(config, *, what, steps: int = 5, warmup: int = 1, per_device_batch: int 
         raise ValueError(f"--what: unknown measurements {sorted(unknown)}; expected some of {ALL}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps}, {warmup}")
+    if {"eval", "predict"} & set(what):
+        evaluation_lib.check_config(config)
     r = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
          "jax": jax.__version__, "backbone": str(config.model.backbone),
          "dtype": config.model.dtype, "precision": runtime.matmul_precision(),

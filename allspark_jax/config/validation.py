@@ -137,6 +137,44 @@ def _validate_eval(config) -> None:
     in_range(config, "eval.max_images", integer=True)
 
 
+def memory_branch_problem(config) -> str | None:
+    """Why the AllSpark branch "memory" cannot predict with `config.eval`, or None: it reads the
+    Semantic Memory, which holds the training crop's token grid (`data.crop_size`), so evaluation
+    must feed crops or windows of that grid (`eval.mode` 'center_crop' / 'sliding_window')."""
+    from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
+    if config.eval.mode == "original":
+        return ("the memory branch needs validation crops on the training crop's token grid; "
+                "config.eval.mode='original' feeds whole images (use 'center_crop' or "
+                "'sliding_window')")
+    model = model_config_from(config)
+    grid = "token grid" if model.encoder == "dinov2" else "stage-4 grid"
+    crop, eval_crop = int(config.data.crop_size), evaluator.eval_crop_size(config)
+    train_grid = model.allspark_grid((crop, crop))
+    eval_grid = model.eval_allspark_grid((eval_crop, eval_crop))
+    if eval_grid != train_grid:
+        return (f"config.eval.crop_size={eval_crop} gives a {grid} of {eval_grid[0]} x "
+                f"{eval_grid[1]} tokens, config.data.crop_size={crop} {train_grid[0]} x "
+                f"{train_grid[1]}: the memory branch needs the training crop's grid")
+    return None
+
+
+def _validate_inference_branch(config) -> None:
+    """`model.inference_branch`: one of the AllSpark module's branches; "memory" needs the online
+    teacher (the EMA teacher has no memory) and evaluation on the training crop's token grid."""
+    from allspark_jax.models.allspark import BRANCHES  # pylint: disable=g-import-not-at-top
+    one_of(config, "model.inference_branch", BRANCHES)
+    if config.model.inference_branch != "memory":
+        return
+    if method_lib.from_config(config).ema:
+        raise error("model.inference_branch", "memory",
+                    f"'labeled' or 'unlabeled' with train.teacher={config.train.teacher!r} (the "
+                    "EMA teacher has no Semantic Memory: the memory holds the student's features)")
+    problem = memory_branch_problem(config)
+    if problem:
+        raise ConfigError(f"config.model.inference_branch='memory': {problem}")
+
+
 def validate(config) -> None:
     """Checks every key of a run's config; raises ConfigError / DataError naming the first bad one.
 
@@ -161,6 +199,7 @@ def validate(config) -> None:
     in_range(config, "optim.poly_power", 0.0)
     _validate_train(config)
     _validate_eval(config)
+    _validate_inference_branch(config)
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         in_range(config, key, integer=True)
     in_range(config, "keep_checkpoints", 1, integer=True)

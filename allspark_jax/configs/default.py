@@ -229,6 +229,18 @@ def get_config():
     model.head_dropout = 0.1  # Dropout2d before the SegFormer classifier (encoder 'mit').
     model.attn_drop = 0.1  # AllSpark attention dropout.
     model.proj_drop = 0.1  # AllSpark output projection dropout.
+    # The AllSpark module's branch that predicts outside training: evaluation, predict and the
+    # teacher pass that makes the pseudo-labels (methods with AllSpark only;
+    # allspark_jax.models.allspark.BRANCHES). 'labeled' (the release's): the labeled-to-unlabeled
+    # attention with the image's own channels as keys (in the teacher pass, its key group's). The
+    # others are this project's extension, not the release's behaviour. 'unlabeled': the unlabeled
+    # images' channel self-attention, the branch loss_u trains. 'memory': the labeled branch with
+    # the Semantic Memory's channels as keys, as the student reads it after the warm-up; the teacher
+    # pass takes 'labeled' before train.warmup_epoch, as the student's labeled branch then does
+    # (the memory holds its random start). 'memory' needs the training crop's token grid at
+    # evaluation (eval.mode 'center_crop' or 'sliding_window' with a crop of that grid) and the
+    # online teacher (an EMA teacher has no memory of its own).
+    model.inference_branch = "labeled"
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
     # Arithmetic of float32 matrix products and convolutions (JAX's jax_default_matmul_precision,
     # set at start-up by runtime.apply_precision for training, evaluation, predict and the

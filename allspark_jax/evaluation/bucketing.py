@@ -30,12 +30,12 @@ import numpy as np
 Bucket = tuple[int, int]
 
 # The collections "eval" mode reads; dropping the Semantic Memory keeps it off the device and out
-# of the program's signature (only the inspection branch "memory" reads it: `inference_collections`).
+# of the program's signature (only the AllSpark branch "memory" reads it: `inference_collections`).
 INFERENCE_COLLECTIONS = ("params", "batch_stats")
 
 
 def inference_collections(model) -> tuple[str, ...]:
-    """The variable collections `model`'s "eval" mode reads."""
+    """The variable collections `model`'s "eval" (and "teacher") mode reads."""
     return INFERENCE_COLLECTIONS + (("memory",) if model.branch == "memory" else ())
 
 

@@ -8,7 +8,9 @@ data order, augmentation; the dataset itself is fixed by the config) and evaluat
 end. Rows (`ROWS`): one per method of `--methods` (UniMatch V2's on an AllSpark base config with
 the demo's settings of that recipe: `recipe_config`); with `allspark` the project's extensions on it
 (`allspark_ema`: the EMA teacher; `allspark_strong_cutmix`: the strong student view, confidence
-threshold and CutMix); with `supervised` the ceiling `supervised_all_labels`, every training image
+threshold and CutMix; `allspark_unlabeled_branch`: the module's unlabeled branch, the one the
+pseudo-label loss trains, evaluates and makes the pseudo-labels, `model.inference_branch`); with
+`supervised` the ceiling `supervised_all_labels`, every training image
 labeled (the split's labeled and unlabeled lists together), and, with a UniMatch V2 method too,
 `supervised_adamw` (the supervised baseline with the 'unimatch_v2' row's optimiser). Every run takes the same number of
 optimizer steps with the same labeled batch: that of the config's semi-supervised schedule
@@ -25,9 +27,11 @@ decoder (and AllSpark) start from random initialisation per seed. 0: every run f
 `--branches` also scores every AllSpark run's final student through the module's other
 branches (`allspark_jax.models.allspark.BRANCHES`): "memory" (the labeled-to-unlabeled attention
 with the Semantic Memory as keys, as the student trains after the warm-up) and "unlabeled" (the
-unlabeled images' branch, the one the pseudo-label loss trains). The row's own mIoU is the
-release's inference, branch "labeled". Inspection only: the memory needs validation crops with the
-training crop's token grid (`eval.mode` 'center_crop' or 'sliding_window').
+unlabeled images' branch, the one the pseudo-label loss trains). The row's own mIoU is its
+`model.inference_branch`'s: the release's inference, branch "labeled", except in
+`allspark_unlabeled_branch` ("unlabeled"; there "labeled" and "memory" are scored). Inspection
+only: the memory needs validation crops with the training crop's token grid (`eval.mode`
+'center_crop' or 'sliding_window').
 
 Prints a table (mIoU of every seed, mean, sample standard deviation, wall and CPU minutes) and
 writes JSON:
@@ -72,6 +76,8 @@ ROWS = {
     "allspark_ema": ("allspark", {"train.teacher": "ema"}),
     "allspark_strong_cutmix": ("allspark", {"data.student_view": "strong",
                                             "train.conf_thresh": 0.95, "data.cutmix_prob": 0.5}),
+    # The module's unlabeled branch (the one loss_u trains) evaluates and makes the pseudo-labels.
+    "allspark_unlabeled_branch": ("allspark", {"model.inference_branch": "unlabeled"}),
     # UniMatch V2's recipe, without and with AllSpark (`recipe_config`).
     "unimatch_v2": ("unimatch_v2", {}),
     "unimatch_v2_allspark": ("unimatch_v2_allspark", {}),
@@ -85,18 +91,18 @@ OPTIMIZER_ROWS = ("supervised_adamw",)
 
 FLAGS = flags.FLAGS
 
-
 def _define_flags() -> None:
     """The command's flags (defined when it runs, so that other commands can import this module)."""
     config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
                        "keys with --config.key=value.")
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
     flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
-    flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema and "
-                      "allspark_strong_cutmix.")
+    flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema, "
+                      "allspark_strong_cutmix and allspark_unlabeled_branch.")
     flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
     flags.DEFINE_bool("branches", False, "AllSpark rows: also score each run's final student through "
-                      "the module's 'memory' and 'unlabeled' branches (inspection).")
+                      "the module's other branches (inspection; 'memory' and 'unlabeled' for the "
+                      "release's inference).")
     flags.DEFINE_string("json", None, "Write the results here.")
     flags.DEFINE_string("workdir", None, "Runs and the dataset go here (default: a temporary folder, "
                         "removed at the end).")
@@ -211,46 +217,30 @@ def recipe_config(base, method: str):
     return config
 
 
-INSPECTED_BRANCHES = ("memory", "unlabeled")
+def inspected_branches(config) -> tuple[str, ...]:
+    """--branches: the AllSpark branches other than the run's own (`model.inference_branch`)."""
+    from allspark_jax.models.allspark import BRANCHES  # pylint: disable=g-import-not-at-top
+    return tuple(b for b in BRANCHES if b != config.model.inference_branch)
 
 
 def check_branches(base) -> None:
     """--branches: the memory branch needs validation inputs on the training crop's token grid."""
-    from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
-    from allspark_jax.models.dpt import eval_input_size  # pylint: disable=g-import-not-at-top
-    from allspark_jax.models.mit import token_grid  # pylint: disable=g-import-not-at-top
-    from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
-    if base.eval.mode == "original":
-        raise app.UsageError("--branches: the memory branch needs validation crops on the "
-                             "training crop's token grid; config.eval.mode='original' feeds whole "
-                             "images (use 'center_crop' or 'sliding_window')")
-    model = model_config_from(base)
-    if model.encoder == "dinov2":  # the grid of the input as evaluated (resized to 14-multiples)
-        p = model.backbone.patch_size
-        side_of = lambda s: eval_input_size((s,), p)[0] // p  # noqa: E731
-        grid = "token grid"
-    else:  # MiT's stage 4
-        side_of = lambda s: token_grid(s, model.backbone)[-1]  # noqa: E731
-        grid = "stage-4 grid"
-    train_side = side_of(int(base.data.crop_size))
-    eval_crop = evaluator.eval_crop_size(base)
-    eval_side = side_of(eval_crop)
-    if eval_side != train_side:
-        raise app.UsageError(f"--branches: config.eval.crop_size={eval_crop} gives a {grid} "
-                             f"of {eval_side} x {eval_side} tokens, config.data.crop_size="
-                             f"{base.data.crop_size} {train_side} x {train_side}: the memory "
-                             "branch needs the training crop's grid")
+    from allspark_jax.config.validation import memory_branch_problem  # pylint: disable=g-import-not-at-top
+    problem = memory_branch_problem(base)
+    if problem:
+        raise app.UsageError(f"--branches: {problem}")
 
 
 def branch_results(config, state) -> dict:
-    """{branch: validation mIoU} of a trained AllSpark state's student through INSPECTED_BRANCHES."""
+    """{branch: validation mIoU} of a trained AllSpark state's student through the branches other
+    than its own (`inspected_branches`)."""
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.segmentor import build_model  # pylint: disable=g-import-not-at-top
     opts = config_lib.data_options(config)
     variables = state.variables()
     out = {}
-    for branch in INSPECTED_BRANCHES:
+    for branch in inspected_branches(config):
         predictor = evaluator.make_predictor(config, build_model(config).clone(branch=branch))
         out[branch] = float(evaluator.evaluate_variables(config, opts, predictor, variables,
                                                          desc=f"eval ({branch})")["miou"])
@@ -287,8 +277,8 @@ def summary(results: dict) -> dict:
     if "supervised" in results:
         sup = results["supervised"]["mean"]
         for name in ("semi", "allspark", "allspark_ema", "allspark_strong_cutmix",
-                     "unimatch_v2", "unimatch_v2_allspark", "supervised_adamw",
-                     "supervised_all_labels"):
+                     "allspark_unlabeled_branch", "unimatch_v2", "unimatch_v2_allspark",
+                     "supervised_adamw", "supervised_all_labels"):
             if name in results:
                 key = "ceiling" if name == "supervised_all_labels" else name
                 out[f"{key}_minus_supervised"] = results[name]["mean"] - sup
@@ -354,7 +344,7 @@ def run_benchmark(base, *, seeds, rows, workdir: str, print_fn=print,
                   branches: bool = False) -> dict:
     """Trains every (row, seed) in `workdir` (after the source task, with learning.pretrain_steps
     > 0); returns {'results': the rows' results, 'pretrain': pretrain_encoder's dict or None}.
-    `branches`: AllSpark runs are also scored through INSPECTED_BRANCHES (`branch_results`)."""
+    `branches`: AllSpark runs are also scored through their other branches (`branch_results`)."""
     import jax  # pylint: disable=g-import-not-at-top
 
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top

@@ -13,14 +13,17 @@ Modes (`mode=`):
     the release's one-image-per-call evaluation.
 The memory lives in the ``"memory"`` collection (``kv_queue`` (K, C, n), ``queue_ptr`` (K,)).
 
-Branches (`branch=`, "eval" mode only; for inspection, the release evaluates ``"labeled"``):
+Branches (`branch=`, the module's output in "eval" and "teacher" mode; the release predicts with
+``"labeled"``, the others are this project's extension, `model.inference_branch`):
   * ``"labeled"``   the release's inference: the labeled-to-unlabeled attention with the image's own
-    channels as keys.
+    channels as keys ("teacher" mode: its key group's channels).
   * ``"memory"``    the same attention with the Semantic Memory's channels as keys, as the training
     student reads it after the warm-up (the memory collection is needed, and the training crop's
     token grid; a token mask leaves the padded tokens out of the query-key sums).
   * ``"unlabeled"`` the unlabeled images' branch of the training student (channel self-attention
     with its own projections), the branch the pseudo-label loss trains.
+"memory" and "unlabeled" treat each image alone: "teacher" and "eval" mode give them the same
+result. The training step's teacher pass takes `teacher_branch`.
 """
 from __future__ import annotations
 
@@ -37,6 +40,18 @@ from allspark_jax.models.resize import resize_bilinear
 Dtype = Any
 MODES = ("train", "teacher", "eval")
 BRANCHES = ("labeled", "memory", "unlabeled")
+
+
+def teacher_branch(branch: str, use_memory: bool) -> str:
+    """The branch of the training step's teacher pass for the inference branch `branch`.
+
+    `branch` itself, except "memory" before the warm-up (`use_memory` False): the student's labeled
+    branch then takes its keys from the batch, and the memory holds its random initialisation and
+    features no step has read yet, so the teacher takes "labeled", as the student does.
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"AllSpark branch must be one of {BRANCHES}, got {branch!r}")
+    return "labeled" if branch == "memory" and not use_memory else branch
 
 allspark_dense_init = nn.initializers.xavier_uniform()
 
@@ -222,9 +237,9 @@ class CrossAttnMem(nn.Module):
             raise ValueError(f"AllSpark mode must be one of {MODES}, got {mode!r}")
         if branch not in BRANCHES:
             raise ValueError(f"AllSpark branch must be one of {BRANCHES}, got {branch!r}")
-        if branch != "labeled" and mode != "eval":
-            raise ValueError(f"AllSpark: branch={branch!r} is an \"eval\" mode choice, got "
-                             f"mode={mode!r}")
+        if branch != "labeled" and mode == "train":
+            raise ValueError(f"AllSpark: branch={branch!r} is an \"eval\" / \"teacher\" mode "
+                             f"choice, got mode={mode!r}")
         if token_mask is not None:
             if mode != "eval":
                 raise ValueError(f"AllSpark: a token mask (true image sizes) is an \"eval\" mode "

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from allspark_jax import method as method_lib
-from allspark_jax.models.allspark import AllSpark
+from allspark_jax.models.allspark import AllSpark, teacher_branch
 from allspark_jax.models.dinov2 import DINOv2, DINOv2Config, patch_map, token_grid
 from allspark_jax.models.dpt import (DPTConfig, DPTHead, eval_input_size, resize_eval_input,
                                      resize_eval_output, resize_to_patch_grid)
@@ -92,6 +92,14 @@ class ModelConfig:
             return token_grid(tuple(size), self.backbone.patch_size)
         return tuple(mit_token_grid(d, self.backbone)[-1] for d in size[:2])
 
+    def eval_allspark_grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid (h, w) of the map AllSpark transforms for an (H, W) image in "eval"
+        mode: DINOv2's of the image as resized for evaluation (`models.dpt.eval_input_size`), MiT's
+        `allspark_grid`."""
+        if self.encoder == "dinov2":
+            return self.allspark_grid(eval_input_size(tuple(size), self.backbone.patch_size))
+        return self.allspark_grid(size)
+
     @property
     def patch_multiple(self) -> int:
         """Training crops must be multiples of this (1: any size)."""
@@ -111,8 +119,10 @@ class AllSparkSegmentor(nn.Module):
     ``memory`` must be mutable.
 
     `branch` (`allspark_jax.models.allspark.BRANCHES`): which AllSpark branch produces the map it
-    transforms in "eval" mode. The release's inference is "labeled"; the others are for inspection
-    ("memory" needs the ``memory`` collection: `inference_collections`).
+    transforms in "eval" and "teacher" mode ("train" mode runs the student's branches). The
+    release's is "labeled"; `build_model` takes `model.inference_branch`, and the training step's
+    teacher pass `teacher_model`. "memory" needs the ``memory`` collection
+    (`evaluation.bucketing.inference_collections`) and the training crop's token grid.
 
     `valid_size` ("eval" mode only) (B, 2) int, or None: x is a padded batch and image b is
     x[b, :valid_size[b, 0], :valid_size[b, 1]] (top-left). Its logits, the same region of the
@@ -193,7 +203,7 @@ class AllSparkSegmentor(nn.Module):
                         self.dtype, name="allspark")(
             x, mode=mode, teacher_logits=teacher_logits, use_memory=use_memory,
             key_group_size=key_group_size, valid=valid,
-            branch=self.branch if mode == "eval" else "labeled")
+            branch="labeled" if mode == "train" else self.branch)
 
     def _dinov2(self, x, mode, teacher_logits, use_memory, key_group_size, valid_size,
                 feature_scale):
@@ -248,6 +258,14 @@ class AllSparkSegmentor(nn.Module):
         if logits.shape[1:3] != size:
             logits = resize_bilinear_align_corners(logits, size)
         return logits
+
+
+def teacher_model(model: AllSparkSegmentor, use_memory: bool) -> AllSparkSegmentor:
+    """The model of a training step's teacher pass: `model` with its branch for that pass
+    (`allspark_jax.models.allspark.teacher_branch`: "memory" is "labeled" before the warm-up,
+    `use_memory` False)."""
+    branch = teacher_branch(model.branch, use_memory)
+    return model if branch == model.branch else model.clone(branch=branch)
 
 
 def draw_feature_scale(config: ModelConfig, key: jax.Array, batch: int):
@@ -363,8 +381,10 @@ PRECISIONS = ("default", "high", "highest")
 
 
 def build_model(config) -> AllSparkSegmentor:
-    """A run's config -> the Flax module (architecture, compute dtype, rematerialisation)."""
+    """A run's config -> the Flax module (architecture, compute dtype, rematerialisation, and the
+    AllSpark branch it predicts with outside training, `model.inference_branch`)."""
     dtype = config.model.dtype
     if dtype not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return AllSparkSegmentor(model_config_from(config), DTYPES[dtype], bool(config.model.remat))
+    return AllSparkSegmentor(model_config_from(config), DTYPES[dtype], bool(config.model.remat),
+                             branch=config.model.inference_branch)
