@@ -91,6 +91,7 @@ OPTIMIZER_ROWS = ("supervised_adamw",)
 
 FLAGS = flags.FLAGS
 
+
 def _define_flags() -> None:
     """The command's flags (defined when it runs, so that other commands can import this module)."""
     config_flag.define("config", None, "Config file or shipped config (configs/learning.py); override "
