@@ -38,6 +38,13 @@ def test_every_row_is_a_valid_run_of_its_method():
                                                "allspark_unlabeled_branch"]
     assert learning.rows_for(["allspark"], extensions=False) == ["allspark"]
     assert learning.rows_for(["supervised"], ceiling=False) == ["supervised"]
+    # --rows: exactly the named rows, in table order
+    assert learning.named_rows(["allspark_unlabeled_branch", "allspark"]) == [
+        "allspark", "allspark_unlabeled_branch"]
+    for bad in (["allspark", "allspark"], ["allspark_teacher"], []):
+        with pytest.raises(learning.app.UsageError, match="expected distinct names among "
+                           "supervised, supervised_all_labels"):
+            learning.named_rows(bad)
     assert learning.summarize([1.0, 2.0, 3.0]) == (2.0, 1.0)
 
 

@@ -101,6 +101,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema, "
                       "allspark_strong_cutmix and allspark_unlabeled_branch.")
     flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
+    flags.DEFINE_list("rows", None, "Run exactly these rows (names of ROWS, in table order) instead "
+                      "of those --methods, --extensions and --ceiling give.")
     flags.DEFINE_bool("branches", False, "AllSpark rows: also score each run's final student through "
                       "the module's other branches (inspection; 'memory' and 'unlabeled' for the "
                       "release's inference).")
@@ -127,6 +129,15 @@ def rows_for(methods, extensions: bool = True, ceiling: bool = True) -> list[str
             continue
         rows.append(name)
     return rows
+
+
+def named_rows(names) -> list[str]:
+    """`--rows`: the named rows in table order; an unknown or repeated name -> UsageError."""
+    unknown = [n for n in names if n not in ROWS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise app.UsageError(f"--rows={','.join(names)}: expected distinct names among "
+                             f"{', '.join(ROWS)}")
+    return [name for name in ROWS if name in names]
 
 
 def validate_learning(config) -> None:
@@ -420,7 +431,8 @@ def main(argv):
         raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers") from None
     if not seeds:
         raise app.UsageError("--seeds: expected at least one seed")
-    rows = rows_for(FLAGS.methods, FLAGS.extensions, FLAGS.ceiling)
+    rows = (named_rows(FLAGS.rows) if FLAGS.rows is not None
+            else rows_for(FLAGS.methods, FLAGS.extensions, FLAGS.ceiling))
     base = FLAGS.config
     if FLAGS.branches:
         check_branches(base)
