@@ -36,9 +36,31 @@ from allspark_jax.configs import default
 from allspark_jax.configs import demo
 
 
+# The task token of the argument and the settings of that task (`data.synthetic.*` keys, and
+# data.num_classes): fixed before any semi-supervised run on it.
+REGIME = "regime"
+REGIME_TASK = dict(num_classes=7, seed=29, num_train=290, num_labeled=10, num_val=64, size=80,
+                   colours=0, max_objects=4, distractors=0, hue_jitter=0.05)
+
+
+def task_arg(arg: str) -> tuple[str | None, str]:
+    """'[METHOD][,ENCODER][,regime]' (any order) -> (REGIME or None, the argument without it)."""
+    parts = str(arg).split(",") if str(arg) else []
+    if parts.count(REGIME) > 1:
+        raise ValueError(f"configs/learning.py:{arg}: {REGIME!r} is given twice; give it once")
+    return (REGIME if REGIME in parts else None), ",".join(p for p in parts if p != REGIME)
+
+
 def get_config(arg: str = "allspark"):
-    _, method, encoder = default.config_arg(arg, "learning.py", ("mit", "dinov2"))
-    config = demo.get_config(arg)
+    task, rest = task_arg(arg)
+    try:
+        _, method, encoder = default.config_arg(rest, "learning.py", ("mit", "dinov2"))
+    except ValueError as e:  # named with the whole argument, the task among what it takes
+        message = str(e).replace(f"configs/learning.py:{rest}:", f"configs/learning.py:{arg}:", 1)
+        if "unknown method or encoder" in message:
+            message += f"; or the task {REGIME!r}"
+        raise ValueError(message) from None
+    config = demo.get_config(rest)
     recipe = method in default.UNIMATCH_V2_METHODS  # AdamW at the demo's rates, its EMA cap
     if encoder == "dinov2" and not recipe:
         # one rate for every row and the source task: the demo's supervised one (the supervised
@@ -48,6 +70,10 @@ def get_config(arg: str = "allspark"):
     config.data.synthetic.num_labeled = 40  # 1/8 of the training images
     config.data.synthetic.num_val = 64
     config.data.synthetic.size = 80
+    if task == REGIME:
+        regime = dict(REGIME_TASK)
+        config.data.num_classes = regime.pop("num_classes")
+        config.data.synthetic.update(regime)
     config.train.epochs = 8
     if "train.warmup_epoch" not in method_lib.unread_keys(method):  # AllSpark's memory warm-up
         config.train.warmup_epoch = 2
