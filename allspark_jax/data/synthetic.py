@@ -23,6 +23,17 @@ With `--layout custom` it writes the same images as a custom dataset (`data.name
 Class 0 is a noisy, smoothly shaded background; class k >= 1 is an object whose shape (disc, square,
 triangle, diamond), stripe texture (period and orientation) and colour are fixed per class. Objects
 have a 255 ("ignore") border as in VOC. The output is a deterministic function of the arguments.
+
+The style (`Style`; `--colours`, `--max_objects`, `--distractors`, `--hue_jitter`; the config's
+`data.synthetic.*` keys of the same names) makes the task harder; its defaults are the original
+task, rendered bit for bit as before the style existed (its draws come from a second generator):
+  colours      N > 0: N object hues, classes N apart sharing one (told apart by shape / stripes)
+  max_objects  objects per image drawn in [1, max_objects] (3); later ones occlude earlier ones
+  distractors  up to this many unstriped shapes of random hue per image, drawn last (occluding
+               the objects) and labelled background: clutter
+  hue_jitter   per image, every object's hue shifted by one draw in [-hue_jitter, hue_jitter]
+`configs/learning.py:regime` is the task these serve: 7 classes, up to 4 objects, hue shifts of up
+to 0.05, 10 of 290 training images labeled.
 Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'` (custom layout:
 configs/custom.py with `data.root=DIR`).
 """
