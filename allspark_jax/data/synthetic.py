@@ -23,6 +23,8 @@ With `--layout custom` it writes the same images as a custom dataset (`data.name
 Class 0 is a noisy, smoothly shaded background; class k >= 1 is an object whose shape (disc, square,
 triangle, diamond), stripe texture (period and orientation) and colour are fixed per class. Objects
 have a 255 ("ignore") border as in VOC. The output is a deterministic function of the arguments.
+Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'` (custom layout:
+configs/custom.py with `data.root=DIR`).
 
 The style (`Style`; `--colours`, `--max_objects`, `--distractors`, `--hue_jitter`; the config's
 `data.synthetic.*` keys of the same names) makes the task harder; its defaults are the original
@@ -32,10 +34,8 @@ task, rendered bit for bit as before the style existed (its draws come from a se
   distractors  up to this many unstriped shapes of random hue per image, drawn last (occluding
                the objects) and labelled background: clutter
   hue_jitter   per image, every object's hue shifted by one draw in [-hue_jitter, hue_jitter]
-`configs/learning.py:regime` is the task these serve: 7 classes, up to 4 objects, hue shifts of up
+`configs/learning.py:regime` uses them: 7 classes, up to 4 objects, hue shifts of up
 to 0.05, 10 of 290 training images labeled.
-Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'` (custom layout:
-configs/custom.py with `data.root=DIR`).
 """
 from __future__ import annotations
 
@@ -56,6 +56,12 @@ BACKGROUND_COLOUR = (96, 96, 96)  # palette.txt's colour of class 0
 IGNORE_COLOUR = (255, 255, 255)  # palette.txt's last line: ignored pixels
 
 
+def _colour(hue: float) -> np.ndarray:
+    """An object's RGB (0..255) for `hue` (a fraction of the circle) at the classes' saturation
+    and value."""
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.85, 0.95)) * 255
+
+
 def class_style(k: int, num_classes: int, colours: int = 0) -> dict:
     """Shape, colour (RGB 0..255) and its hue (0..1), stripe period and orientation of object class
     k >= 1. `colours` 0: one hue per class, spread over the circle; > 0: that many hues, class k
@@ -63,8 +69,7 @@ def class_style(k: int, num_classes: int, colours: int = 0) -> dict:
     and/or stripes."""
     n = max(num_classes - 1, 1)
     hue = ((k - 1) / n) % 1.0 if not colours else ((k - 1) % colours) / colours
-    rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95)) * 255
-    return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": rgb, "hue": hue,
+    return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": _colour(hue), "hue": hue,
             "period": 3 + (k - 1) % 5, "angle": np.pi * ((k - 1) % 3) / 3}
 
 
@@ -98,7 +103,7 @@ class Style:
     distractors: clutter per image, drawn uniformly in [0, distractors] after the objects (so they
       occlude them): unstriped shapes of any hue, labelled background.
     hue_jitter: per image, every object's hue shifts by one draw from [-hue_jitter, hue_jitter]
-      (a fraction of the hue circle), so colour is a weaker cue than shape and stripes.
+      (a fraction of the hue circle): a class's colour varies from image to image.
     """
     colours: int = 0
     max_objects: int = 3
@@ -114,11 +119,6 @@ class Style:
         if not 0.0 <= float(self.hue_jitter) <= 0.5:
             raise ValueError(f"--hue_jitter={self.hue_jitter!r}: expected a fraction of the hue "
                              "circle in [0, 0.5].")
-
-
-def _colour(hue: float) -> np.ndarray:
-    """An object's RGB (0..255) for `hue` at the classes' saturation and value."""
-    return np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.85, 0.95)) * 255
 
 
 def render(index: int, split: str, size: int, num_classes: int, seed: int,
