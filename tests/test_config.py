@@ -23,7 +23,8 @@ CONFIGS = "configs"  # as a checkout's command lines name them: configs/NAME.py[
                                   "coco.py:1_32,supervised", "pascal.py:1_16,unimatch_v2",
                                   "pascal.py:92,unimatch_v2_allspark,dinov2_base",
                                   "demo.py:unimatch_v2", "demo.py:unimatch_v2,dinov2",
-                                  "learning.py:unimatch_v2_allspark"])
+                                  "learning.py:unimatch_v2_allspark", "learning.py:regime",
+                                  "learning.py:semi,regime,dinov2"])
 def test_shipped_configs_load_by_name_and_validate(spec):
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
@@ -227,7 +228,8 @@ def test_command_line_override_keys_and_values():
     error = config_lib.override_value_error(config, "data.synthetic", "(1, 2)", "not a dict")
     assert str(error) == ("config.data.synthetic='(1, 2)': expected a group of keys; set them with "
                           "--config.data.synthetic.KEY=VALUE (config.data.synthetic has: "
-                          "num_labeled, num_train, num_val, seed, size)")
+                          "colours, distractors, hue_jitter, max_objects, num_labeled, num_train, "
+                          "num_val, seed, size)")
 
 
 def test_dataset_configs_give_each_method_the_release_hyperparameters():

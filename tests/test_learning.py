@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import run_config
 from allspark_jax import errors
@@ -209,3 +210,91 @@ def test_source_task_trains_at_its_own_rate(tmp_path, monkeypatch):
     base.learning.pretrain_steps = 0
     with pytest.raises(errors.ConfigError, match=r"learning\.pretrain_lr.*pretrain_steps 0"):
         learning.validate_learning(base)
+
+
+def test_the_regime_task_is_as_documented():
+    """configs/learning.py:regime: the task's documented values, the original task's model,
+    schedule and source task otherwise, and the rule its rendering seed was chosen by."""
+    from allspark_jax.configs import learning as learning_config
+    from allspark_jax.data import synthetic
+    config = config_lib.load_config("configs/learning.py:regime")
+    config_lib.validate(config)
+    learning.validate_learning(config)
+    s = config.data.synthetic
+    assert (config.data.num_classes, config.model.num_classes) == (7, 7)
+    assert (s.seed, s.num_train, s.num_labeled, s.num_val, s.size) == (29, 290, 10, 64, 80)
+    assert (s.colours, s.max_objects, s.distractors, s.hue_jitter) == (0, 4, 0, 0.05)
+    assert s.seed != config.learning.pretrain_seed
+    # the original task's 280 steps: 35 unlabeled batches an epoch, 8 epochs
+    assert (s.num_train - s.num_labeled) // config.data.batch_size * config.train.epochs == 280
+    original = config_lib.load_config("configs/learning.py").to_dict()
+    regime = config.to_dict()
+    for part in (original, regime):
+        del part["data"]["synthetic"], part["data"]["num_classes"], part["model"]["num_classes"]
+    assert regime == original
+    # the seed: the first from 26 whose labeled images hold every object class in >= 3 images
+    style = config_lib.synthetic_style(config)
+
+    def fewest_labeled_images_of_a_class(seed):
+        labels = [synthetic.render(i, "train", s.size, 7, seed, style)[1]
+                  for i in range(s.num_labeled)]
+        return min(sum(bool((lab == k).any()) for lab in labels) for k in range(1, 7))
+
+    assert fewest_labeled_images_of_a_class(29) >= 3
+    assert all(fewest_labeled_images_of_a_class(seed) < 3 for seed in (26, 27, 28))
+    assert learning_config.REGIME_TASK["seed"] == 29
+
+
+@pytest.mark.parametrize("arg,method,encoder", [
+    ("regime", "allspark", "mit"), ("supervised,regime", "supervised", "mit"),
+    ("regime,semi", "semi", "mit"), ("dinov2,regime", "allspark", "dinov2"),
+    ("unimatch_v2_allspark,regime", "unimatch_v2_allspark", "mit")])
+def test_the_task_token_combines_with_method_and_encoder(arg, method, encoder):
+    from allspark_jax.configs import learning as learning_config
+    config = config_lib.load_config(f"configs/learning.py:{arg}")
+    task, rest = learning_config.task_arg(arg)
+    assert task == "regime" and "regime" not in rest.split(",")
+    plain = config_lib.load_config(f"configs/learning.py:{rest}")
+    assert (config.method, config.model.encoder, config.data.num_classes) == (method, encoder, 7)
+    assert config.data.synthetic.seed == 29 and plain.data.synthetic.seed == 0
+    assert config.optim.to_dict() == plain.optim.to_dict()
+    if method != "supervised":  # configs/learning.py:supervised keeps the EMA rows' decay
+        config_lib.validate(config)
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("regime,regime", r"^configs/learning.py:regime,regime: 'regime' is given twice; give it once$"),
+    ("regime,foo", r"^configs/learning.py:regime,foo: unknown method or encoder 'foo'; .* or an "
+                   r"encoder \(mit, dinov2\); or the task 'regime'$"),
+    ("semi,regime,semi", r"^configs/learning.py:semi,regime,semi: 'semi' is a second method; "
+                         r"give one$")])
+def test_bad_task_arguments_are_named(arg, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.load_config(f"configs/learning.py:{arg}")
+
+
+def test_the_regime_rows_keep_the_task_and_its_source_task_the_original_style(tmp_path,
+                                                                              monkeypatch):
+    from allspark_jax.data import synthetic
+    base = config_lib.load_config("configs/learning.py:regime")
+    plan = types.SimpleNamespace(steps_per_epoch=35)
+    for row in learning.rows_for(["supervised", "semi", "allspark", "unimatch_v2"]):
+        config = learning.row_config(base, row, 0, all_labeled="/x", total_steps=280,
+                                     plan_fn=lambda c: plan)
+        assert config.data.synthetic.to_dict() == base.data.synthetic.to_dict(), row
+        assert config.data.num_classes == 7, row
+    base.data.synthetic.update(size=16, num_val=2)
+    base.learning.update(pretrain_steps=2, pretrain_num_images=8)
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(config, run_dir):
+        raise Stop
+
+    monkeypatch.setattr(learning, "_train_run", fake_run)
+    with pytest.raises(Stop):
+        learning.pretrain_encoder(base, str(tmp_path), print_fn=lambda *a: None)
+    with open(tmp_path / "pretrain" / "data" / "SegmentationClass" / "train_00003.png", "rb") as f:
+        written = np.asarray(Image.open(f))
+    np.testing.assert_array_equal(written, synthetic.render(3, "train", 16, 9, 1000)[1])

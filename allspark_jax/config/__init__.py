@@ -17,10 +17,11 @@ The method itself is resolved by `allspark_jax.method.from_config`.
 """
 from allspark_jax.config.loading import (check_override_keys, default_config, load_config,
                                          override_value_error, shipped_configs)
-from allspark_jax.config.options import DataOptions, data_options, synthetic_root
+from allspark_jax.config.options import (DataOptions, data_options, synthetic_root,
+                                         synthetic_style)
 from allspark_jax.config.unread import unread_by_setting, with_method
 from allspark_jax.config.validation import validate
 
 __all__ = ["DataOptions", "check_override_keys", "data_options", "default_config", "load_config",
-           "override_value_error", "shipped_configs", "synthetic_root", "unread_by_setting",
-           "validate", "with_method"]
+           "override_value_error", "shipped_configs", "synthetic_root", "synthetic_style",
+           "unread_by_setting", "validate", "with_method"]

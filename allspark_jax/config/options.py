@@ -80,6 +80,14 @@ def synthetic_root(config, workdir: str | None) -> str | None:
     return os.path.join(datasets.absolute_path(workdir), SYNTHETIC_DIR)
 
 
+def synthetic_style(config):
+    """The `allspark_jax.data.synthetic.Style` of `config.data.synthetic`'s style keys."""
+    from allspark_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    s = config.data.synthetic
+    return synthetic.Style(colours=int(s.colours), max_objects=int(s.max_objects),
+                           distractors=int(s.distractors), hue_jitter=float(s.hue_jitter))
+
+
 def _write_synthetic(config, root: str) -> None:
     """Process 0 writes the synthetic dataset described by data.synthetic; the others wait."""
     import jax  # pylint: disable=g-import-not-at-top
@@ -90,7 +98,7 @@ def _write_synthetic(config, root: str) -> None:
         s = config.data.synthetic
         synthetic.ensure_dataset(root, num_train=s.num_train, num_val=s.num_val, size=s.size,
                                  num_classes=config.data.num_classes, seed=s.seed,
-                                 num_labeled=s.num_labeled)
+                                 num_labeled=s.num_labeled, style=synthetic_style(config))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic data written")
 

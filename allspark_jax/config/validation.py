@@ -67,6 +67,11 @@ def validate_data(config) -> None:
                     "-1 (AUTOTUNE) or >= 1")
     in_range(config, "data.prefetch", 1, integer=True)
     in_range(config, "data.max_image_pixels", 1, integer=True)
+    # the synthetic dataset's style (allspark_jax.data.synthetic.Style's ranges)
+    in_range(config, "data.synthetic.colours", 0, integer=True)
+    in_range(config, "data.synthetic.max_objects", 1, integer=True)
+    in_range(config, "data.synthetic.distractors", 0, integer=True)
+    in_range(config, "data.synthetic.hue_jitter", 0.0, 0.5)
     _validate_custom(config)
 
 

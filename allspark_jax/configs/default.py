@@ -197,6 +197,12 @@ def get_config():
         num_val=16,  # Validation images.
         size=64,  # Largest image side (each side drawn in [0.75 size, size]).
         seed=0,  # Rendering seed.
+        # The images' style (allspark_jax.data.synthetic.Style); these defaults are the original
+        # task's, configs/learning.py:regime the paper-regime task's.
+        colours=0,  # Object hues: 0 one per class; N > 0 N hues, classes N apart sharing one.
+        max_objects=3,  # Objects per image, 1..max_objects; later ones occlude earlier ones.
+        distractors=0,  # Unstriped clutter shapes (labelled background) per image, 0..distractors.
+        hue_jitter=0.0,  # Per-image shift of every object's hue, at most this fraction of the circle.
     ))
 
     # Only for data.name == 'custom' (data.split / unlabeled_split / val_split are then list files,

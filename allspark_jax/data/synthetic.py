@@ -25,11 +25,23 @@ triangle, diamond), stripe texture (period and orientation) and colour are fixed
 have a 255 ("ignore") border as in VOC. The output is a deterministic function of the arguments.
 Use it with `data.name='synthetic'`, `data.root=DIR`, `data.split='default'` (custom layout:
 configs/custom.py with `data.root=DIR`).
+
+The style (`Style`; `--colours`, `--max_objects`, `--distractors`, `--hue_jitter`; the config's
+`data.synthetic.*` keys of the same names) makes the task harder; its defaults are the original
+task, rendered bit for bit as before the style existed (its draws come from a second generator):
+  colours      N > 0: N object hues, classes N apart sharing one (told apart by shape / stripes)
+  max_objects  objects per image drawn in [1, max_objects] (3); later ones occlude earlier ones
+  distractors  up to this many unstriped shapes of random hue per image, drawn last (occluding
+               the objects) and labelled background: clutter
+  hue_jitter   per image, every object's hue shifted by one draw in [-hue_jitter, hue_jitter]
+`configs/learning.py:regime` uses them: 7 classes, up to 4 objects, hue shifts of up
+to 0.05, 10 of 290 training images labeled.
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
+import dataclasses
 import os
 
 import numpy as np
@@ -44,12 +56,20 @@ BACKGROUND_COLOUR = (96, 96, 96)  # palette.txt's colour of class 0
 IGNORE_COLOUR = (255, 255, 255)  # palette.txt's last line: ignored pixels
 
 
-def class_style(k: int, num_classes: int) -> dict:
-    """Shape, colour (RGB 0..255), stripe period and orientation of object class k >= 1."""
+def _colour(hue: float) -> np.ndarray:
+    """An object's RGB (0..255) for `hue` (a fraction of the circle) at the classes' saturation
+    and value."""
+    return np.array(colorsys.hsv_to_rgb(hue % 1.0, 0.85, 0.95)) * 255
+
+
+def class_style(k: int, num_classes: int, colours: int = 0) -> dict:
+    """Shape, colour (RGB 0..255) and its hue (0..1), stripe period and orientation of object class
+    k >= 1. `colours` 0: one hue per class, spread over the circle; > 0: that many hues, class k
+    taking hue (k - 1) % colours, so classes `colours` apart share their colour and differ by shape
+    and/or stripes."""
     n = max(num_classes - 1, 1)
-    hue = ((k - 1) / n) % 1.0
-    rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95)) * 255
-    return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": rgb,
+    hue = ((k - 1) / n) % 1.0 if not colours else ((k - 1) % colours) / colours
+    return {"shape": SHAPES[(k - 1) % len(SHAPES)], "colour": _colour(hue), "hue": hue,
             "period": 3 + (k - 1) % 5, "angle": np.pi * ((k - 1) % 3) / 3}
 
 
@@ -72,10 +92,46 @@ def _shape_mask(shape, yy, xx, cy, cx, r):
     return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
 
 
-def render(index: int, split: str, size: int, num_classes: int, seed: int
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Renders one example: ((h, w, 3) uint8 image, (h, w) uint8 labels with 255 borders)."""
-    rng = np.random.default_rng([seed, 0 if split == "train" else 1, index])
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """The rendering knobs beyond sizes and counts; the defaults are the original task's.
+
+    colours: object hues (`class_style`): 0 one per class; > 0 that many, shared by the classes
+      `colours` apart, which then differ only by shape and/or stripes.
+    max_objects: objects per image, drawn uniformly in [1, max_objects]; later ones cover (occlude)
+      earlier ones.
+    distractors: clutter per image, drawn uniformly in [0, distractors] after the objects (so they
+      occlude them): unstriped shapes of any hue, labelled background.
+    hue_jitter: per image, every object's hue shifts by one draw from [-hue_jitter, hue_jitter]
+      (a fraction of the hue circle): a class's colour varies from image to image.
+    """
+    colours: int = 0
+    max_objects: int = 3
+    distractors: int = 0
+    hue_jitter: float = 0.0
+
+    def check(self) -> None:
+        """Raises ValueError naming the first knob outside its range."""
+        for name, value, lo in (("colours", self.colours, 0), ("max_objects", self.max_objects, 1),
+                                ("distractors", self.distractors, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
+                raise ValueError(f"--{name}={value!r}: expected an integer >= {lo}.")
+        if not 0.0 <= float(self.hue_jitter) <= 0.5:
+            raise ValueError(f"--hue_jitter={self.hue_jitter!r}: expected a fraction of the hue "
+                             "circle in [0, 0.5].")
+
+
+def render(index: int, split: str, size: int, num_classes: int, seed: int,
+           style: Style = Style()) -> tuple[np.ndarray, np.ndarray]:
+    """Renders one example: ((h, w, 3) uint8 image, (h, w) uint8 labels with 255 borders).
+
+    The original task's draws (`Style()`) come from one generator; what the other knobs add (hue
+    shift, clutter) from a second one, so the default output is unchanged by their existence.
+    """
+    split_id = 0 if split == "train" else 1
+    rng = np.random.default_rng([seed, split_id, index])
+    extra = np.random.default_rng([seed, split_id, index, 1])
+    shift = extra.uniform(-style.hue_jitter, style.hue_jitter) if style.hue_jitter else 0.0
     h = int(rng.integers(int(size * 0.75), size + 1))
     w = int(rng.integers(int(size * 0.75), size + 1))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -84,19 +140,28 @@ def render(index: int, split: str, size: int, num_classes: int, seed: int
     img = (base + (yy / h)[..., None] * grad[0] + (xx / w)[..., None] * grad[1]
            + rng.normal(0, 12, size=(h, w, 3)))
     labels = np.zeros((h, w), np.uint8)
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, style.max_objects + 1))):
         k = int(rng.integers(1, num_classes)) if num_classes > 1 else 0
         if k == 0:
             break
-        st = class_style(k, num_classes)
+        st = class_style(k, num_classes, style.colours)
+        colour = _colour(st["hue"] + shift) if shift else st["colour"]
         r = rng.uniform(size / 8, size / 4)
         cy, cx = rng.uniform(r * 0.5, h - r * 0.5), rng.uniform(r * 0.5, w - r * 0.5)
         inside = _shape_mask(st["shape"], yy, xx, cy, cx, r)
         proj = xx * np.cos(st["angle"]) + yy * np.sin(st["angle"])
         stripes = (np.floor(proj / st["period"]) % 2)[..., None]
-        tex = st["colour"] * (0.7 + 0.3 * stripes) + rng.normal(0, 8, size=(h, w, 3))
+        tex = colour * (0.7 + 0.3 * stripes) + rng.normal(0, 8, size=(h, w, 3))
         img = np.where(inside[..., None], tex, img)
         labels[inside] = k
+    for _ in range(int(extra.integers(0, style.distractors + 1)) if style.distractors else 0):
+        shape = SHAPES[int(extra.integers(len(SHAPES)))]
+        r = extra.uniform(size / 8, size / 4)
+        cy, cx = extra.uniform(r * 0.5, h - r * 0.5), extra.uniform(r * 0.5, w - r * 0.5)
+        inside = _shape_mask(shape, yy, xx, cy, cx, r)
+        flat = _colour(extra.uniform()) * 0.85 + extra.normal(0, 8, size=(h, w, 3))
+        img = np.where(inside[..., None], flat, img)
+        labels[inside] = 0
     # VOC-style ignore border: pixels whose 4-neighbourhood holds another label.
     p = np.pad(labels, 1, mode="edge")
     edge = ((p[1:-1, 1:-1] != p[:-2, 1:-1]) | (p[1:-1, 1:-1] != p[2:, 1:-1])
@@ -113,19 +178,19 @@ def save_palette_png(labels: np.ndarray, path, palette: np.ndarray | None = None
         im.save(f, format="PNG")
 
 
-def custom_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """palette.txt's colours: class k's (the background grey, each object its colour), then the
-    ignore colour."""
-    colours = [BACKGROUND_COLOUR]
-    colours += [tuple(int(round(c)) for c in class_style(k, num_classes)["colour"])
+def custom_palette(num_classes: int, colours: int = 0) -> list[tuple[int, int, int]]:
+    """palette.txt's colours: class k's (the background grey, each object its colour with
+    `class_style`'s `colours`), then the ignore colour."""
+    out = [BACKGROUND_COLOUR]
+    out += [tuple(int(round(c)) for c in class_style(k, num_classes, colours)["colour"])
                 for k in range(1, num_classes)]
-    return colours + [IGNORE_COLOUR]
+    return out + [IGNORE_COLOUR]
 
 
 def _write_custom(out, stems, examples, num_labeled, num_classes, ignore_index, palette_masks,
-                  jpeg_quality):
+                  jpeg_quality, style):
     """The custom layout (module docstring) of rendered `examples` {split: [(image, labels)]}."""
-    colours = custom_palette(num_classes)
+    colours = custom_palette(num_classes, style.colours)
     pal = datasets.palette_array(colours, num_classes, ignore_index)
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -154,10 +219,11 @@ def _write_custom(out, stems, examples, num_labeled, num_classes, ignore_index, 
 def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classes: int,
                   seed: int = 0, num_labeled: int | None = None, jpeg_quality: int = 90,
                   layout: str = "pascal", ignore_index: int = datasets.IGNORE_INDEX,
-                  palette_masks: bool = False) -> dict:
+                  palette_masks: bool = False, style: Style = Style()) -> dict:
     """Writes the dataset (see the module docstring); returns {'labeled', 'unlabeled', 'val'} list paths.
 
-    `ignore_index` and `palette_masks` shape the custom layout only (the Pascal one is VOC's).
+    `ignore_index` and `palette_masks` shape the custom layout only (the Pascal one is VOC's);
+    `style` the images (`Style`).
     """
     if num_classes < 2 or num_classes > 255:
         raise ValueError(f"--num_classes={num_classes}: expected 2..255 (background + object classes).")
@@ -171,14 +237,16 @@ def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classe
     num_labeled = num_labeled if num_labeled is not None else max(1, num_train // 4)
     if not 1 <= num_labeled < num_train:
         raise ValueError(f"--num_labeled={num_labeled}: expected 1 <= num_labeled < num_train.")
+    style.check()
     out = epath.Path(root)
     if layout == "custom":
         stems = {"train": [f"{i:05d}" for i in range(num_train)],
                  "val": [f"{i:05d}" for i in range(num_val)]}
-        examples = {split: [render(i, split, size, num_classes, seed) for i in range(len(names))]
+        examples = {split: [render(i, split, size, num_classes, seed, style)
+                              for i in range(len(names))]
                     for split, names in stems.items()}
         paths = _write_custom(out, stems, examples, num_labeled, num_classes, ignore_index,
-                              palette_masks, jpeg_quality)
+                              palette_masks, jpeg_quality, style)
         (out / "class_names.txt").write_text("\n".join(class_names(num_classes)) + "\n")
         return paths
     for folder in ("JPEGImages", "SegmentationClass", "splits/default"):
@@ -186,7 +254,7 @@ def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classe
     lines = {"train": [], "val": []}
     for split, count in (("train", num_train), ("val", num_val)):
         for i in range(count):
-            image, labels = render(i, split, size, num_classes, seed)
+            image, labels = render(i, split, size, num_classes, seed, style)
             stem = f"{split}_{i:05d}"
             with (out / "JPEGImages" / f"{stem}.jpg").open("wb") as f:
                 Image.fromarray(image).save(f, format="JPEG", quality=jpeg_quality)
@@ -224,6 +292,15 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=64, help="largest image side")
     parser.add_argument("--num_classes", type=int, default=5, help="including background")
     parser.add_argument("--seed", type=int, default=0)
+    defaults = Style()
+    parser.add_argument("--colours", type=int, default=defaults.colours,
+                        help="object hues shared by the classes (0: one per class)")
+    parser.add_argument("--max_objects", type=int, default=defaults.max_objects,
+                        help="objects per image at most (later ones occlude earlier ones)")
+    parser.add_argument("--distractors", type=int, default=defaults.distractors,
+                        help="unstriped clutter shapes (background) per image at most")
+    parser.add_argument("--hue_jitter", type=float, default=defaults.hue_jitter,
+                        help="per-image hue shift of the objects, at most (fraction of the circle)")
     parser.add_argument("--layout", default="pascal", choices=LAYOUTS,
                         help="pascal (data.name='synthetic') or custom (data.name='custom')")
     parser.add_argument("--ignore_index", type=int, default=datasets.IGNORE_INDEX,
@@ -233,7 +310,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     paths = write_dataset(args.root, args.num_train, args.num_val, args.size, args.num_classes,
                           args.seed, args.num_labeled, layout=args.layout,
-                          ignore_index=args.ignore_index, palette_masks=args.palette_masks)
+                          ignore_index=args.ignore_index, palette_masks=args.palette_masks,
+                          style=Style(colours=args.colours, max_objects=args.max_objects,
+                                      distractors=args.distractors, hue_jitter=args.hue_jitter))
     print(f"wrote {args.num_train} train + {args.num_val} val images to {args.root}; lists: {paths}")
 
 
