@@ -129,7 +129,8 @@ class _ProgressBar:
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                        batches: Iterable[dict] | None = None,
-                       on_step: Callable[[int, dict], None] | None = None) -> dict:
+                       on_step: Callable[[int, dict, state_lib.TrainState], None] | None = None
+                       ) -> dict:
     """Trains, evaluates and checkpoints; resumes from the latest checkpoint in `workdir`.
 
     Args:
@@ -141,8 +142,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         skips those of the steps taken): dicts holding at least the method's
         `train_step.batch_keys`, global batch, as the pipeline yields them. For experiments on
         fixed inputs (`experiments.versus_release_training`); one process only.
-      on_step: called after every step with (steps taken, that step's metrics as Python floats);
-        the metrics come to the host each step.
+      on_step: called after every step with (steps taken, that step's metrics as Python floats,
+        the state after it); the metrics come to the host each step.
     Returns:
       {'state': the final TrainState, 'step': int, 'eval': {step: results}, 'best': meta or None}.
     """
@@ -283,7 +284,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
             logger.add(metrics)
             step += 1
             if on_step is not None:
-                on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()})
+                on_step(step, {k: float(v) for k, v in jax.device_get(metrics).items()}, state)
             progress.step()
             watch.add(step, metrics)
             for hook in hooks:

@@ -30,8 +30,9 @@ schedule, BatchNorm and SGD. What a CPU process cannot provide is stood in for, 
   from the spec's seed: `random`, numpy, torch), its DistributedSampler shuffling as released.
 
 Writes into the spec's `out` folder: `losses.json` ({tag: [value per step]} for every scalar the
-trainer logged, `miou` of its evaluate, `seconds`, `torch`) and `final.npz` (the model's state dict
-after the last step, names as the release's ModelBuilder gives them).
+trainer logged, `miou` of its evaluate, `seconds`, `torch`), `final.npz` (the model's state dict
+after the last step, names as the release's ModelBuilder gives them) and, for each step N of the
+spec's `states_at`, `state_N.npz` (the state after the N-th optimizer step: its SGD, subclassed).
 """
 import argparse
 import importlib
@@ -236,8 +237,10 @@ def main():
     }
     init = {k: torch.from_numpy(np.asarray(v)) for k, v in np.load(spec["init"]).items()}
 
+    built = {}
+
     def build(_cfg_model):
-        model = ModelBuilder(net)
+        model = built["model"] = ModelBuilder(net)
         if not drop:
             for m in model.modules():
                 if isinstance(m, (nn.Dropout, nn.Dropout2d)):
@@ -247,6 +250,21 @@ def main():
 
     trainer = importlib.import_module(TRAINERS[method])
     trainer.ModelBuilder = build
+    states_at = {int(s) for s in spec.get("states_at", [])}
+
+    class SGD(trainer.SGD):
+        """The trainer's SGD, saving the model's state after the optimizer steps in `states_at`."""
+        steps = 0
+
+        def step(self, *a, **k):
+            result = super().step(*a, **k)
+            SGD.steps += 1
+            if SGD.steps in states_at:
+                np.savez(os.path.join(out, f"state_{SGD.steps}.npz"),
+                         **{k: v.detach().numpy() for k, v in built["model"].state_dict().items()})
+            return result
+
+    trainer.SGD = SGD
     epochs = int(spec["cfg"]["epochs"])
     evaluations = []
     calls = [0]

@@ -45,6 +45,8 @@ tags = ["train/loss_all", "train/loss_x"] + ([] if spec["method"] == "supervised
 losses = {t: [1.0 + 0.01 * i for i in range(steps)] for t in tags}
 with np.load(spec["init"]) as f:
     np.savez(os.path.join(spec["out"], "final.npz"), **{k: f[k] for k in f.files})
+    for n in spec["states_at"]:
+        np.savez(os.path.join(spec["out"], f"state_{n}.npz"), **{k: f[k] for k in f.files})
 with open(os.path.join(spec["out"], "losses.json"), "w") as f:
     json.dump({"losses": losses, "miou": 12.5, "seconds": 0.1, "torch": "fake"}, f)
 with open(os.path.join(spec["out"], "seen.json"), "w") as f:
@@ -67,13 +69,13 @@ def test_train_and_evaluate_reads_the_given_batches_and_reports_every_step(tmp_p
                                     train__num_train_steps=4)
     seen = {"pipeline": [], "given": []}
     a = train.train_and_evaluate(config, str(tmp_path / "a"),
-                                 on_step=lambda s, m: seen["pipeline"].append((s, m)))
+                                 on_step=lambda s, m, _: seen["pipeline"].append((s, m)))
     opts = config_lib.data_options(config, str(tmp_path / "a"))
     it = input_pipeline.create_train_iterator(opts, plan=input_pipeline.train_plan(opts))
     batches = [next(it) for _ in range(4)]
     it.close()
     b = train.train_and_evaluate(config, str(tmp_path / "b"), batches=batches,
-                                 on_step=lambda s, m: seen["given"].append((s, m)))
+                                 on_step=lambda s, m, _: seen["given"].append((s, m)))
     assert a["step"] == b["step"] == 4
     assert [s for s, _ in seen["given"]] == [1, 2, 3, 4]
     assert seen["given"] == seen["pipeline"]
@@ -96,6 +98,7 @@ def test_end_to_end_against_a_fake_release(tmp_path):
            "--config", "configs/learning.py", f"--release_dir={release}",
            f"--release_python={sys.executable}", f"--release_runner={runner}",
            "--methods", "supervised,allspark", "--seeds", "0", "--batches", "own,same",
+           "--states_at=2,5",
            "--json", str(out), "--workdir", str(workdir), *run_config.cli_flags(**TINY)]
     proc = subprocess.run(cmd, cwd=run_config.ROOT, env=run_config.subprocess_env(),
                           capture_output=True, text=True, timeout=900)
@@ -148,6 +151,16 @@ def test_end_to_end_against_a_fake_release(tmp_path):
             str(t): vrt.first_step_over(same["ours"]["losses"]["loss"],
                                         same["release"]["losses"]["loss"], t)
             for t in vrt.TOLERANCES}
+        # --states_at: both sides' states after steps 2 and 5, tensor by tensor (the fake's: its
+        # start, which ours has left)
+        assert spec["states_at"] == [2, 5] and set(same["states"]) == {"2", "5"}
+        for n in ("2", "5"):
+            worst = same["states"][n]["worst"]
+            assert len(worst) == 5 and worst[0][1] >= worst[-1][1] > 0
+            assert ("queue_ptr" in same["states"][n]) == (method == "allspark")
+        ptr = same["states"]["5"].get("queue_ptr")
+        if ptr:  # the fake's pointers are the start's; ours have moved on, one per class
+            assert ptr["release"] == [0] * 5 and len(ptr["ours"]) == 5
     assert "| allspark | 0 | same |" in proc.stdout and "| supervised | 0 | own |" in proc.stdout
 
 

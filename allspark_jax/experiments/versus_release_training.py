@@ -102,6 +102,8 @@ def _define_flags() -> None:
                       "and/or 'own' (each side's own augmentation).")
     flags.DEFINE_bool("dropout", False, "Keep the model's dropout and stochastic-depth rates (each "
                       "side draws its own masks); default: all 0, for a deterministic comparison.")
+    flags.DEFINE_list("states_at", [], "Also compare both sides' states (every tensor, the "
+                      "memory's write pointers) after these optimizer steps.")
     flags.DEFINE_float("timeout", 7200.0, "Seconds one release run may take.")
     flags.DEFINE_string("json", None, "Write the results here.")
     flags.DEFINE_string("workdir", None, "Runs, batches and the dataset go here (default: a temporary "
@@ -183,6 +185,27 @@ def state_diff(ours: dict, release: dict, param_names) -> dict:
     return {"params_rel_diff": rel(params),
             "params_worst": {"name": worst, "max_abs_diff": max_abs(worst) if worst else 0.0},
             "buffers_rel_diff": rel(buffers)}
+
+
+def tensor_diffs(ours: dict, release: dict, top: int = 5) -> dict:
+    """Two states (release names) at the same step, tensor by tensor: the `top` floating-point
+    tensors with the largest relative L2 difference, and the Semantic Memory's write pointers of
+    both sides (integers: a class whose pointer differs was written a different number of
+    channels)."""
+    rel = {}
+    for k, b in release.items():
+        b = np.asarray(b)
+        if np.issubdtype(b.dtype, np.floating):
+            den = float(np.linalg.norm(b.astype(np.float64)))
+            num = float(np.linalg.norm(np.asarray(ours[k], np.float64) - b))
+            rel[k] = num / den if den else num
+    worst = sorted(rel, key=rel.get, reverse=True)[:top]
+    out = {"worst": [[k, rel[k]] for k in worst]}
+    for k in release:
+        if k.endswith("queue_ptr"):
+            out["queue_ptr"] = {"ours": np.asarray(ours[k]).tolist(),
+                                "release": np.asarray(release[k]).tolist()}
+    return out
 
 
 def write_batches(opts, plan, method, steps: int, folder: str) -> dict:
@@ -284,32 +307,35 @@ def run_release(spec: dict, *, release_dir: str, release_python: str, runner: st
     return out
 
 
-def train_ours(config, run_dir: str, batches) -> dict:
+def train_ours(config, run_dir: str, batches, states_at=()) -> dict:
     """Our run (`batches` None: from our input pipeline): {'losses': {name: [per step]}, 'miou',
-    'seconds', 'state': the final variables as the release's state dict}."""
+    'seconds', 'state': the final variables as the release's state dict, 'states': {N: the
+    variables after step N} for N in `states_at`}."""
     import jax  # pylint: disable=g-import-not-at-top
     from allspark_jax import train  # pylint: disable=g-import-not-at-top
     from allspark_jax.weights import release as release_names  # pylint: disable=g-import-not-at-top
-    losses = {}
+    losses, states = {}, {}
 
-    def on_step(step, metrics):
-        del step
+    def on_step(step, metrics, state):
         for k, v in metrics.items():
             if k.startswith("loss"):
                 losses.setdefault(k, []).append(v)
+        if step in states_at:
+            states[step] = release_names.to_state_dict(jax.device_get(state.variables()))
 
     t0 = time.time()
     out = train.train_and_evaluate(config, run_dir, on_step=on_step, batches=batches)
     return {"losses": losses, "miou": float(out["eval"][out["step"]]["student"]["miou"]),
-            "seconds": time.time() - t0,
+            "seconds": time.time() - t0, "states": states,
             "state": release_names.to_state_dict(jax.device_get(out["state"].variables()))}
 
 
 def compare_run(config, method_name: str, seed: int, source: str, *, workdir: str, plan,
                 total_steps: int, release: dict, dropout: bool, ours_runs: dict,
-                print_fn=print) -> dict:
-    """One method / seed / batch source: both sides trained and evaluated, compared. `ours_runs`
-    holds our runs by (method, seed), reused across batch sources."""
+                states_at=(), print_fn=print) -> dict:
+    """One method / seed / batch source: both sides trained and evaluated, compared (and their
+    states after the steps `states_at`: `tensor_diffs`). `ours_runs` holds our runs by (method,
+    seed), reused across batch sources."""
     import jax  # pylint: disable=g-import-not-at-top
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
     from allspark_jax import optimizer, sharding  # pylint: disable=g-import-not-at-top
@@ -358,6 +384,7 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
                         out=os.path.join(folder, "release"), opts=run_opts,
                         labeled=lists["labeled"], unlabeled=lists["unlabeled"], epochs=epochs,
                         dropout=dropout)
+    spec["states_at"] = sorted(int(n) for n in states_at)
     rel = run_release(spec, **release)
 
     # Ours: our batches are our augmentation, so one run serves both batch sources.
@@ -365,7 +392,7 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
     if ours is None:
         ours = ours_runs[(method_name, seed)] = train_ours(
             config, os.path.join(folder, "ours"),
-            None if arrays is None else batches_for_ours(arrays, method))
+            None if arrays is None else batches_for_ours(arrays, method), states_at)
     ours_losses, ours_miou = ours["losses"], ours["miou"]
 
     # The release's final weights through our evaluator.
@@ -386,6 +413,11 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
                                for t in TOLERANCES},
            **state_diff(ours["state"], rel["state"], param_names),
            "miou_diff": ours_miou - rel_miou}
+    if states_at:
+        row["states"] = {}
+        for n in sorted(states_at):
+            with np.load(os.path.join(spec["out"], f"state_{n}.npz")) as f:
+                row["states"][str(n)] = tensor_diffs(ours["states"][n], {k: f[k] for k in f.files})
     print_fn(f"{method_name} seed {seed} ({source} batches): release {rel_miou:.2f}, ours "
              f"{ours_miou:.2f} mIoU; losses part (>1e-3) at step {row['first_step_over']['0.001']}; "
              f"final params differ by {row['params_rel_diff']:.3g} (relative L2)")
@@ -394,7 +426,7 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
 
 
 def run(base, *, methods, seeds, sources, workdir: str, release: dict, dropout: bool,
-        print_fn=print) -> dict:
+        states_at=(), print_fn=print) -> dict:
     """Every (method, seed, batch source) pair of runs; {'runs': [...], 'pretrain': ...}."""
     import copy  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
@@ -435,7 +467,8 @@ def run(base, *, methods, seeds, sources, workdir: str, release: dict, dropout: 
             for source in sorted(sources, key=BATCH_SOURCES.index):
                 runs.append(compare_run(config, method_name, seed, source, workdir=workdir,
                                         plan=plan, total_steps=total_steps, release=release,
-                                        dropout=dropout, ours_runs=ours_runs, print_fn=print_fn))
+                                        dropout=dropout, ours_runs=ours_runs,
+                                        states_at=states_at, print_fn=print_fn))
     return {"runs": runs, "pretrain": pretrain}
 
 
@@ -480,6 +513,13 @@ def main(argv):
         seeds = [int(s) for s in FLAGS.seeds]
     except ValueError:
         raise app.UsageError(f"--seeds={','.join(FLAGS.seeds)}: expected integers") from None
+    try:
+        states_at = {int(s) for s in FLAGS.states_at}
+    except ValueError:
+        raise app.UsageError(f"--states_at={','.join(FLAGS.states_at)}: expected step numbers"
+                             ) from None
+    if any(n < 1 for n in states_at):
+        raise app.UsageError(f"--states_at={','.join(FLAGS.states_at)}: steps count from 1")
     from allspark_jax.commands import startup  # pylint: disable=g-import-not-at-top
     base = FLAGS.config
     startup.validated_start(base)
@@ -491,7 +531,7 @@ def main(argv):
     t0 = time.time()
     try:
         ran = run(base, methods=FLAGS.methods, seeds=seeds, sources=FLAGS.batches,
-                  workdir=workdir, release=release, dropout=FLAGS.dropout,
+                  workdir=workdir, release=release, dropout=FLAGS.dropout, states_at=states_at,
                   print_fn=lambda s: print(s, flush=True))
     except (ValueError, *startup.user_errors()) as e:
         print(f"error: {e}", file=sys.stderr)
