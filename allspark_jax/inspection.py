@@ -121,9 +121,11 @@ def predict_images(config, variables: Mapping, examples: Iterable[Mapping], *, m
 
 
 def teacher_outputs(model, variables: Mapping, images_u, *, key_group_size: int | None = None,
-                    use_memory: bool = False) -> tuple[jax.Array, jax.Array]:
+                    branch: str = "labeled", use_memory: bool = False
+                    ) -> tuple[jax.Array, jax.Array]:
     """The training step's teacher pass ("teacher" mode) on unlabeled (weak) images, through the
-    model's AllSpark branch as the step takes it (`segmentor.teacher_model`).
+    AllSpark branch `branch` (`train.teacher_branch`) as the step takes it
+    (`segmentor.teacher_model`).
 
     Args:
       images_u: (B, S, S, 3) normalised (S the training crop).
@@ -132,7 +134,7 @@ def teacher_outputs(model, variables: Mapping, images_u, *, key_group_size: int 
     Returns:
       (logits (B, S, S, K) float32, pseudo_labels (B, S, S) int32 = argmax).
     """
-    teacher = teacher_model(model, use_memory)
+    teacher = teacher_model(model, branch, use_memory)
     v = {k: variables[k] for k in inference_collections(teacher) if k in variables}
     logits = teacher.apply(v, jnp.asarray(images_u), mode="teacher", key_group_size=key_group_size)
     return logits, jnp.argmax(logits, -1).astype(jnp.int32)

@@ -38,7 +38,8 @@ STUDENT_VIEWS = ("weak", "strong")
 # Keys that only some methods read. Under a method that does not read a key, the key must keep its
 # configs/default.py value: a changed value would be accepted and ignored.
 ALLSPARK_ONLY_KEYS = ("model.allspark_heads", "model.attn_drop", "model.proj_drop",
-                      "model.inference_branch", "train.warmup_epoch", "train.key_group_size")
+                      "model.inference_branch", "train.teacher_branch", "train.warmup_epoch",
+                      "train.key_group_size")
 UNLABELED_ONLY_KEYS = ("data.unlabeled_split", "data.student_view", "data.cutmix_prob",
                        "train.teacher", "train.ema_decay", "train.conf_thresh",
                        "train.loss_u_ignore_padding")

@@ -4,8 +4,8 @@ V2's, jitted.
 'allspark' (train_allspark.py) and 'semi' (train_baseline_semi.py, the model without AllSpark):
   1. teacher pass ("teacher" mode: BN running statistics, no dropout, no memory write) on the
      unlabeled weak view -> logits; pseudo-labels = argmax (optionally 255 below `conf_thresh` / on
-     padding); with AllSpark through the model's branch (`model.inference_branch`: the release's
-     "labeled", or "unlabeled", or "memory", which reads the memory from the warm-up on:
+     padding); with AllSpark through the branch `train.teacher_branch` (the release's "labeled", or
+     "unlabeled", or "memory", which reads the memory from the warm-up on:
      `segmentor.teacher_model`);
   2. CutMix (when the batch carries `cutmix_u`): inside image i's box the student sees unlabeled
      image i - 1 (mod B) of the global batch and learns its pseudo-labels (`cutmix`);
@@ -17,7 +17,7 @@ V2's, jitted.
   4. loss = (loss_x + loss_u) / 2; the optimiser update (`allspark_jax.optimizer`); the EMA teacher.
 'supervised' (train_baseline_sup.py): the student pass on the labeled images alone, loss = loss_x.
 UniMatch V2's recipe ('unimatch_v2', 'unimatch_v2_allspark'; its unimatch_v2.py), `unimatch_v2_step`:
-  1. the EMA teacher ("teacher" mode; with AllSpark through the model's branch, as above) on the
+  1. the EMA teacher ("teacher" mode; with AllSpark through `train.teacher_branch`, as above) on the
      weak view -> logits; confidence = max softmax, pseudo-label = argmax, valid = not padding
      (`train.loss_u_ignore_padding`);
   2. two strong views, each with its own CutMix box: inside view v's box of image i the view, the
@@ -152,7 +152,8 @@ def train_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor,
     if method.labeled_only:
         x, teacher_logits = batch["image_l"], None
     else:
-        teacher_logits = jax.lax.stop_gradient(teacher_model(model, use_memory).apply(
+        teacher_logits = jax.lax.stop_gradient(teacher_model(
+            model, train_config.teacher_branch, use_memory).apply(
             state.variables(teacher=method.ema), batch["image_u_w"],
             mode="teacher", key_group_size=train_config.key_group_size))
         pseudo = pseudo_labels(teacher_logits, batch["pad_u"], train_config)
@@ -215,7 +216,8 @@ def unimatch_v2_step(state: TrainState, batch: dict, *, model: AllSparkSegmentor
     'grads')."""
     n_l = batch["image_l"].shape[0]
     groups = int(train_config.loss_groups)
-    teacher_logits = jax.lax.stop_gradient(teacher_model(model, use_memory).apply(
+    teacher_logits = jax.lax.stop_gradient(teacher_model(
+        model, train_config.teacher_branch, use_memory).apply(
         state.variables(teacher=True), batch["image_u_w"], mode="teacher",
         key_group_size=train_config.key_group_size))
     pad = batch["pad_u"]

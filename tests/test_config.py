@@ -420,7 +420,8 @@ def test_the_method_is_resolved_once_from_the_config(name, allspark, labeled_onl
 
 # A changed value of each key that only some methods read.
 ALLSPARK_ONLY = [("model.allspark_heads", 4), ("model.attn_drop", 0.0), ("model.proj_drop", 0.2),
-                 ("model.inference_branch", "unlabeled"), ("train.warmup_epoch", 2),
+                 ("model.inference_branch", "unlabeled"), ("train.teacher_branch", "unlabeled"),
+                 ("train.warmup_epoch", 2),
                  ("train.key_group_size", 4)]
 UNLABELED_ONLY = [("data.unlabeled_split", "other/unlabeled.txt"), ("data.student_view", "strong"),
                   ("data.cutmix_prob", 0.5), ("train.teacher", "ema"), ("train.ema_decay", 0.99),

@@ -7,7 +7,6 @@ import pytest
 from PIL import Image
 
 from allspark_jax import config as config_lib
-from allspark_jax.configs import learning as learning_config
 from allspark_jax.data import synthetic
 from allspark_jax.errors import DataError
 

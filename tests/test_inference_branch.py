@@ -1,9 +1,11 @@
-"""`model.inference_branch`: the AllSpark module's branch that evaluates, predicts and makes the
-teacher's pseudo-labels (this project's extension; the release's is 'labeled', the default).
+"""`model.inference_branch` (the AllSpark module's branch that evaluates and predicts) and
+`train.teacher_branch` (the one that makes the teacher's pseudo-labels): this project's extension;
+the release's is 'labeled', the default of both.
 
-The training step's pseudo-labels are the chosen branch's argmax (the module in "eval" mode with
-that branch; with key groups of 1 the release's teacher pass is its "eval" mode too), the evaluator
-and predict read it, and validation refuses what it cannot do."""
+The training step's pseudo-labels are the teacher branch's argmax (the module in "eval" mode with
+that branch; with key groups of 1 the release's teacher pass is its "eval" mode too) whatever the
+inference branch, the evaluator and predict read the inference branch, and validation refuses what
+they cannot do."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,7 +37,8 @@ def train_config(**overrides):
     # key groups of 1: the release's teacher pass ('labeled') is then its "eval" mode too
     return ml_collections.ConfigDict({**dict(
         loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0, loss_u_ignore_padding=False,
-        key_group_size=1, ohem_thresh=0.7, ohem_min_kept=100), **overrides})
+        key_group_size=1, ohem_thresh=0.7, ohem_min_kept=100, teacher_branch="labeled"),
+        **overrides})
 
 
 def batch(rng, two_views: bool = False) -> dict:
@@ -63,8 +66,11 @@ def test_teacher_branch_rule():
     with pytest.raises(ValueError, match="branch must be one of"):
         teacher_branch("teacher", True)
     model = AllSparkSegmentor(TINY)
-    assert teacher_model(model, True) is model  # the release's teacher: the model itself
-    assert teacher_model(model.clone(branch="memory"), False).branch == "labeled"
+    assert teacher_model(model, "labeled", True) is model  # the release's teacher: the model itself
+    assert teacher_model(model, "memory", False).branch == "labeled"
+    assert teacher_model(model, "unlabeled", False).branch == "unlabeled"
+    # the inference branch is not the teacher's
+    assert teacher_model(model.clone(branch="unlabeled"), "labeled", True).branch == "labeled"
 
 
 @pytest.mark.parametrize("branch,use_memory,want", [
@@ -74,7 +80,8 @@ def test_teacher_branch_rule():
     ("memory", False, "labeled"),  # before the warm-up the memory is not read
 ])
 def test_the_steps_pseudo_labels_are_the_branchs_argmax(branch, use_memory, want):
-    model = AllSparkSegmentor(TINY, branch=branch)
+    # the model predicts (evaluates) through another branch: the teacher pass takes its own
+    model = AllSparkSegmentor(TINY, branch="unlabeled" if branch == "labeled" else "labeled")
     tx, _ = optimizer.create_optimizer(SGD, total_steps=10)
     state = state_lib.create_train_state(model, tx, jax.random.key(0), S, ema=False)
     data = batch(np.random.default_rng(1))
@@ -85,21 +92,21 @@ def test_the_steps_pseudo_labels_are_the_branchs_argmax(branch, use_memory, want
     if want != "labeled":  # the option changes the pseudo-labels
         assert np.mean(expected != release) > 0.01
     method = method_lib.resolve("allspark", teacher="online", student_view="weak", cutmix_prob=0)
-    step = train_step.make_train_step(model, tx, train_config(), use_memory=use_memory,
-                                      method=method, with_outputs=True)
+    step = train_step.make_train_step(model, tx, train_config(teacher_branch=branch),
+                                      use_memory=use_memory, method=method, with_outputs=True)
     _, out = step(state, data)
     np.testing.assert_array_equal(out["pseudo_label"], expected)
     # the notebooks' teacher pass is the step's
     np.testing.assert_array_equal(
         inspection.teacher_outputs(model, variables, data["image_u_w"], key_group_size=1,
-                                   use_memory=use_memory)[1], expected)
+                                   branch=branch, use_memory=use_memory)[1], expected)
 
 
 @pytest.mark.parametrize("name", ["allspark", "unimatch_v2_allspark"])
 def test_the_ema_teacher_predicts_through_the_unlabeled_branch(name):
     """The EMA teacher (`allspark` with train.teacher 'ema', and UniMatch V2's recipe) labels
     through the branch too: its logits are the EMA weights' through "unlabeled"."""
-    model = AllSparkSegmentor(TINY, branch="unlabeled")
+    model = AllSparkSegmentor(TINY)
     uv2 = name == "unimatch_v2_allspark"
     tx, _ = optimizer.create_optimizer(ADAMW if uv2 else SGD, total_steps=10)
     state = state_lib.create_train_state(model, tx, jax.random.key(0), S, ema=True)
@@ -114,8 +121,8 @@ def test_the_ema_teacher_predicts_through_the_unlabeled_branch(name):
     assert np.mean(want.argmax(-1) != release.argmax(-1)) > 0.01
     method = method_lib.resolve(name, teacher="ema", student_view="strong" if uv2 else "weak",
                                 cutmix_prob=0)
-    step = train_step.make_train_step(model, tx, train_config(), use_memory=True, method=method,
-                                      with_outputs=True)
+    step = train_step.make_train_step(model, tx, train_config(teacher_branch="unlabeled"),
+                                      use_memory=True, method=method, with_outputs=True)
     _, out = step(state, data)
     if uv2:
         np.testing.assert_allclose(out["teacher_logits"], want, rtol=0, atol=1e-5)
@@ -192,9 +199,21 @@ def test_validation():
         "config.eval.crop_size=64 gives a stage-4 grid of 2 x 2 tokens, config.data.crop_size=32 "
         "1 x 1: the memory branch needs the training crop's grid")
     for overrides in ({"train__teacher": "ema"}, {"method": "unimatch_v2_allspark"}):
-        assert _error(model__inference_branch="memory", **overrides).startswith(
-            "config.model.inference_branch='memory': expected 'labeled' or 'unlabeled' with "
-            "train.teacher='ema' (the EMA teacher has no Semantic Memory")
+        for key in ("model__inference_branch", "train__teacher_branch"):
+            name = key.replace("__", ".")
+            assert _error(**{key: "memory"}, **overrides).startswith(
+                f"config.{name}='memory': expected 'labeled' or 'unlabeled' with "
+                "train.teacher='ema' (the EMA teacher has no Semantic Memory")
+    # the teacher's branch: any with the online teacher (training crops), refused without AllSpark
+    assert run_config.tiny_config().train.teacher_branch == "labeled"  # the release's
+    for branch in BRANCHES:
+        config_lib.validate(run_config.tiny_config(train__teacher_branch=branch,
+                                                   eval__mode="original"))
+    assert _error(train__teacher_branch="student") == (
+        "config.train.teacher_branch='student': expected one of 'labeled', 'memory', 'unlabeled'")
+    assert _error(method="semi", train__teacher_branch="unlabeled").startswith(
+        "config.train.teacher_branch='unlabeled': expected 'labeled' (its configs/default.py "
+        "value) with method 'semi': only AllSpark reads it")
 
 
 def test_the_evaluation_benchmark_refuses_the_memory_branch():

@@ -29,14 +29,16 @@ def test_every_row_is_a_valid_run_of_its_method():
         # the memory's warm-up is AllSpark's: the other methods' rows keep the default
         assert config.train.warmup_epoch == (2 if method == "allspark" else 5)
         # the branch option: its row's alone (the others predict as the release)
-        assert config.model.inference_branch == (
-            "unlabeled" if row == "allspark_unlabeled_branch" else "labeled")
+        unlabeled = row in ("allspark_unlabeled_branch", "allspark_unlabeled_teacher")
+        assert config.model.inference_branch == ("unlabeled" if unlabeled else "labeled")
+        assert config.train.teacher_branch == (
+            "unlabeled" if row == "allspark_unlabeled_teacher" else "labeled")
         # --branches scores the branches other than the row's own
-        others = (("labeled", "memory") if row == "allspark_unlabeled_branch"
-                  else ("memory", "unlabeled"))
+        others = ("labeled", "memory") if unlabeled else ("memory", "unlabeled")
         assert learning.inspected_branches(config) == others
     assert learning.rows_for(["allspark"]) == ["allspark", "allspark_ema", "allspark_strong_cutmix",
-                                               "allspark_unlabeled_branch"]
+                                               "allspark_unlabeled_branch",
+                                               "allspark_unlabeled_teacher"]
     assert learning.rows_for(["allspark"], extensions=False) == ["allspark"]
     assert learning.rows_for(["supervised"], ceiling=False) == ["supervised"]
     # --rows: exactly the named rows, in table order

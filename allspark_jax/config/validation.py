@@ -164,17 +164,21 @@ def memory_branch_problem(config) -> str | None:
     return None
 
 
-def _validate_inference_branch(config) -> None:
-    """`model.inference_branch`: one of the AllSpark module's branches; "memory" needs the online
-    teacher (the EMA teacher has no memory) and evaluation on the training crop's token grid."""
+def _validate_branches(config) -> None:
+    """`model.inference_branch` and `train.teacher_branch`: AllSpark module branches; "memory"
+    needs the online teacher (the EMA teacher has no memory), and for evaluation the training
+    crop's token grid."""
     from allspark_jax.models.allspark import BRANCHES  # pylint: disable=g-import-not-at-top
-    one_of(config, "model.inference_branch", BRANCHES)
+    for key in ("model.inference_branch", "train.teacher_branch"):
+        one_of(config, key, BRANCHES)
+        section, name = key.split(".")
+        if config[section][name] == "memory" and method_lib.from_config(config).ema:
+            raise error(key, "memory",
+                        f"'labeled' or 'unlabeled' with train.teacher={config.train.teacher!r} "
+                        "(the EMA teacher has no Semantic Memory: the memory holds the student's "
+                        "features)")
     if config.model.inference_branch != "memory":
         return
-    if method_lib.from_config(config).ema:
-        raise error("model.inference_branch", "memory",
-                    f"'labeled' or 'unlabeled' with train.teacher={config.train.teacher!r} (the "
-                    "EMA teacher has no Semantic Memory: the memory holds the student's features)")
     problem = memory_branch_problem(config)
     if problem:
         raise ConfigError(f"config.model.inference_branch='memory': {problem}")
@@ -204,7 +208,7 @@ def validate(config) -> None:
     in_range(config, "optim.poly_power", 0.0)
     _validate_train(config)
     _validate_eval(config)
-    _validate_inference_branch(config)
+    _validate_branches(config)
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         in_range(config, key, integer=True)
     in_range(config, "keep_checkpoints", 1, integer=True)

@@ -235,17 +235,15 @@ def get_config():
     model.head_dropout = 0.1  # Dropout2d before the SegFormer classifier (encoder 'mit').
     model.attn_drop = 0.1  # AllSpark attention dropout.
     model.proj_drop = 0.1  # AllSpark output projection dropout.
-    # The AllSpark module's branch that predicts outside training: evaluation, predict and the
-    # teacher pass that makes the pseudo-labels (methods with AllSpark only;
-    # allspark_jax.models.allspark.BRANCHES). 'labeled' (the release's): the labeled-to-unlabeled
-    # attention with the image's own channels as keys (in the teacher pass, its key group's). The
-    # others are this project's extension, not the release's behaviour. 'unlabeled': the unlabeled
-    # images' channel self-attention, the branch loss_u trains. 'memory': the labeled branch with
-    # the Semantic Memory's channels as keys, as the student reads it after the warm-up; the teacher
-    # pass takes 'labeled' before train.warmup_epoch, as the student's labeled branch then does
-    # (the memory holds its random start). 'memory' needs the training crop's token grid at
-    # evaluation (eval.mode 'center_crop' or 'sliding_window' with a crop of that grid) and the
-    # online teacher (an EMA teacher has no memory of its own).
+    # The AllSpark module's branch that predicts in evaluation and predict (methods with AllSpark
+    # only; allspark_jax.models.allspark.BRANCHES; train.teacher_branch is the teacher pass's).
+    # 'labeled' (the release's): the labeled-to-unlabeled attention with the image's own channels
+    # as keys. The others are this project's extension, not the release's behaviour. 'unlabeled':
+    # the unlabeled images' channel self-attention, the branch loss_u trains. 'memory': the labeled
+    # branch with the Semantic Memory's channels as keys, as the student reads it after the
+    # warm-up; it needs the training crop's token grid at evaluation (eval.mode 'center_crop' or
+    # 'sliding_window' with a crop of that grid) and the online teacher (an EMA teacher has no
+    # memory of its own).
     model.inference_branch = "labeled"
     model.dtype = "float32"  # Compute dtype: 'float32' | 'bfloat16' (params and logits stay float32).
     # Arithmetic of float32 matrix products and convolutions (JAX's jax_default_matmul_precision,
@@ -298,6 +296,11 @@ def get_config():
     # AllSpark's labeled-to-unlabeled keys in the teacher pass and (before warmup_epoch) the
     # student's come from groups of this many images (release: one GPU's 2); None = the whole batch.
     train.key_group_size = placeholder(int)
+    # The AllSpark branch of the teacher pass that makes the pseudo-labels (methods with AllSpark
+    # only): 'labeled' (the release's: its key group's channels as keys), or this project's
+    # extension 'unlabeled' / 'memory' (model.inference_branch's meanings; 'memory' is 'labeled'
+    # before warmup_epoch, as the student's labeled branch then is, and needs the online teacher).
+    train.teacher_branch = "labeled"
     train.progress_bar = True  # Console progress bar (main process): step, epoch, losses, img/s, ETA.
     train.stop_on_nan = True  # Stop at a non-finite loss or state; no such state is checkpointed.
 

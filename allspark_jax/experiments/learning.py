@@ -9,7 +9,8 @@ end. Rows (`ROWS`): one per method of `--methods` (UniMatch V2's on an AllSpark 
 the demo's settings of that recipe: `recipe_config`); with `allspark` the project's extensions on it
 (`allspark_ema`: the EMA teacher; `allspark_strong_cutmix`: the strong student view, confidence
 threshold and CutMix; `allspark_unlabeled_branch`: the module's unlabeled branch, the one the
-pseudo-label loss trains, evaluates and makes the pseudo-labels, `model.inference_branch`); with
+pseudo-label loss trains, evaluates (`model.inference_branch`); `allspark_unlabeled_teacher`: it
+also makes the pseudo-labels (`train.teacher_branch`)); with
 `supervised` the ceiling `supervised_all_labels`, every training image
 labeled (the split's labeled and unlabeled lists together), and, with a UniMatch V2 method too,
 `supervised_adamw` (the supervised baseline with the 'unimatch_v2' row's optimiser). Every run takes the same number of
@@ -29,7 +30,8 @@ branches (`allspark_jax.models.allspark.BRANCHES`): "memory" (the labeled-to-unl
 with the Semantic Memory as keys, as the student trains after the warm-up) and "unlabeled" (the
 unlabeled images' branch, the one the pseudo-label loss trains). The row's own mIoU is its
 `model.inference_branch`'s: the release's inference, branch "labeled", except in
-`allspark_unlabeled_branch` ("unlabeled"; there "labeled" and "memory" are scored). Inspection
+`allspark_unlabeled_branch` and `allspark_unlabeled_teacher` ("unlabeled"; there "labeled" and
+"memory" are scored). Inspection
 only: the memory needs validation crops with the training crop's token grid (`eval.mode`
 'center_crop' or 'sliding_window').
 
@@ -76,8 +78,11 @@ ROWS = {
     "allspark_ema": ("allspark", {"train.teacher": "ema"}),
     "allspark_strong_cutmix": ("allspark", {"data.student_view": "strong",
                                             "train.conf_thresh": 0.95, "data.cutmix_prob": 0.5}),
-    # The module's unlabeled branch (the one loss_u trains) evaluates and makes the pseudo-labels.
+    # The module's unlabeled branch (the one loss_u trains) evaluates; in the second row it also
+    # makes the pseudo-labels.
     "allspark_unlabeled_branch": ("allspark", {"model.inference_branch": "unlabeled"}),
+    "allspark_unlabeled_teacher": ("allspark", {"model.inference_branch": "unlabeled",
+                                                "train.teacher_branch": "unlabeled"}),
     # UniMatch V2's recipe, without and with AllSpark (`recipe_config`).
     "unimatch_v2": ("unimatch_v2", {}),
     "unimatch_v2_allspark": ("unimatch_v2_allspark", {}),
@@ -99,7 +104,8 @@ def _define_flags() -> None:
     flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; one run per seed and row.")
     flags.DEFINE_list("methods", ["supervised", "semi", "allspark"], "Methods to compare.")
     flags.DEFINE_bool("extensions", True, "With allspark: the rows allspark_ema, "
-                      "allspark_strong_cutmix and allspark_unlabeled_branch.")
+                      "allspark_strong_cutmix, allspark_unlabeled_branch and "
+                      "allspark_unlabeled_teacher.")
     flags.DEFINE_bool("ceiling", True, "With supervised: the row supervised_all_labels.")
     flags.DEFINE_list("rows", None, "Run exactly these rows (names of ROWS, in table order) instead "
                       "of those --methods, --extensions and --ceiling give.")
@@ -289,8 +295,8 @@ def summary(results: dict) -> dict:
     if "supervised" in results:
         sup = results["supervised"]["mean"]
         for name in ("semi", "allspark", "allspark_ema", "allspark_strong_cutmix",
-                     "allspark_unlabeled_branch", "unimatch_v2", "unimatch_v2_allspark",
-                     "supervised_adamw", "supervised_all_labels"):
+                     "allspark_unlabeled_branch", "allspark_unlabeled_teacher", "unimatch_v2",
+                     "unimatch_v2_allspark", "supervised_adamw", "supervised_all_labels"):
             if name in results:
                 key = "ceiling" if name == "supervised_all_labels" else name
                 out[f"{key}_minus_supervised"] = results[name]["mean"] - sup

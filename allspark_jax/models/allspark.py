@@ -14,7 +14,8 @@ Modes (`mode=`):
 The memory lives in the ``"memory"`` collection (``kv_queue`` (K, C, n), ``queue_ptr`` (K,)).
 
 Branches (`branch=`, the module's output in "eval" and "teacher" mode; the release predicts with
-``"labeled"``, the others are this project's extension, `model.inference_branch`):
+``"labeled"``, the others are this project's extension: `model.inference_branch` for evaluation
+and predict, `train.teacher_branch` for the teacher pass):
   * ``"labeled"``   the release's inference: the labeled-to-unlabeled attention with the image's own
     channels as keys ("teacher" mode: its key group's channels).
   * ``"memory"``    the same attention with the Semantic Memory's channels as keys, as the training
@@ -43,7 +44,7 @@ BRANCHES = ("labeled", "memory", "unlabeled")
 
 
 def teacher_branch(branch: str, use_memory: bool) -> str:
-    """The branch of the training step's teacher pass for the inference branch `branch`.
+    """The branch that the training step's teacher pass runs for `train.teacher_branch` = `branch`.
 
     `branch` itself, except "memory" before the warm-up (`use_memory` False): the student's labeled
     branch then takes its keys from the batch, and the memory holds its random initialisation and

@@ -120,9 +120,10 @@ class AllSparkSegmentor(nn.Module):
 
     `branch` (`allspark_jax.models.allspark.BRANCHES`): which AllSpark branch produces the map it
     transforms in "eval" and "teacher" mode ("train" mode runs the student's branches). The
-    release's is "labeled"; `build_model` takes `model.inference_branch`, and the training step's
-    teacher pass `teacher_model`. "memory" needs the ``memory`` collection
-    (`evaluation.bucketing.inference_collections`) and the training crop's token grid.
+    release's is "labeled"; `build_model` takes `model.inference_branch` (evaluation, predict), the
+    training step's teacher pass `train.teacher_branch` (`teacher_model`). "memory" needs the
+    ``memory`` collection (`evaluation.bucketing.inference_collections`) and the training crop's
+    token grid.
 
     `valid_size` ("eval" mode only) (B, 2) int, or None: x is a padded batch and image b is
     x[b, :valid_size[b, 0], :valid_size[b, 1]] (top-left). Its logits, the same region of the
@@ -260,11 +261,11 @@ class AllSparkSegmentor(nn.Module):
         return logits
 
 
-def teacher_model(model: AllSparkSegmentor, use_memory: bool) -> AllSparkSegmentor:
-    """The model of a training step's teacher pass: `model` with its branch for that pass
-    (`allspark_jax.models.allspark.teacher_branch`: "memory" is "labeled" before the warm-up,
-    `use_memory` False)."""
-    branch = teacher_branch(model.branch, use_memory)
+def teacher_model(model: AllSparkSegmentor, branch: str, use_memory: bool) -> AllSparkSegmentor:
+    """The model of a training step's teacher pass through the AllSpark branch `branch`
+    (`train.teacher_branch`; `allspark_jax.models.allspark.teacher_branch`: "memory" is "labeled"
+    before the warm-up, `use_memory` False)."""
+    branch = teacher_branch(branch, use_memory)
     return model if branch == model.branch else model.clone(branch=branch)
 
 
