@@ -179,6 +179,7 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
       'logits'           (2b, S, S, K) student logits, labeled first.
       'teacher_logits'   (b, S, S, K); 'pseudo_labels' (b, S, S) int32 argmax.
       'channel_class'    (b, C) int32: the class each unlabeled channel is grouped under.
+      'channel_class_similarity' (b, K, C) float32: the cosine similarities it is the argmax of.
       'channels_per_class' (b, K) int64: how many channels of each image went to each class.
       'attn_u'           (b, H, C, C): unlabeled channel self-attention (rows sum to 1).
       'attn_l2u'         (G, b // G, H*C, M*H*C) labeled-to-unlabeled channel cross-attention
@@ -217,6 +218,7 @@ def allspark_internals(model, variables: Mapping, images_l, images_u, use_memory
         "teacher_logits": teacher_logits,
         "pseudo_labels": jnp.argmax(teacher_logits, -1).astype(jnp.int32),
         "channel_class": channel_class,
+        "channel_class_similarity": np.asarray(_first(inter, path + ("channel_class_similarity",))),
         "channels_per_class": per_class,
         "attn_u": np.asarray(_first(inter, path + ("attn_u",))),
         "attn_l2u": np.asarray(_first(inter, path + ("attn_l2u",))),

@@ -30,7 +30,8 @@ schedule, BatchNorm and SGD. What a CPU process cannot provide is stood in for, 
   from the spec's seed: `random`, numpy, torch), its DistributedSampler shuffling as released.
 
 Writes into the spec's `out` folder: `losses.json` ({tag: [value per step]} for every scalar the
-trainer logged, `miou` of its evaluate, `seconds`, `torch`), `final.npz` (the model's state dict
+trainer logged, `miou` of its evaluate, `seconds`, `torch`, `queue_ptr`: AllSpark's memory write
+pointers after each step, [] without AllSpark), `final.npz` (the model's state dict
 after the last step, names as the release's ModelBuilder gives them) and, for each step N of the
 spec's `states_at`, `state_N.npz` (the state after the N-th optimizer step: its SGD, subclassed).
 """
@@ -251,14 +252,19 @@ def main():
     trainer = importlib.import_module(TRAINERS[method])
     trainer.ModelBuilder = build
     states_at = {int(s) for s in spec.get("states_at", [])}
+    queue_ptr = []  # the memory's write pointers after each optimizer step
 
     class SGD(trainer.SGD):
-        """The trainer's SGD, saving the model's state after the optimizer steps in `states_at`."""
+        """The trainer's SGD, saving the model's state after the optimizer steps in `states_at` and
+        the Semantic Memory's write pointers after every step."""
         steps = 0
 
         def step(self, *a, **k):
             result = super().step(*a, **k)
             SGD.steps += 1
+            for name, v in built["model"].state_dict().items():
+                if name.endswith("queue_ptr"):  # AllSpark's Semantic Memory
+                    queue_ptr.append(v.detach().numpy().tolist())
             if SGD.steps in states_at:
                 np.savez(os.path.join(out, f"state_{SGD.steps}.npz"),
                          **{k: v.detach().numpy() for k, v in built["model"].state_dict().items()})
@@ -302,7 +308,7 @@ def main():
               if tag.startswith("train/")}
     with open(os.path.join(out, "losses.json"), "w") as f:
         json.dump({"losses": losses, "miou": evaluations[-1] if evaluations else None,
-                   "seconds": seconds, "torch": torch.__version__}, f)
+                   "seconds": seconds, "torch": torch.__version__, "queue_ptr": queue_ptr}, f)
     if dist.is_initialized():
         dist.destroy_process_group()
 

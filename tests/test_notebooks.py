@@ -49,6 +49,10 @@ def test_allspark_internals(tiny_model, use_memory):
     assert out["logits"].shape == (2 * b, 64, 64, k)
     assert out["teacher_logits"].shape == (b, 64, 64, k)
     assert out["channel_class"].shape == (b, c) and out["channel_class"].dtype == np.int32
+    # the grouping is the argmax of the cosine similarities returned beside it
+    sim = out["channel_class_similarity"]
+    assert sim.shape == (b, k, c) and np.all(np.abs(sim) <= 1 + 1e-6)
+    np.testing.assert_array_equal(sim.argmax(1), out["channel_class"])
     assert out["channels_per_class"].shape == (b, k)
     np.testing.assert_array_equal(out["channels_per_class"].sum(1), c)
     assert out["attn_u"].shape == (b, heads, c, c)

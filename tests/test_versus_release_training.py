@@ -48,7 +48,10 @@ with np.load(spec["init"]) as f:
     for n in spec["states_at"]:
         np.savez(os.path.join(spec["out"], f"state_{n}.npz"), **{k: f[k] for k in f.files})
 with open(os.path.join(spec["out"], "losses.json"), "w") as f:
-    json.dump({"losses": losses, "miou": 12.5, "seconds": 0.1, "torch": "fake"}, f)
+    # the fake's memory never moves: its write pointers stay at the start's
+    ptr = [[0] * spec["architecture"]["num_classes"]] * steps if spec["method"] == "allspark" else []
+    json.dump({"losses": losses, "miou": 12.5, "seconds": 0.1, "torch": "fake",
+               "queue_ptr": ptr}, f)
 with open(os.path.join(spec["out"], "seen.json"), "w") as f:
     json.dump(seen, f)
 '''
@@ -161,6 +164,22 @@ def test_end_to_end_against_a_fake_release(tmp_path):
         ptr = same["states"]["5"].get("queue_ptr")
         if ptr:  # the fake's pointers are the start's; ours have moved on, one per class
             assert ptr["release"] == [0] * 5 and len(ptr["ours"]) == 5
+        # the memory's parting: AllSpark on the same batches only; ours writes at step 1
+        assert ("memory_parting" in same) == (method == "allspark")
+        assert "memory_parting" not in own
+        if method == "allspark":
+            parted = same["memory_parting"]
+            assert parted["step"] == 1 and parted["release_ptr"] == [0] * 5
+            assert parted["ours_ptr"] != [0] * 5 and len(parted["ours_ptr"]) == 5
+            # 2 images x 32 channels written, each class's count modulo the FIFO's 32 slots
+            assert sum(parted["ours_minus_release_writes"].values()) % 32 == (2 * 32) % 32
+            delta = {int(k): v for k, v in parted["ours_minus_release_writes"].items()}
+            margins = [c["margin"] for c in parted["candidates"]]
+            assert margins == sorted(margins) and len(margins) <= 5
+            for c in parted["candidates"]:  # ours gained a write where the runner-up lost one
+                assert delta[c["ours_class"]] > 0 > delta[c["runner_up"]]
+            assert 0 <= parted["smallest_margin"] <= parted["median_margin"]
+            assert "the memory's write pointers part after step 1" in proc.stdout
     assert "| allspark | 0 | same |" in proc.stdout and "| supervised | 0 | own |" in proc.stdout
 
 
@@ -176,6 +195,27 @@ def test_comparison_figures():
     assert d["params_rel_diff"] == pytest.approx(np.sqrt(17 / 10))
     assert d["params_worst"] == {"name": "w", "max_abs_diff": 4.0}
     assert d["buffers_rel_diff"] == pytest.approx(0.5)
+
+
+def test_memory_parting_names_the_channel_that_flipped():
+    """One channel whose two best classes nearly tie: the side that put it under class 0 wrote one
+    more channel to class 0's FIFO and one fewer to class 1's (pointers modulo C = 4)."""
+    sim = np.array([[[0.9, 0.5, 0.30000003, 0.1],     # class 0
+                     [0.1, 0.6, 0.3, 0.2],            # class 1
+                     [0.3, 0.1, 0.2, 0.15]]])         # class 2: (b=1, K=3, C=4)
+    np.testing.assert_allclose(vrt.channel_margins(sim), [[0.6, 0.1, 3e-8, 0.05]], rtol=1e-6)
+    out = vrt.memory_parting(7, ours_ptr=[1, 3, 1], release_ptr=[0, 0, 1],
+                             internals={"channel_class_similarity": sim})
+    assert out["step"] == 7 and out["ours_minus_release_writes"] == {0: 1, 1: -1}
+    [cand] = out["candidates"]
+    assert (cand["image"], cand["channel"], cand["ours_class"], cand["runner_up"]) == (0, 2, 0, 1)
+    assert cand["margin"] == pytest.approx(3e-8, rel=1e-6) == out["smallest_margin"]
+    assert cand["similarity"] == pytest.approx(0.30000003)
+    # the other way round (class 1 gained, 0 lost): channel 1, class 1 over class 0 by 0.1
+    [cand] = vrt.memory_parting(7, [0, 0, 1], [1, 3, 1], {"channel_class_similarity": sim}
+                                )["candidates"]
+    assert (cand["channel"], cand["ours_class"], cand["runner_up"]) == (1, 1, 0)
+    assert cand["margin"] == pytest.approx(0.1)
 
 
 def test_the_release_recipe_is_required():

@@ -38,14 +38,17 @@ draws its own masks: the losses part from step 0).
 Reported per method, seed and batch source: both sides' losses per step (`loss`, `loss_x`,
 `loss_u`), the first step whose total loss differs by more than 1e-3 and 1e-2 relative, the final
 parameters' relative difference (L2 over every parameter, and the tensor with the largest absolute
-difference), and
-both validation mIoUs (the release's own `evaluate` too). JSON:
+difference), and both validation mIoUs (the release's own `evaluate` too). For AllSpark on the same
+batches also the first step after which the Semantic Memory's write pointers differ (the two sides
+grouped a channel under different classes) and our closest calls at that step (`memory_parting`):
+the memory is written from step 1 but read only from the warm-up on, so a parting there shows in
+the losses only later. JSON:
   {"runs": [{"method", "seed", "batches", "steps",
              "release": {"losses": {name: [per step]}, "miou", "miou_release_evaluate", "seconds"},
              "ours": {"losses": {...}, "miou", "seconds"},
              "first_step_over": {"0.001": step or null, "0.01": ...},
              "params_rel_diff", "params_worst": {"name", "max_abs_diff"}, "buffers_rel_diff",
-             "miou_diff"}],
+             "miou_diff", "memory_parting" (AllSpark, same batches: `memory_parting` or null)}],
    "pretrain": ..., "seconds", "command", "config"}
 """
 from __future__ import annotations
@@ -208,6 +211,47 @@ def tensor_diffs(ours: dict, release: dict, top: int = 5) -> dict:
     return out
 
 
+def channel_margins(similarity) -> np.ndarray:
+    """(b, K, C) channel-class similarities -> (b, C): each channel's best minus its second-best
+    class similarity (how far its class is from flipping)."""
+    top = np.sort(np.asarray(similarity, np.float64), axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def memory_parting(step: int, ours_ptr, release_ptr, internals: dict, top: int = 5) -> dict:
+    """Where the two sides' Semantic Memory write pointers first differ (after optimizer step
+    `step`), explained by our channel grouping at that step.
+
+    A channel grouped under class a by one side and b by the other moves one write from b's FIFO to
+    a's: a's pointer runs one ahead, b's one behind (modulo C). `internals` is our training-mode
+    forward of that step (`inspection.allspark_internals` from the state before it, on its batch);
+    the candidates are our channels whose class gained a write and whose runner-up lost one, the
+    `top` with the smallest margins (best minus runner-up similarity), beside the smallest margin of
+    any channel at that step."""
+    ours_ptr, release_ptr = np.asarray(ours_ptr, np.int64), np.asarray(release_ptr, np.int64)
+    sim = np.asarray(internals["channel_class_similarity"], np.float64)  # (b, K, C)
+    c = sim.shape[2]
+    delta = (ours_ptr - release_ptr + c // 2) % c - c // 2  # ours minus the release's writes
+    gained, lost = np.nonzero(delta > 0)[0], np.nonzero(delta < 0)[0]
+    order = np.argsort(sim, axis=1)
+    best, second = order[:, -1], order[:, -2]
+    margins = channel_margins(sim)
+    cand = np.isin(best, gained) & np.isin(second, lost)
+    images, channels = np.nonzero(cand)
+    rank = np.argsort(margins[images, channels])[:top]
+    return {
+        "step": int(step), "ours_ptr": ours_ptr.tolist(), "release_ptr": release_ptr.tolist(),
+        "ours_minus_release_writes": {int(k): int(delta[k]) for k in np.nonzero(delta)[0]},
+        "candidates": [{"image": int(images[i]), "channel": int(channels[i]),
+                        "ours_class": int(best[images[i], channels[i]]),
+                        "runner_up": int(second[images[i], channels[i]]),
+                        "similarity": float(sim[images[i], best[images[i], channels[i]],
+                                                channels[i]]),
+                        "margin": float(margins[images[i], channels[i]])} for i in rank],
+        "smallest_margin": float(margins.min()), "median_margin": float(np.median(margins)),
+    }
+
+
 def write_batches(opts, plan, method, steps: int, folder: str) -> dict:
     """Our pipeline's first `steps` batches of the run as .npy arrays in `folder` (step-major):
     `image_l` (S, B, H, W, 3) float32, `mask_l` (S, B, H, W) int32, and for the semi-supervised
@@ -307,14 +351,21 @@ def run_release(spec: dict, *, release_dir: str, release_python: str, runner: st
     return out
 
 
-def train_ours(config, run_dir: str, batches, states_at=()) -> dict:
+def train_ours(config, run_dir: str, batches, states_at=(), *, release_ptrs=None,
+               parting=None) -> dict:
     """Our run (`batches` None: from our input pipeline): {'losses': {name: [per step]}, 'miou',
     'seconds', 'state': the final variables as the release's state dict, 'states': {N: the
-    variables after step N} for N in `states_at`}."""
+    variables after step N} for N in `states_at`, 'memory_parting'}.
+
+    With `release_ptrs` (the release's Semantic Memory write pointers after each step, on the same
+    batches) and `parting` ({'start': the initial variables, 'batch': step -> that step's batch,
+    'model', 'warmup_steps'}): at the first step whose pointers differ from the release's,
+    `memory_parting` of it (else None)."""
     import jax  # pylint: disable=g-import-not-at-top
-    from allspark_jax import train  # pylint: disable=g-import-not-at-top
+    from allspark_jax import inspection, train  # pylint: disable=g-import-not-at-top
     from allspark_jax.weights import release as release_names  # pylint: disable=g-import-not-at-top
-    losses, states = {}, {}
+    losses, states, found = {}, {}, {}
+    prev = [parting["start"]] if parting else None
 
     def on_step(step, metrics, state):
         for k, v in metrics.items():
@@ -322,11 +373,24 @@ def train_ours(config, run_dir: str, batches, states_at=()) -> dict:
                 losses.setdefault(k, []).append(v)
         if step in states_at:
             states[step] = release_names.to_state_dict(jax.device_get(state.variables()))
+        if prev is None or found or step > len(release_ptrs):
+            return
+        variables = jax.device_get(state.variables())
+        ptr = inspection.memory_of(variables)["queue_ptr"]
+        if not np.array_equal(ptr, release_ptrs[step - 1]):
+            b = parting["batch"](step)
+            internals = inspection.allspark_internals(
+                parting["model"], prev[0], b["image_l"], b["image_u_w"],
+                use_memory=step - 1 >= parting["warmup_steps"],
+                key_group_size=config.train.key_group_size)
+            found["parting"] = memory_parting(step, ptr, release_ptrs[step - 1], internals)
+        prev[0] = variables
 
     t0 = time.time()
     out = train.train_and_evaluate(config, run_dir, on_step=on_step, batches=batches)
     return {"losses": losses, "miou": float(out["eval"][out["step"]]["student"]["miou"]),
             "seconds": time.time() - t0, "states": states,
+            "memory_parting": found.get("parting"),
             "state": release_names.to_state_dict(jax.device_get(out["state"].variables()))}
 
 
@@ -390,9 +454,16 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
     # Ours: our batches are our augmentation, so one run serves both batch sources.
     ours = ours_runs.get((method_name, seed))
     if ours is None:
+        parting = None
+        if arrays is not None and rel.get("queue_ptr"):  # AllSpark on the same batches
+            parting = {"start": start, "model": model,
+                       "warmup_steps": int(config.train.warmup_epoch) * run_plan.steps_per_epoch,
+                       "batch": lambda step: next(batches_for_ours(
+                           {k: v[step - 1:step] for k, v in arrays.items()}, method))}
         ours = ours_runs[(method_name, seed)] = train_ours(
             config, os.path.join(folder, "ours"),
-            None if arrays is None else batches_for_ours(arrays, method), states_at)
+            None if arrays is None else batches_for_ours(arrays, method), states_at,
+            release_ptrs=rel.get("queue_ptr"), parting=parting)
     ours_losses, ours_miou = ours["losses"], ours["miou"]
 
     # The release's final weights through our evaluator.
@@ -413,6 +484,8 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
                                for t in TOLERANCES},
            **state_diff(ours["state"], rel["state"], param_names),
            "miou_diff": ours_miou - rel_miou}
+    if source == "same" and rel.get("queue_ptr"):
+        row["memory_parting"] = ours["memory_parting"]
     if states_at:
         row["states"] = {}
         for n in sorted(states_at):
@@ -421,6 +494,14 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
     print_fn(f"{method_name} seed {seed} ({source} batches): release {rel_miou:.2f}, ours "
              f"{ours_miou:.2f} mIoU; losses part (>1e-3) at step {row['first_step_over']['0.001']}; "
              f"final params differ by {row['params_rel_diff']:.3g} (relative L2)")
+    parted = row.get("memory_parting")
+    if parted:
+        best = parted["candidates"][0] if parted["candidates"] else None
+        print_fn(f"  the memory's write pointers part after step {parted['step']} (ours minus the "
+                 f"release's writes per class: {parted['ours_minus_release_writes']}); "
+                 + (f"our closest call: image {best['image']} channel {best['channel']}, class "
+                    f"{best['ours_class']} over {best['runner_up']} by {best['margin']:.3g}"
+                    if best else "no channel of ours explains it"))
     shutil.rmtree(os.path.join(folder, "batches"), ignore_errors=True)
     return row
 

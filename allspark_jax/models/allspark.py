@@ -148,22 +148,34 @@ def _channel_attention_bwd(keep_prob, res, g_out):
 channel_attention.defvjp(_channel_attention_fwd, _channel_attention_bwd)
 
 
-def group_channels(teacher_logits: jax.Array, emb_u: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    """Class of each unlabeled channel (grouping by the teacher's class maps, no gradient).
+def channel_class_similarity(teacher_logits: jax.Array, emb_u: jax.Array,
+                             grid: tuple[int, int]) -> jax.Array:
+    """Cosine similarity (over tokens) between each class's teacher logit map and each unlabeled
+    channel's map: what `group_channels` takes the argmax of.
 
     Args:
       teacher_logits: (B, H, W, K) the teacher's LOGITS for the unlabeled images.
       emb_u: (B, n, C) unlabeled tokens, n = grid[0] * grid[1].
       grid: the stage-4 token grid (h, w).
     Returns:
-      (B, C) int32: argmax over classes of the cosine similarity (over tokens) between each
-      class's logit map and each channel's map.
+      (B, K, C) float32.
     """
     b, _, _, k = teacher_logits.shape
     prob = resize_bilinear(teacher_logits.astype(jnp.float32), grid).reshape(b, -1, k)
-    sim = jnp.einsum("bnk,bnc->bkc", l2_normalize(prob, 1), l2_normalize(emb_u.astype(jnp.float32), 1),
-                     precision=jax.lax.Precision.HIGHEST)
-    return jnp.argmax(sim, axis=1).astype(jnp.int32)
+    return jnp.einsum("bnk,bnc->bkc", l2_normalize(prob, 1),
+                      l2_normalize(emb_u.astype(jnp.float32), 1),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def group_channels(teacher_logits: jax.Array, emb_u: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """Class of each unlabeled channel (grouping by the teacher's class maps, no gradient).
+
+    Args: as `channel_class_similarity`.
+    Returns:
+      (B, C) int32: argmax over classes of `channel_class_similarity` (the first on a tie).
+    """
+    return jnp.argmax(channel_class_similarity(teacher_logits, emb_u, grid), axis=1
+                      ).astype(jnp.int32)
 
 
 def update_memory(memory: jax.Array, ptr: jax.Array, cls: jax.Array, feats: jax.Array):
@@ -287,8 +299,10 @@ class CrossAttnMem(nn.Module):
                 raise ValueError(
                     f"Semantic Memory holds {memory.value.shape[-1]} tokens per channel but the "
                     f"training crop gives n={n}: memory is tied to the crop size it was built for")
-            cls = group_channels(jax.lax.stop_gradient(teacher_logits), jax.lax.stop_gradient(emb_u),
-                                 grid)
+            sim = channel_class_similarity(jax.lax.stop_gradient(teacher_logits),
+                                           jax.lax.stop_gradient(emb_u), grid)
+            cls = jnp.argmax(sim, axis=1).astype(jnp.int32)  # group_channels
+            self.sow("intermediates", "channel_class_similarity", sim)
             self.sow("intermediates", "channel_class", cls)
             if not self.is_initializing():
                 memory.value, ptr.value = update_memory(memory.value, ptr.value, cls,
