@@ -156,3 +156,23 @@ def test_the_command_line_takes_the_style(tmp_path):
         written = np.asarray(Image.open(f))
     style = synthetic.Style(colours=2, max_objects=4, distractors=2, hue_jitter=0.1)
     np.testing.assert_array_equal(written, synthetic.render(1, "train", 40, 7, 2, style)[1])
+
+
+def test_a_dataset_written_with_other_settings_is_not_reused(tmp_path):
+    """`ensure_dataset` writes once; the same settings reuse the folder, other settings (a count, a
+    seed, a style knob) are refused naming the setting, and nothing is overwritten."""
+    root = str(tmp_path / "data")
+    spec = dict(num_train=6, num_val=2, size=32, num_classes=3, seed=1, num_labeled=2)
+    assert synthetic.ensure_dataset(root, **spec)
+    first = (tmp_path / "data" / "JPEGImages" / "train_00000.jpg").read_bytes()
+    assert not synthetic.ensure_dataset(root, **spec)
+    assert not synthetic.ensure_dataset(root, **spec, style=synthetic.Style())  # the default style
+    for change, message in (
+            ({"seed": 2}, "written with seed=1, not the 2 asked for"),
+            ({"num_labeled": 3}, "written with num_labeled=2, not the 3 asked for"),
+            ({"style": synthetic.Style(hue_jitter=0.05)},
+             "written with hue_jitter=0.0, not the 0.05 asked for")):
+        with pytest.raises(DataError, match="synthetic.json: this synthetic dataset") as e:
+            synthetic.ensure_dataset(root, **{**spec, **change})
+        assert message in str(e.value)
+    assert (tmp_path / "data" / "JPEGImages" / "train_00000.jpg").read_bytes() == first

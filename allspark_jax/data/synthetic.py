@@ -42,6 +42,8 @@ from __future__ import annotations
 import argparse
 import colorsys
 import dataclasses
+import inspect
+import json
 import os
 
 import numpy as np
@@ -49,6 +51,7 @@ from etils import epath
 from PIL import Image
 
 from allspark_jax.data import datasets
+from allspark_jax.errors import DataError
 
 SHAPES = ("disc", "square", "triangle", "diamond")
 LAYOUTS = ("pascal", "custom")
@@ -271,14 +274,40 @@ def write_dataset(root: str, num_train: int, num_val: int, size: int, num_classe
     return paths
 
 
+SETTINGS_FILE = "synthetic.json"  # the settings a dataset was written with (`ensure_dataset`)
+
+
+def _settings(**spec) -> dict:
+    """`write_dataset`'s arguments (but the root) with their defaults, the style's knobs among
+    them, as JSON values."""
+    bound = inspect.signature(write_dataset).bind("", **spec)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    del out["root"]
+    style = dataclasses.asdict(out.pop("style"))
+    return {**out, **style}
+
+
 def ensure_dataset(root: str, **spec) -> bool:
     """Writes the dataset `spec` (the arguments of `write_dataset`) into `root` unless it is there.
 
-    The class-name file is written last, so its presence means a complete dataset. Returns whether
-    anything was written.
+    The settings go to `SETTINGS_FILE` and the class-name file is written last, so its presence
+    means a complete dataset. A dataset there written with other settings is not reused: DataError
+    names the first setting that differs. Returns whether anything was written.
     """
+    want = _settings(**spec)
+    settings = epath.Path(root, SETTINGS_FILE)
     if epath.Path(root, "class_names.txt").is_file():
+        have = json.loads(settings.read_text()) if settings.is_file() else want
+        for key in want:
+            if have.get(key) != want[key]:
+                raise DataError(
+                    f"{settings}: this synthetic dataset was written with {key}={have.get(key)!r}, "
+                    f"not the {want[key]!r} asked for (config.data.synthetic); remove {root} or "
+                    "write the dataset into another data.root")
         return False
+    epath.Path(root).mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(want, indent=1, sort_keys=True))
     write_dataset(root, **spec)
     return True
 
