@@ -260,8 +260,17 @@ def test_the_task_token_combines_with_method_and_encoder(arg, method, encoder):
     assert (config.method, config.model.encoder, config.data.num_classes) == (method, encoder, 7)
     assert config.data.synthetic.seed == 29 and plain.data.synthetic.seed == 0
     assert config.optim.to_dict() == plain.optim.to_dict()
-    if method != "supervised":  # configs/learning.py:supervised keeps the EMA rows' decay
-        config_lib.validate(config)
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("arg", ["", "supervised", "semi", "allspark", "unimatch_v2", "dinov2",
+                                 "supervised,dinov2", "supervised,regime"])
+def test_every_argument_gives_a_valid_config(arg):
+    """A method that reads no teacher (supervised) keeps train.ema_decay's default."""
+    config = config_lib.load_config(f"configs/learning.py:{arg}" if arg else "configs/learning.py")
+    config_lib.validate(config)
+    if config.method == "allspark":
+        assert config.train.ema_decay == 0.99  # the EMA row's teacher
 
 
 @pytest.mark.parametrize("arg,message", [

@@ -101,7 +101,7 @@ def get_config(arg: str = "allspark"):
     config.train.epochs = 8
     if "train.warmup_epoch" not in method_lib.unread_keys(method):  # AllSpark's memory warm-up
         config.train.warmup_epoch = 2
-    if not recipe:
+    if not recipe and "train.ema_decay" not in method_lib.unread_keys(method):
         config.train.ema_decay = 0.99  # the EMA row: a teacher ~100 steps behind over 280 steps
     config.learning.pretrain_steps = 640
     config.learning.pretrain_num_classes = 9
