@@ -211,6 +211,9 @@ def test_memory_parting_names_the_channel_that_flipped():
     assert (cand["image"], cand["channel"], cand["ours_class"], cand["runner_up"]) == (0, 2, 0, 1)
     assert cand["margin"] == pytest.approx(3e-8, rel=1e-6) == out["smallest_margin"]
     assert cand["similarity"] == pytest.approx(0.30000003)
+    # every class's closest calls, smallest margin first
+    assert [(c["channel"], c["ours_class"], c["runner_up"]) for c in out["closest"]] == [
+        (2, 0, 1), (3, 1, 2), (1, 1, 0), (0, 0, 2)]
     # the other way round (class 1 gained, 0 lost): channel 1, class 1 over class 0 by 0.1
     [cand] = vrt.memory_parting(7, [0, 0, 1], [1, 3, 1], {"channel_class_similarity": sim}
                                 )["candidates"]

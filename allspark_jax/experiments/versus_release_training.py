@@ -226,8 +226,9 @@ def memory_parting(step: int, ours_ptr, release_ptr, internals: dict, top: int =
     a's: a's pointer runs one ahead, b's one behind (modulo C). `internals` is our training-mode
     forward of that step (`inspection.allspark_internals` from the state before it, on its batch);
     the candidates are our channels whose class gained a write and whose runner-up lost one, the
-    `top` with the smallest margins (best minus runner-up similarity), beside the smallest margin of
-    any channel at that step."""
+    `top` with the smallest margins (best minus runner-up similarity); `closest` are the `top`
+    channels of any classes with the smallest margins at that step (two flips that share a class,
+    a -> b and b -> c, show there as a near-tie each)."""
     ours_ptr, release_ptr = np.asarray(ours_ptr, np.int64), np.asarray(release_ptr, np.int64)
     sim = np.asarray(internals["channel_class_similarity"], np.float64)  # (b, K, C)
     c = sim.shape[2]
@@ -239,15 +240,17 @@ def memory_parting(step: int, ours_ptr, release_ptr, internals: dict, top: int =
     cand = np.isin(best, gained) & np.isin(second, lost)
     images, channels = np.nonzero(cand)
     rank = np.argsort(margins[images, channels])[:top]
+
+    def call(i, c):
+        return {"image": int(i), "channel": int(c), "ours_class": int(best[i, c]),
+                "runner_up": int(second[i, c]), "similarity": float(sim[i, best[i, c], c]),
+                "margin": float(margins[i, c])}
+    closest = np.argsort(margins, axis=None)[:top]
     return {
         "step": int(step), "ours_ptr": ours_ptr.tolist(), "release_ptr": release_ptr.tolist(),
         "ours_minus_release_writes": {int(k): int(delta[k]) for k in np.nonzero(delta)[0]},
-        "candidates": [{"image": int(images[i]), "channel": int(channels[i]),
-                        "ours_class": int(best[images[i], channels[i]]),
-                        "runner_up": int(second[images[i], channels[i]]),
-                        "similarity": float(sim[images[i], best[images[i], channels[i]],
-                                                channels[i]]),
-                        "margin": float(margins[images[i], channels[i]])} for i in rank],
+        "candidates": [call(images[i], channels[i]) for i in rank],
+        "closest": [call(*np.unravel_index(j, margins.shape)) for j in closest],
         "smallest_margin": float(margins.min()), "median_margin": float(np.median(margins)),
     }
 
