@@ -50,7 +50,7 @@ DINOV2_SPECS = [
 def test_dataset_configs_take_a_dinov2_encoder_with_unimatch_v2s_settings(
         spec, mit_spec, size, crop, epochs, mode, largest):
     from allspark_jax.configs import default
-    from allspark_jax.evaluation import bucketing, evaluator
+    from allspark_jax.evaluation import bucketing, predictor
     from allspark_jax.models import segmentor
     from allspark_jax.models.dinov2 import DINOv2Config
     from allspark_jax.models.dpt import DPTConfig, eval_input_size
@@ -75,7 +75,7 @@ def test_dataset_configs_take_a_dinov2_encoder_with_unimatch_v2s_settings(
     for key in ("decoder_dim", "head_dropout", "drop_path_rate", "remat"):
         assert config.model[key] == base.model[key], key
     if mode == "sliding_window":  # 798 px windows: 57 patches, run at their own size
-        assert evaluator.eval_crop_size(config) == 798 == eval_input_size((798,))[0]
+        assert predictor.eval_crop_size(config) == 798 == eval_input_size((798,))[0]
         assert config.eval.buckets == mit.eval.buckets  # the canvas of the window sums
     for bucket in bucketing.as_buckets(config.eval.buckets) if largest else ():
         assert bucket[0] % 14 == 0 and bucket[1] % 14 == 0, bucket
@@ -270,7 +270,7 @@ def test_dataset_configs_take_unimatch_v2s_recipe_with_its_yaml_values(spec):
     and its dataset's yaml, on either encoder; it validates, and the keys the method does not read
     keep their defaults."""
     from allspark_jax.configs import default
-    from allspark_jax.evaluation import evaluator
+    from allspark_jax.evaluation import predictor
     config = config_lib.load_config(os.path.join(CONFIGS, spec))
     config_lib.validate(config)
     name = spec.split(".py")[0]
@@ -299,7 +299,7 @@ def test_dataset_configs_take_unimatch_v2s_recipe_with_its_yaml_values(spec):
     if loss_x == "ohem":
         assert (config.train.ohem_thresh, config.train.ohem_min_kept) == (0.7, 200000)
     # its evaluation: 'sliding_window' on Cityscapes (windows of its crop), else whole images
-    assert (config.eval.mode, evaluator.eval_crop_size(config)) == (mode, crop)
+    assert (config.eval.mode, predictor.eval_crop_size(config)) == (mode, crop)
     assert config.eval.best_of == "student"  # its best.pth: the student's mIoU
     base = default.get_config()
     assert config.train.warmup_epoch == (warmup if method.endswith("allspark")

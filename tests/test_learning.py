@@ -12,6 +12,7 @@ from PIL import Image
 import run_config
 from allspark_jax import errors
 from allspark_jax import config as config_lib
+from allspark_jax.config import checks
 from allspark_jax.experiments import learning
 
 
@@ -153,7 +154,7 @@ def test_the_tiny_dinov2_end_to_end(tmp_path):
                        "train.progress_bar": False, "learning.pretrain_steps": 2,
                        "learning.pretrain_num_classes": 5,
                        "learning.pretrain_num_images": 8}.items():
-        learning._set(base, key, value)
+        checks.set_value(base, key, value)
     config_lib.validate(base)
     learning.validate_learning(base)
     printed = []

@@ -20,6 +20,7 @@ import run_config
 from allspark_jax import config as config_lib
 from allspark_jax import train
 from allspark_jax.data import input_pipeline
+from allspark_jax.experiments import run_comparison
 from allspark_jax.experiments import versus_release_training as vrt
 
 FAKE_RUNNER = '''
@@ -151,7 +152,7 @@ def test_end_to_end_against_a_fake_release(tmp_path):
         assert same["miou_diff"] == pytest.approx(same["ours"]["miou"] - same["release"]["miou"])
         assert same["params_rel_diff"] > 0  # ours trained, the fake did not
         assert same["first_step_over"] == {
-            str(t): vrt.first_step_over(same["ours"]["losses"]["loss"],
+            str(t): run_comparison.first_step_over(same["ours"]["losses"]["loss"],
                                         same["release"]["losses"]["loss"], t)
             for t in vrt.TOLERANCES}
         # --states_at: both sides' states after steps 2 and 5, tensor by tensor (the fake's: its
@@ -184,14 +185,14 @@ def test_end_to_end_against_a_fake_release(tmp_path):
 
 
 def test_comparison_figures():
-    assert vrt.first_step_over([1.0, 2.0, 3.0], [1.0, 2.001, 3.1], 1e-3) == 3
-    assert vrt.first_step_over([1.0, 2.0, 3.0], [1.0, 2.003, 3.1], 1e-3) == 2
-    assert vrt.first_step_over([1.0, 2.0], [1.0, 2.0, 9.0], 1e-3) is None  # compared where both ran
-    np.testing.assert_allclose(vrt.relative_diff([1.0, 0.0, 0.0], [2.0, 0.0, 1.0]), [0.5, 0.0, 1.0])
+    assert run_comparison.first_step_over([1.0, 2.0, 3.0], [1.0, 2.001, 3.1], 1e-3) == 3
+    assert run_comparison.first_step_over([1.0, 2.0, 3.0], [1.0, 2.003, 3.1], 1e-3) == 2
+    assert run_comparison.first_step_over([1.0, 2.0], [1.0, 2.0, 9.0], 1e-3) is None  # compared where both ran
+    np.testing.assert_allclose(run_comparison.relative_diff([1.0, 0.0, 0.0], [2.0, 0.0, 1.0]), [0.5, 0.0, 1.0])
     ours = {"w": np.array([3.0, 4.0]), "b": np.array([0.0]), "bn.running_mean": np.array([1.0])}
     release = {"w": np.array([3.0, 0.0]), "b": np.array([1.0]), "bn.running_mean": np.array([2.0]),
                "bn.num_batches_tracked": np.array(3)}
-    d = vrt.state_diff(ours, release, {"w", "b"})
+    d = run_comparison.state_diff(ours, release, {"w", "b"})
     assert d["params_rel_diff"] == pytest.approx(np.sqrt(17 / 10))
     assert d["params_worst"] == {"name": "w", "max_abs_diff": 4.0}
     assert d["buffers_rel_diff"] == pytest.approx(0.5)
@@ -203,8 +204,8 @@ def test_memory_parting_names_the_channel_that_flipped():
     sim = np.array([[[0.9, 0.5, 0.30000003, 0.1],     # class 0
                      [0.1, 0.6, 0.3, 0.2],            # class 1
                      [0.3, 0.1, 0.2, 0.15]]])         # class 2: (b=1, K=3, C=4)
-    np.testing.assert_allclose(vrt.channel_margins(sim), [[0.6, 0.1, 3e-8, 0.05]], rtol=1e-6)
-    out = vrt.memory_parting(7, ours_ptr=[1, 3, 1], release_ptr=[0, 0, 1],
+    np.testing.assert_allclose(run_comparison.channel_margins(sim), [[0.6, 0.1, 3e-8, 0.05]], rtol=1e-6)
+    out = run_comparison.memory_parting(7, ours_ptr=[1, 3, 1], release_ptr=[0, 0, 1],
                              internals={"channel_class_similarity": sim})
     assert out["step"] == 7 and out["ours_minus_release_writes"] == {0: 1, 1: -1}
     [cand] = out["candidates"]
@@ -215,7 +216,7 @@ def test_memory_parting_names_the_channel_that_flipped():
     assert [(c["channel"], c["ours_class"], c["runner_up"]) for c in out["closest"]] == [
         (2, 0, 1), (3, 1, 2), (1, 1, 0), (0, 0, 2)]
     # the other way round (class 1 gained, 0 lost): channel 1, class 1 over class 0 by 0.1
-    [cand] = vrt.memory_parting(7, [0, 0, 1], [1, 3, 1], {"channel_class_similarity": sim}
+    [cand] = run_comparison.memory_parting(7, [0, 0, 1], [1, 3, 1], {"channel_class_similarity": sim}
                                 )["candidates"]
     assert (cand["channel"], cand["ours_class"], cand["runner_up"]) == (1, 1, 0)
     assert cand["margin"] == pytest.approx(0.1)

@@ -146,7 +146,7 @@ def memory_branch_problem(config) -> str | None:
     """Why the AllSpark branch "memory" cannot predict with `config.eval`, or None: it reads the
     Semantic Memory, which holds the training crop's token grid (`data.crop_size`), so evaluation
     must feed crops or windows of that grid (`eval.mode` 'center_crop' / 'sliding_window')."""
-    from allspark_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+    from allspark_jax.evaluation.predictor import eval_crop_size  # pylint: disable=g-import-not-at-top
     from allspark_jax.models.segmentor import model_config_from  # pylint: disable=g-import-not-at-top
     if config.eval.mode == "original":
         return ("the memory branch needs validation crops on the training crop's token grid; "
@@ -154,7 +154,7 @@ def memory_branch_problem(config) -> str | None:
                 "'sliding_window')")
     model = model_config_from(config)
     grid = "token grid" if model.encoder == "dinov2" else "stage-4 grid"
-    crop, eval_crop = int(config.data.crop_size), evaluator.eval_crop_size(config)
+    crop, eval_crop = int(config.data.crop_size), eval_crop_size(config)
     train_grid = model.allspark_grid((crop, crop))
     eval_grid = model.eval_allspark_grid((eval_crop, eval_crop))
     if eval_grid != train_grid:

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from allspark_jax.evaluation import metrics
-from allspark_jax.evaluation.predictor import Predictor
+from allspark_jax.evaluation.predictor import Predictor, eval_crop_size
 from allspark_jax.models.segmentor import build_model
 from allspark_jax.sharding import to_host
 
@@ -77,11 +77,6 @@ def format_iou_table(result: dict, title: str = "") -> str:
     lines += [f"{name:<{width}}  {v:7.2f}" for name, v in result["iou"].items()]
     lines += ["-" * (width + 9), f"{'mIoU':<{width}}  {result['miou']:7.2f}"]
     return "\n".join(lines)
-
-
-def eval_crop_size(config) -> int:
-    """The window / crop side of center_crop and sliding_window evaluation."""
-    return int(config.eval.crop_size or config.data.crop_size)
 
 
 def make_predictor(config, model=None) -> Predictor:

@@ -24,6 +24,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from allspark_jax.evaluation import bucketing
 
 EVAL_MODES = ("original", "center_crop", "sliding_window")
+
+
+def eval_crop_size(config) -> int:
+    """The window / crop side of center_crop and sliding_window evaluation."""
+    return int(config.eval.crop_size or config.data.crop_size)
 # An image larger than every bucket gets a bucket of its own size rounded up to this multiple.
 OVERSIZE_ROUND = 128
 

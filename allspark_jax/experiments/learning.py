@@ -64,7 +64,7 @@ from absl import logging
 
 from allspark_jax import method as method_lib
 from allspark_jax.commands import config_flag
-from allspark_jax.config.checks import error, in_range
+from allspark_jax.config.checks import error, in_range, set_value
 from allspark_jax.errors import NonFiniteError
 
 ALL_LABELED = "<all labeled>"  # replaced by the list of every training image (`write_all_labeled`)
@@ -193,14 +193,6 @@ def write_all_labeled(split, folder: str, needed_by: str = "the row supervised_a
     return path
 
 
-def _set(config, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-
-
 def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int, plan_fn):
     """The config of one run: `base` with the row's method and overrides, the seed, and (supervised)
     the epochs that the common step count takes. `plan_fn(config)` -> its TrainPlan."""
@@ -211,7 +203,7 @@ def row_config(base, row: str, seed: int, *, all_labeled: str, total_steps: int,
         config.optim = copy.deepcopy(recipe_config(base, "unimatch_v2").optim)
     config.seed = int(seed)
     for key, value in overrides.items():
-        _set(config, key, all_labeled if value == ALL_LABELED else value)
+        set_value(config, key, all_labeled if value == ALL_LABELED else value)
     config.train.num_train_steps = int(total_steps)
     if method_lib.from_config(config).labeled_only:
         per_epoch = plan_fn(config).steps_per_epoch

@@ -40,7 +40,8 @@ Reported per method, seed and batch source: both sides' losses per step (`loss`,
 parameters' relative difference (L2 over every parameter, and the tensor with the largest absolute
 difference), and both validation mIoUs (the release's own `evaluate` too). For AllSpark on the same
 batches also the first step after which the Semantic Memory's write pointers differ (the two sides
-grouped a channel under different classes) and our closest calls at that step (`memory_parting`):
+grouped a channel under different classes) and our closest calls at that step
+(`run_comparison.memory_parting`):
 the memory is written from step 1 but read only from the warm-up on, so a parting there shows in
 the losses only later. JSON:
   {"runs": [{"method", "seed", "batches", "steps",
@@ -48,7 +49,8 @@ the losses only later. JSON:
              "ours": {"losses": {...}, "miou", "seconds"},
              "first_step_over": {"0.001": step or null, "0.01": ...},
              "params_rel_diff", "params_worst": {"name", "max_abs_diff"}, "buffers_rel_diff",
-             "miou_diff", "memory_parting" (AllSpark, same batches: `memory_parting` or null)}],
+             "miou_diff", "memory_parting" (AllSpark, same batches: `run_comparison.memory_parting` or
+             null)}],
    "pretrain": ..., "seconds", "command", "config"}
 """
 from __future__ import annotations
@@ -67,6 +69,8 @@ from absl import flags
 from absl import logging
 
 from allspark_jax.commands import config_flag
+from allspark_jax.config import checks
+from allspark_jax.experiments import run_comparison
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELEASE_RUNNER = os.path.join(PACKAGE_ROOT, "benchmarks", "release_training.py")
@@ -113,21 +117,6 @@ def _define_flags() -> None:
                         "folder, removed at the end).")
 
 
-def _get(config, key: str):
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def _set(config, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
 def check_release_recipe(config, method: str) -> None:
     """ValueError naming the first key whose value the release's trainer for `method` does not
     have (the release's iteration is fixed: online teacher, one unlabeled view, no threshold, ...).
@@ -137,7 +126,7 @@ def check_release_recipe(config, method: str) -> None:
     for key, want in RELEASE_RECIPE.items():
         if key in unread:
             continue
-        got = _get(config, key)
+        got = checks.get(config, key)
         if got != want:
             raise ValueError(f"--config.{key}={got!r}: the release's trainer for '{method}' runs "
                              f"{want!r}; versus_release_training compares that iteration")
@@ -152,107 +141,6 @@ def check_release_recipe(config, method: str) -> None:
                 f"(crop // 32 + 1)^2 = {(crop // 32 + 1) ** 2} tokens, but a {crop} px crop has "
                 f"{side}^2; its AllSpark trains only at crops where the two agree (not a multiple "
                 "of 32, e.g. 65 or 513)")
-
-
-def relative_diff(a, b) -> np.ndarray:
-    """|a - b| / |b| elementwise (inf where b is 0 and a is not)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.abs(a - b) / np.abs(b)
-    return np.where(a == b, 0.0, d)
-
-
-def first_step_over(ours, release, tol: float):
-    """The first step (1-based: after that many optimizer steps; the loss of step t is that of the
-    t-th batch) whose values differ by more than `tol` relative, or None."""
-    n = min(len(ours), len(release))
-    over = np.nonzero(relative_diff(ours[:n], release[:n]) > tol)[0]
-    return int(over[0]) + 1 if over.size else None
-
-
-def state_diff(ours: dict, release: dict, param_names) -> dict:
-    """Two state dicts (release names) compared: the relative L2 difference over every parameter
-    and over every floating-point buffer, and the parameter tensor with the largest absolute
-    difference."""
-    def rel(names):
-        num = sum(float(np.sum((np.asarray(ours[k], np.float64) - release[k]) ** 2)) for k in names)
-        den = sum(float(np.sum(np.asarray(release[k], np.float64) ** 2)) for k in names)
-        return float(np.sqrt(num / den)) if den else 0.0
-
-    def max_abs(k):
-        return float(np.max(np.abs(np.asarray(ours[k], np.float64) - release[k]), initial=0.0))
-    params = sorted(param_names)
-    buffers = sorted(k for k in release if k not in param_names
-                     and np.issubdtype(np.asarray(release[k]).dtype, np.floating))
-    worst = max(params, key=max_abs) if params else None
-    return {"params_rel_diff": rel(params),
-            "params_worst": {"name": worst, "max_abs_diff": max_abs(worst) if worst else 0.0},
-            "buffers_rel_diff": rel(buffers)}
-
-
-def tensor_diffs(ours: dict, release: dict, top: int = 5) -> dict:
-    """Two states (release names) at the same step, tensor by tensor: the `top` floating-point
-    tensors with the largest relative L2 difference, and the Semantic Memory's write pointers of
-    both sides (integers: a class whose pointer differs was written a different number of
-    channels)."""
-    rel = {}
-    for k, b in release.items():
-        b = np.asarray(b)
-        if np.issubdtype(b.dtype, np.floating):
-            den = float(np.linalg.norm(b.astype(np.float64)))
-            num = float(np.linalg.norm(np.asarray(ours[k], np.float64) - b))
-            rel[k] = num / den if den else num
-    worst = sorted(rel, key=rel.get, reverse=True)[:top]
-    out = {"worst": [[k, rel[k]] for k in worst]}
-    for k in release:
-        if k.endswith("queue_ptr"):
-            out["queue_ptr"] = {"ours": np.asarray(ours[k]).tolist(),
-                                "release": np.asarray(release[k]).tolist()}
-    return out
-
-
-def channel_margins(similarity) -> np.ndarray:
-    """(b, K, C) channel-class similarities -> (b, C): each channel's best minus its second-best
-    class similarity (how far its class is from flipping)."""
-    top = np.sort(np.asarray(similarity, np.float64), axis=1)
-    return top[:, -1] - top[:, -2]
-
-
-def memory_parting(step: int, ours_ptr, release_ptr, internals: dict, top: int = 5) -> dict:
-    """Where the two sides' Semantic Memory write pointers first differ (after optimizer step
-    `step`), explained by our channel grouping at that step.
-
-    A channel grouped under class a by one side and b by the other moves one write from b's FIFO to
-    a's: a's pointer runs one ahead, b's one behind (modulo C). `internals` is our training-mode
-    forward of that step (`inspection.allspark_internals` from the state before it, on its batch);
-    the candidates are our channels whose class gained a write and whose runner-up lost one, the
-    `top` with the smallest margins (best minus runner-up similarity); `closest` are the `top`
-    channels of any classes with the smallest margins at that step (two flips that share a class,
-    a -> b and b -> c, show there as a near-tie each)."""
-    ours_ptr, release_ptr = np.asarray(ours_ptr, np.int64), np.asarray(release_ptr, np.int64)
-    sim = np.asarray(internals["channel_class_similarity"], np.float64)  # (b, K, C)
-    c = sim.shape[2]
-    delta = (ours_ptr - release_ptr + c // 2) % c - c // 2  # ours minus the release's writes
-    gained, lost = np.nonzero(delta > 0)[0], np.nonzero(delta < 0)[0]
-    order = np.argsort(sim, axis=1)
-    best, second = order[:, -1], order[:, -2]
-    margins = channel_margins(sim)
-    cand = np.isin(best, gained) & np.isin(second, lost)
-    images, channels = np.nonzero(cand)
-    rank = np.argsort(margins[images, channels])[:top]
-
-    def call(i, c):
-        return {"image": int(i), "channel": int(c), "ours_class": int(best[i, c]),
-                "runner_up": int(second[i, c]), "similarity": float(sim[i, best[i, c], c]),
-                "margin": float(margins[i, c])}
-    closest = np.argsort(margins, axis=None)[:top]
-    return {
-        "step": int(step), "ours_ptr": ours_ptr.tolist(), "release_ptr": release_ptr.tolist(),
-        "ours_minus_release_writes": {int(k): int(delta[k]) for k in np.nonzero(delta)[0]},
-        "candidates": [call(images[i], channels[i]) for i in rank],
-        "closest": [call(*np.unravel_index(j, margins.shape)) for j in closest],
-        "smallest_margin": float(margins.min()), "median_margin": float(np.median(margins)),
-    }
 
 
 def write_batches(opts, plan, method, steps: int, folder: str) -> dict:
@@ -363,7 +251,7 @@ def train_ours(config, run_dir: str, batches, states_at=(), *, release_ptrs=None
     With `release_ptrs` (the release's Semantic Memory write pointers after each step, on the same
     batches) and `parting` ({'start': the initial variables, 'batch': step -> that step's batch,
     'model', 'warmup_steps'}): at the first step whose pointers differ from the release's,
-    `memory_parting` of it (else None)."""
+    `run_comparison.memory_parting` of it (else None)."""
     import jax  # pylint: disable=g-import-not-at-top
     from allspark_jax import inspection, train  # pylint: disable=g-import-not-at-top
     from allspark_jax.weights import release as release_names  # pylint: disable=g-import-not-at-top
@@ -386,7 +274,8 @@ def train_ours(config, run_dir: str, batches, states_at=(), *, release_ptrs=None
                 parting["model"], prev[0], b["image_l"], b["image_u_w"],
                 use_memory=step - 1 >= parting["warmup_steps"],
                 key_group_size=config.train.key_group_size)
-            found["parting"] = memory_parting(step, ptr, release_ptrs[step - 1], internals)
+            found["parting"] = run_comparison.memory_parting(step, ptr, release_ptrs[step - 1],
+                                                             internals)
         prev[0] = variables
 
     t0 = time.time()
@@ -401,7 +290,7 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
                 total_steps: int, release: dict, dropout: bool, ours_runs: dict,
                 states_at=(), print_fn=print) -> dict:
     """One method / seed / batch source: both sides trained and evaluated, compared (and their
-    states after the steps `states_at`: `tensor_diffs`). `ours_runs` holds our runs by (method,
+    states after the steps `states_at`: `run_comparison.tensor_diffs`). `ours_runs` holds our runs by (method,
     seed), reused across batch sources."""
     import jax  # pylint: disable=g-import-not-at-top
     from allspark_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -482,10 +371,9 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
                        "miou_release_evaluate": rel.get("miou"), "seconds": rel.get("seconds"),
                        "torch": rel.get("torch")},
            "ours": {"losses": ours_losses, "miou": ours_miou, "seconds": ours["seconds"]},
-           "first_step_over": {str(t): first_step_over(ours_losses.get("loss", []),
-                                                       rel["losses"].get("loss", []), t)
-                               for t in TOLERANCES},
-           **state_diff(ours["state"], rel["state"], param_names),
+           "first_step_over": {str(t): run_comparison.first_step_over(
+               ours_losses.get("loss", []), rel["losses"].get("loss", []), t) for t in TOLERANCES},
+           **run_comparison.state_diff(ours["state"], rel["state"], param_names),
            "miou_diff": ours_miou - rel_miou}
     if source == "same" and rel.get("queue_ptr"):
         row["memory_parting"] = ours["memory_parting"]
@@ -493,7 +381,8 @@ def compare_run(config, method_name: str, seed: int, source: str, *, workdir: st
         row["states"] = {}
         for n in sorted(states_at):
             with np.load(os.path.join(spec["out"], f"state_{n}.npz")) as f:
-                row["states"][str(n)] = tensor_diffs(ours["states"][n], {k: f[k] for k in f.files})
+                row["states"][str(n)] = run_comparison.tensor_diffs(ours["states"][n],
+                                                                    {k: f[k] for k in f.files})
     print_fn(f"{method_name} seed {seed} ({source} batches): release {rel_miou:.2f}, ours "
              f"{ours_miou:.2f} mIoU; losses part (>1e-3) at step {row['first_step_over']['0.001']}; "
              f"final params differ by {row['params_rel_diff']:.3g} (relative L2)")
@@ -538,7 +427,7 @@ def run(base, *, methods, seeds, sources, workdir: str, release: dict, dropout: 
     base.data.labeled_strong = True  # the release's dataset code jitters every labeled image
     if not dropout:
         for key in DROPOUT_KEYS:
-            _set(base, key, 0.0)
+            checks.set_value(base, key, 0.0)
     plan = input_pipeline.train_plan(config_lib.data_options(config_lib.with_method(base, "allspark")))
     total_steps = int(base.train.epochs) * plan.steps_per_epoch
     plan_fn = lambda c: input_pipeline.train_plan(config_lib.data_options(c))  # noqa: E731
