@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from allspark_jax import method as method_lib  # noqa: E402
 from allspark_jax import optimizer, sharding, state as state_lib, train_step  # noqa: E402
 from allspark_jax.weights import release  # noqa: E402
+from allspark_jax.configs import default  # noqa: E402
 from reference_model import reference  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
@@ -70,8 +71,9 @@ def main():
     assert jax.device_count() == args.devices * args.processes
     optim = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, lr_multi=10.0, momentum=0.9,
                                            weight_decay=1e-4, poly_power=0.9))
-    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
-                                          loss_u_ignore_padding=False, key_group_size=None))
+    tcfg = default.get_config().train
+    tcfg.update(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
+                loss_u_ignore_padding=False, key_group_size=None)
     # the batch carries CutMix boxes: the step mixes whenever they are there
     method = method_lib.resolve("allspark", teacher=args.teacher, student_view="weak",
                                 cutmix_prob=0.5)

@@ -15,6 +15,7 @@ import pytest
 import run_config
 from allspark_jax import checkpoints, inspection, method as method_lib, optimizer
 from allspark_jax import config as config_lib, state as state_lib, train_step
+from allspark_jax.configs import default
 from allspark_jax.errors import CheckpointError, ConfigError
 from allspark_jax.evaluation import evaluator
 from allspark_jax.models.allspark import BRANCHES, teacher_branch
@@ -35,10 +36,11 @@ ADAMW = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, lr_multi=10.0, mom
 
 def train_config(**overrides):
     # key groups of 1: the release's teacher pass ('labeled') is then its "eval" mode too
-    return ml_collections.ConfigDict({**dict(
-        loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0, loss_u_ignore_padding=False,
-        key_group_size=1, ohem_thresh=0.7, ohem_min_kept=100, teacher_branch="labeled"),
-        **overrides})
+    config = default.get_config().train  # teacher_branch 'labeled', the release's
+    config.update(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
+                  loss_u_ignore_padding=False, key_group_size=1)
+    config.update(overrides)
+    return config
 
 
 def batch(rng, two_views: bool = False) -> dict:

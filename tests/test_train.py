@@ -13,6 +13,7 @@ from allspark_jax import method as method_lib
 from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig
+from allspark_jax.configs import default
 from reference_model import reference
 
 OPTIM = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, lr_multi=10.0, momentum=0.9,
@@ -20,10 +21,12 @@ OPTIM = ml_collections.ConfigDict(dict(name="sgd", lr=0.01, lr_multi=10.0, momen
 
 
 def train_config(**overrides):
-    return ml_collections.ConfigDict({**dict(
-        loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
-        loss_u_ignore_padding=False, key_group_size=None, ohem_thresh=0.7, ohem_min_kept=100),
-        **overrides})
+    config = default.get_config().train
+    config.update(loss_x="ce", loss_groups=1, ema_decay=0.9, conf_thresh=0.0,
+                  loss_u_ignore_padding=False, key_group_size=None, ohem_thresh=0.7,
+                  ohem_min_kept=100)
+    config.update(overrides)
+    return config
 
 
 def method(name="allspark", teacher="online"):

@@ -13,6 +13,7 @@ from allspark_jax.errors import ConfigError
 from allspark_jax.models.allspark import CrossAttnMem, group_channels, update_memory
 from allspark_jax.models.mit import MiTConfig
 from allspark_jax.models.segmentor import AllSparkSegmentor, ModelConfig, draw_feature_scale
+from allspark_jax.configs import default
 
 S, B, K = 33, 4, 3
 ADAMW = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, lr_multi=10.0, momentum=0.9,
@@ -20,10 +21,12 @@ ADAMW = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, lr_multi=10.0, mom
 
 
 def train_config(**overrides):
-    return ml_collections.ConfigDict({**dict(
-        loss_x="ce", loss_groups=2, ema_decay=0.996, conf_thresh=0.37,
-        loss_u_ignore_padding=True, key_group_size=None, ohem_thresh=0.7, ohem_min_kept=100),
-        **overrides})
+    config = default.get_config().train
+    config.update(loss_x="ce", loss_groups=2, ema_decay=0.996, conf_thresh=0.37,
+                  loss_u_ignore_padding=True, key_group_size=None, ohem_thresh=0.7,
+                  ohem_min_kept=100)
+    config.update(overrides)
+    return config
 
 
 def uv2(name="unimatch_v2", cutmix_prob=0.5):

@@ -49,6 +49,7 @@ import numpy as np
 from allspark_jax.errors import ReferenceFileError
 from allspark_jax import losses, optimizer, state as state_lib, train_step
 from allspark_jax import method as method_lib
+from allspark_jax.configs import default
 from allspark_jax.evaluation import bucketing, metrics
 from allspark_jax.models.layers import TorchBatchNorm
 from allspark_jax.models.dinov2 import DINOv2Config
@@ -323,9 +324,9 @@ def train_setup(ref: Reference):
     optim = ml_collections.ConfigDict(dict(name="sgd", lr=m["lr"], lr_multi=m["lr_multi"],
                                            momentum=m["momentum"], weight_decay=m["weight_decay"],
                                            poly_power=0.9))
-    tcfg = ml_collections.ConfigDict(dict(loss_x="ce", loss_groups=1,
-                                          ema_decay=0.0, conf_thresh=0.0,
-                                          loss_u_ignore_padding=False, key_group_size=None))
+    tcfg = default.get_config().train  # the release's values but for the protocol's below
+    tcfg.update(loss_x="ce", loss_groups=1, ema_decay=0.0, conf_thresh=0.0,
+                loss_u_ignore_padding=False, key_group_size=None)
     tx, schedules = optimizer.create_optimizer(optim, m["total_iters"])
     return tx, schedules, tcfg
 

@@ -52,6 +52,7 @@ import optax
 
 from allspark_jax import optimizer, train_step
 from allspark_jax import method as method_lib
+from allspark_jax.configs import default
 from allspark_jax import state as state_lib
 from allspark_jax.errors import ReferenceFileError
 from allspark_jax.models.dinov2 import DINOv2Config
@@ -113,10 +114,10 @@ class Recording:
             name="adamw", lr=meta["lr"], lr_multi=meta["lr_multi"],
             betas=tuple(adamw["betas"]), weight_decay=adamw["weight_decay"],
             poly_power=meta["poly_power"], momentum=0.9))  # momentum: SGD's, unread by adamw
-        self.train = ml_collections.ConfigDict(dict(
-            loss_x="ce", loss_groups=1, ema_decay=meta["ema_decay_max"],
-            conf_thresh=meta["conf_thresh"], loss_u_ignore_padding=True, key_group_size=None,
-            ohem_thresh=0.7, ohem_min_kept=100000))  # ohem_*: unread under loss_x 'ce'
+        self.train = default.get_config().train  # the defaults but for the recording's below
+        self.train.update(loss_x="ce", loss_groups=1, ema_decay=meta["ema_decay_max"],
+                          conf_thresh=meta["conf_thresh"], loss_u_ignore_padding=True,
+                          key_group_size=None)
         self.method = method_lib.resolve(METHOD, teacher="ema", student_view="strong",
                                          cutmix_prob=0.5)
         template = jax.eval_shape(lambda: init_variables(self.model, jax.random.key(0),
